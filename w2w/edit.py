@@ -1,0 +1,161 @@
+"""Edit directions (paper §3.3): linear directions in coefficient space fitted to training-model attribute labels.
+
+Strength is in units of the training set's spread: ``β' = β + strength · spread · unit(direction)``, where
+``spread`` is the standard deviation of the training models' coefficients projected on the unit direction. So
+strength 1.0 moves an identity by one standard deviation of how the training identities differ along that
+attribute. The reference code instead adds ``raw · direction`` with raw multipliers such as 5e5-2e6; the two agree
+when ``raw = strength · spread / |direction|`` (:meth:`Direction.raw_multiplier`).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from .identity import Identity
+from .space import Direction, Space, replace_space
+
+__all__ = ["fit_directions", "get_direction", "apply_edit", "blend", "nearest_training", "METHODS", "pad_to"]
+
+METHODS = ("lstsq", "logistic")
+
+
+def pad_to(coefs: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero-pad (or keep) a coefficient vector to length ``k`` (missing PCs are 0 = the mean model)."""
+    if coefs.shape[-1] >= k:
+        return coefs.clone()
+    return torch.cat([coefs, coefs.new_zeros(*coefs.shape[:-1], k - coefs.shape[-1])], dim=-1)
+
+
+def _require_training(space: Space, what: str) -> None:
+    if space.labels is None or (space.train_coefs is None and space.pinverse is None):
+        cached = ", ".join(space.directions) or "none"
+        raise ValueError(f"{what} needs the training models' coefficients and labels, which this space lacks "
+                         f"(cached directions: {cached}). Use the released files with proj_1000pc.pt and "
+                         "identity_df.pt, or a space converted with training data.")
+
+
+def _label_column(space: Space, name: str) -> torch.Tensor:
+    if name not in space.attribute_names:
+        known = ", ".join(space.attribute_names[:12])
+        raise ValueError(f"attribute {name!r} is not in this space (it has: {known}{'...' if len(space.attribute_names) > 12 else ''})")
+    return space.labels[:, space.attribute_names.index(name)]
+
+
+def _raw_direction(space: Space, name: str, method: str) -> torch.Tensor:
+    key = ("raw", name, method)
+    if key in space._cache:
+        return space._cache[key]
+    if name in space.directions and method == space.directions[name].method and not space.directions[name].debias:
+        vec = space.directions[name].vector
+    else:
+        _require_training(space, f"the direction {name!r}")
+        y = _label_column(space, name)
+        if method == "lstsq":
+            vec = _lstsq_all(space)[:, space.attribute_names.index(name)]
+        elif method == "logistic":
+            vec = _logistic(space, y, name)
+        else:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    space._cache[key] = vec
+    return vec
+
+
+def _lstsq_all(space: Space) -> torch.Tensor:
+    """Least-squares directions for every attribute at once: pinverse @ labels, (k, A)."""
+    if "lstsq_all" not in space._cache:
+        if space.pinverse is not None:
+            sol = space.pinverse.double() @ space.labels.double()
+        else:
+            x = space.train_coefs.double()
+            sol = torch.linalg.lstsq(x, space.labels.double(), driver="gelsd").solution
+        space._cache["lstsq_all"] = sol.float()
+    return space._cache["lstsq_all"]
+
+
+def _logistic(space: Space, y: torch.Tensor, name: str) -> torch.Tensor:
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as exc:
+        raise ImportError("logistic directions need scikit-learn: pip install scikit-learn") from exc
+    if space.train_coefs is None:
+        raise ValueError("logistic directions need training coefficients (proj_1000pc.pt)")
+    target = (y > (y.min() + y.max()) / 2).numpy()
+    if target.all() or not target.any():
+        raise ValueError(f"attribute {name!r} has a single label value; no direction can be fitted")
+    model = LogisticRegression(max_iter=2000).fit(space.train_coefs.double().numpy(), target)
+    return torch.from_numpy(model.coef_[0]).float()
+
+
+def _spread(space: Space, unit: torch.Tensor) -> float:
+    if space.train_coefs is None:
+        raise ValueError("the spread of a direction needs training coefficients")
+    k = min(unit.shape[0], space.train_coefs.shape[1])
+    return float((space.train_coefs[:, :k] @ unit[:k]).std())
+
+
+def get_direction(space: Space, name: str, debias: Sequence[str] = (), method: str = "lstsq") -> Direction:
+    """The direction for attribute ``name``, minus (one after another) its projection on each ``debias`` attribute."""
+    debias = tuple(d for d in debias if d and d != name)
+    cached = space.directions.get(name)
+    if cached is not None and cached.debias == debias and cached.method == method:
+        return cached
+    key = ("dir", name, debias, method)
+    if key not in space._cache:
+        vec = _raw_direction(space, name, method).clone()
+        for other in debias:
+            e = _raw_direction(space, other, method)
+            k = min(vec.shape[0], e.shape[0])
+            vec[:k] -= (vec[:k] @ e[:k]) / (e[:k] @ e[:k]) * e[:k]
+        if space.train_coefs is None:
+            raise ValueError(f"cannot compute the spread of {name!r} without training coefficients")
+        space._cache[key] = Direction(name, vec, _spread(space, vec / vec.norm()), method, debias)
+    return space._cache[key]
+
+
+def fit_directions(space: Space, names: Iterable[str] | None = None, *, method: str = "lstsq",
+                   debias: dict[str, Sequence[str]] | None = None) -> Space:
+    """A copy of ``space`` with directions for ``names`` (default: every label column) cached in it."""
+    _require_training(space, "fitting directions")
+    debias = debias or {}
+    names = list(space.attribute_names if names is None else names)
+    dirs = dict(space.directions)
+    for name in names:
+        dirs[name] = get_direction(space, name, debias.get(name, ()), method)
+    return replace_space(space, directions=dirs)
+
+
+def apply_edit(space: Space, identity: Identity, name: str, strength: float, debias: Sequence[str] = (),
+               method: str = "lstsq") -> Identity:
+    """β' = β + strength · spread · unit direction (strength in training-spread units; see module docstring)."""
+    identity.check_space(space)
+    direction = get_direction(space, name, debias, method)
+    k = max(identity.pcs, direction.vector.shape[0])
+    if k > space.pcs:
+        raise ValueError(f"the direction {name!r} spans {direction.vector.shape[0]:,} PCs but the space is loaded "
+                         f"with {space.pcs:,}: raise pcs in Load w2w Space")
+    coefs = pad_to(identity.coefficients, k) + strength * direction.spread * pad_to(direction.unit, k)
+    label = f"edit {name} {strength:+g}" + (f" debias={','.join(direction.debias)}" if direction.debias else "")
+    return identity.derive(coefs, label)
+
+
+def blend(space: Space, a: Identity, b: Identity, t: float) -> Identity:
+    """Linear interpolation (1 - t)·a + t·b of two identities of the same space (t outside [0, 1] extrapolates)."""
+    a.check_space(space)
+    b.check_space(space)
+    k = max(a.pcs, b.pcs)
+    coefs = (1.0 - t) * pad_to(a.coefficients, k) + t * pad_to(b.coefficients, k)
+    name = f"{a.name or 'A'}~{b.name or 'B'}"
+    return Identity(coefs, space.fingerprint, name, a.history + (f"blend t={t:g} with {b.name or 'B'}",))
+
+
+def nearest_training(space: Space, identity: Identity, top: int = 1) -> list[tuple[int, str, float]]:
+    """The training models closest to ``identity`` by cosine similarity of coefficients: (row, name, cosine)."""
+    identity.check_space(space)
+    if space.train_coefs is None:
+        raise ValueError("nearest training identity needs training coefficients (proj_1000pc.pt)")
+    k = min(identity.pcs, space.train_coefs.shape[1])
+    sims = torch.nn.functional.cosine_similarity(space.train_coefs[:, :k], identity.coefficients[:k].unsqueeze(0), dim=1)
+    values, rows = sims.topk(min(top, sims.shape[0]))
+    names = space.train_names
+    return [(int(r), names[int(r)] if int(r) < len(names) else str(int(r)), float(v)) for v, r in zip(values, rows)]

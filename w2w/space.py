@@ -1,0 +1,445 @@
+"""A w2w space: PCA basis over LoRA weight vectors, with what sampling and editing need (paper §3).
+
+Weights of a model with coefficients β (k,) are ``w = (β @ components[:k]) * std + mean`` (the basis is a PCA of
+the standardised weights), then ``ΔW = alpha/rank · B @ A`` per module (see :mod:`w2w.layout`).
+
+Two on-disk forms load the same way (:func:`load_space`): a directory of the released files (``V.pt`` ...), and
+our single ``.safetensors`` file (:func:`save_space`, :func:`convert_release`). See README "Space format".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from .layout import Layout, LayoutError
+from .safeload import W2WFileError, load_dataframe, load_object, load_tensor
+from .stfile import TensorSource, write_safetensors
+
+__all__ = ["Space", "Direction", "load_space", "save_space", "convert_release", "space_fingerprint",
+           "RELEASE_FILES", "FORMAT", "FORMAT_VERSION", "replace_space", "labels_from_dataframe"]
+
+FORMAT = "w2w-space"
+FORMAT_VERSION = 1
+RELEASE_FILES = ("V.pt", "mean.pt", "std.pt", "weight_dimensions.pt")
+OPTIONAL_RELEASE_FILES = ("proj_1000pc.pt", "pinverse_1000pc.pt", "identity_df.pt", "adapter_config.json")
+_CHUNK = 1024  # rows of the basis converted to float32 at a time
+
+
+@dataclass(frozen=True, eq=False)
+class Direction:
+    """A linear edit direction in coefficient space (paper §3.3), with the training spread along it."""
+
+    name: str
+    vector: torch.Tensor  # (k,) float32, as fitted (least squares: pinverse @ labels)
+    spread: float  # std over training models of their coefficients projected on vector / |vector|
+    method: str = "lstsq"
+    debias: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.vector.dim() != 1 or not torch.isfinite(self.vector).all() or float(self.vector.norm()) == 0.0:
+            raise ValueError(f"direction {self.name!r} must be a finite, non-zero 1-D vector")
+        if not math.isfinite(self.spread) or self.spread <= 0:
+            raise ValueError(f"direction {self.name!r}: spread must be positive, got {self.spread}")
+
+    @property
+    def unit(self) -> torch.Tensor:
+        return self.vector / self.vector.norm()
+
+    def raw_multiplier(self, strength: float) -> float:
+        """The reference code's multiplier (β + raw · vector) equal to our ``strength`` (β + strength · spread · unit)."""
+        return strength * self.spread / float(self.vector.norm())
+
+
+def space_fingerprint(layout: Layout, mean: torch.Tensor, std: torch.Tensor, first_components: torch.Tensor) -> str:
+    """Stable id of a space: the same for its released files and any conversion of them (fp32 or fp16, any pcs)."""
+    h = hashlib.sha256()
+    h.update(layout.to_json().encode())
+    h.update(mean.detach().float().contiguous().numpy().tobytes())
+    h.update(std.detach().float().contiguous().numpy().tobytes())
+    h.update(first_components[:8].detach().half().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True, eq=False)
+class Space:
+    """A loaded w2w space. Tensors are CPU; ``components`` may be float16 (math is always float32)."""
+
+    components: torch.Tensor  # (m, d) principal components as rows (= released V[:, :m].T)
+    mean: torch.Tensor  # (d,) float32
+    std: torch.Tensor  # (d,) float32
+    layout: Layout
+    coef_mean: torch.Tensor | None = None  # (k,) mean of training coefficients, for sampling
+    coef_std: torch.Tensor | None = None  # (k,)
+    train_coefs: torch.Tensor | None = None  # (N, k) coefficients of the training models
+    labels: torch.Tensor | None = None  # (N, A) attribute labels of the training models
+    attribute_names: tuple[str, ...] = ()
+    train_names: tuple[str, ...] = ()
+    directions: Mapping[str, Direction] = field(default_factory=dict)  # fitted/cached directions
+    pinverse: torch.Tensor | None = None  # (k, N) released pseudo-inverse of train_coefs
+    base_model: str = "SD1.5"
+    source: str = ""
+    total_pcs: int = 0  # PCs in the file it came from (>= pcs)
+    fingerprint: str = ""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        m, d = self.components.shape if self.components.dim() == 2 else (0, 0)
+        if self.components.dim() != 2 or m < 1:
+            raise W2WFileError(f"space basis must be a non-empty (pcs, d) matrix, got shape {tuple(self.components.shape)}")
+        if d != self.layout.dim:
+            raise LayoutError(f"space basis has {d:,} weights per PC but its layout needs {self.layout.dim:,}")
+        for name, t in (("mean", self.mean), ("std", self.std)):
+            if tuple(t.shape) != (d,):
+                raise W2WFileError(f"space {name} has shape {tuple(t.shape)}, expected ({d},)")
+            if not torch.isfinite(t).all():
+                raise W2WFileError(f"space {name} contains NaN or Inf")
+        if not _all_finite(self.components):
+            raise W2WFileError("space basis contains NaN or Inf")
+        if (self.coef_mean is None) != (self.coef_std is None):
+            raise W2WFileError("space has coefficient mean without std (or the reverse)")
+        if self.coef_mean is not None:
+            if self.coef_mean.shape != self.coef_std.shape or self.coef_mean.dim() != 1:
+                raise W2WFileError("sampling statistics must be two vectors of equal length")
+            if not (torch.isfinite(self.coef_mean).all() and torch.isfinite(self.coef_std).all()):
+                raise W2WFileError("sampling statistics contain NaN or Inf")
+        if self.train_coefs is not None:
+            if self.train_coefs.dim() != 2:
+                raise W2WFileError(f"training coefficients must be (N, k), got {tuple(self.train_coefs.shape)}")
+            if self.labels is not None and self.labels.shape[0] != self.train_coefs.shape[0]:
+                raise W2WFileError(f"{self.labels.shape[0]} label rows for {self.train_coefs.shape[0]} training models")
+        if self.labels is not None and self.labels.shape[1] != len(self.attribute_names):
+            raise W2WFileError(f"{self.labels.shape[1]} label columns for {len(self.attribute_names)} attribute names")
+        if not self.fingerprint:
+            object.__setattr__(self, "fingerprint", space_fingerprint(self.layout, self.mean, self.std, self.components))
+        if self.total_pcs < m:
+            object.__setattr__(self, "total_pcs", m)
+
+    # ---- sizes -----------------------------------------------------------------------------------------
+    @property
+    def pcs(self) -> int:
+        return self.components.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.components.shape[1]
+
+    @property
+    def has_training(self) -> bool:
+        return self.train_coefs is not None
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """Names usable as edit directions: cached directions and, with training data, every label column."""
+        names = list(self.directions)
+        if self.labels is not None and (self.train_coefs is not None or self.pinverse is not None):
+            names += [a for a in self.attribute_names if a not in self.directions]
+        return tuple(names)
+
+    # ---- reconstruction --------------------------------------------------------------------------------
+    def check_coefficients(self, coefs: torch.Tensor) -> torch.Tensor:
+        coefs = torch.as_tensor(coefs).detach().to("cpu", torch.float32)
+        if coefs.dim() < 1 or coefs.shape[-1] < 1:
+            raise ValueError("coefficients must have at least one value")
+        if coefs.shape[-1] > self.pcs:
+            raise ValueError(f"{coefs.shape[-1]:,} coefficients but the space is loaded with {self.pcs:,} PCs: "
+                             f"load the space with pcs >= {coefs.shape[-1]:,} (the file has {self.total_pcs:,})")
+        if not torch.isfinite(coefs).all():
+            raise ValueError("coefficients contain NaN or Inf")
+        return coefs
+
+    def standardized(self, coefs: torch.Tensor) -> torch.Tensor:
+        """β (..., k) -> standardised weights β @ components[:k], float32 (chunked when the basis is half precision)."""
+        coefs = self.check_coefficients(coefs)
+        k = coefs.shape[-1]
+        if self.components.dtype == torch.float32:
+            return coefs @ self.components[:k]
+        out = torch.zeros(*coefs.shape[:-1], self.dim, dtype=torch.float32)
+        for start in range(0, k, _CHUNK):
+            stop = min(k, start + _CHUNK)
+            out += coefs[..., start:stop] @ self.components[start:stop].float()
+        return out
+
+    def weights(self, coefs: torch.Tensor) -> torch.Tensor:
+        """β (..., k) -> flat LoRA weight vectors (..., d), float32: (β @ V[:, :k].T) * std + mean."""
+        return self.standardized(coefs) * self.std + self.mean
+
+    def deltas(self, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """β (..., k) -> {module: ΔW (..., out, in)} float32."""
+        return self.layout.deltas(self.weights(coefs))
+
+    def project(self, weights: torch.Tensor, pcs: int | None = None) -> torch.Tensor:
+        """Flat weight vectors (..., d) -> coefficients (..., pcs): the closest point of the space (paper §3.4 'projection')."""
+        weights = torch.as_tensor(weights).detach().float()
+        if weights.shape[-1] != self.dim:
+            raise LayoutError(f"weights have {weights.shape[-1]:,} values; this space needs {self.dim:,}")
+        k = self.pcs if pcs is None else pcs
+        z = (weights - self.mean) / torch.where(self.std == 0, torch.ones_like(self.std), self.std)
+        if self.components.dtype == torch.float32:
+            return z @ self.components[:k].T
+        return torch.cat([z @ self.components[s:min(k, s + _CHUNK)].float().T for s in range(0, k, _CHUNK)], dim=-1)
+
+    def describe(self) -> dict:
+        """A JSON-friendly summary (used by `w2w info` and the UI)."""
+        return {
+            "fingerprint": self.fingerprint, "base_model": self.base_model, "pcs": self.pcs, "total_pcs": self.total_pcs,
+            "dim": self.dim, "modules": len(self.layout.modules), "rank": self.layout.rank, "alpha": self.layout.alpha,
+            "basis_dtype": str(self.components.dtype).replace("torch.", ""),
+            "sampling_pcs": 0 if self.coef_mean is None else int(self.coef_mean.shape[0]),
+            "training_models": 0 if self.train_coefs is None else int(self.train_coefs.shape[0]),
+            "attributes": list(self.attributes), "source": self.source,
+        }
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t[s:s + _CHUNK]).all()) for s in range(0, t.shape[0], _CHUNK))
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+def load_space(path: str, pcs: int | None = None, *, training: bool = True) -> Space:
+    """Load a space from a released-files directory or our ``.safetensors`` file, holding only ``pcs`` PCs.
+
+    ``pcs=None`` keeps every PC in the file. ``training=False`` skips training coefficients and labels.
+    """
+    if pcs is not None and (not isinstance(pcs, int) or pcs < 1):
+        raise ValueError(f"pcs must be a positive integer or None, got {pcs!r}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _load_release_dir(path, pcs, training)
+    if not os.path.exists(path):
+        raise W2WFileError(f"space not found: {path}. Put our .safetensors space or a folder of the released files "
+                           "(V.pt, mean.pt, std.pt, weight_dimensions.pt) there; `python -m w2w download` fetches them.")
+    if path.endswith(".safetensors"):
+        return _load_ours(path, pcs, training)
+    raise W2WFileError(f"{path}: a space is a .safetensors file or a folder of released files")
+
+
+def _pcs_to_keep(pcs: int | None, available: int, where: str) -> int:
+    if pcs is None:
+        return available
+    if pcs > available:
+        raise ValueError(f"asked for {pcs:,} PCs but {where} has {available:,}: lower pcs")
+    return pcs
+
+
+def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
+    missing = [f for f in RELEASE_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise W2WFileError(f"the w2w space folder {folder} lacks {', '.join(missing)}. Download the released files "
+                           "(Hugging Face snap-research/weights2weights, folder files/) into it, or run "
+                           "`python -m w2w download`.")
+    p = lambda name: os.path.join(folder, name)  # noqa: E731
+    alpha = _release_alpha(p("adapter_config.json"))
+    dims = load_object(p("weight_dimensions.pt"), mmap=False)
+    layout = Layout.from_weight_dimensions(dims, alpha=alpha[0])
+    if alpha[1] is not None and alpha[1] != layout.rank:
+        raise LayoutError(f"adapter_config.json says r={alpha[1]} but weight_dimensions has rank {layout.rank}")
+    d = layout.dim
+    mean = load_tensor(p("mean.pt"), ndim=1, name="mean").float().clone()
+    std = load_tensor(p("std.pt"), ndim=1, name="std").float().clone()
+    basis = load_tensor(p("V.pt"), ndim=2, name="V")  # (d, M), memory-mapped
+    for name, t, expect in (("mean.pt", mean, (d,)), ("std.pt", std, (d,))):
+        if tuple(t.shape) != expect:
+            raise LayoutError(f"{p(name)} has shape {tuple(t.shape)}; weight_dimensions needs {expect}")
+    if basis.shape[0] != d:
+        raise LayoutError(f"{p('V.pt')} has {basis.shape[0]:,} rows; weight_dimensions adds up to {d:,}")
+    m = _pcs_to_keep(pcs, basis.shape[1], p("V.pt"))
+    components = basis[:, :m].T.contiguous().float()  # reads only the first m columns of each row
+    kw: dict = {}
+    if training:
+        kw = _release_training(folder, m)
+    return Space(components, mean, std, layout, total_pcs=basis.shape[1], source=f"released files: {folder}", **kw)
+
+
+def _release_alpha(config_path: str) -> tuple[float, int | None]:
+    if not os.path.isfile(config_path):
+        return 27.0, None
+    try:
+        with open(config_path) as f:
+            cfg = json.load(f)
+        return float(cfg.get("lora_alpha", 27.0)), (int(cfg["r"]) if "r" in cfg else None)
+    except (ValueError, TypeError, OSError) as exc:
+        raise W2WFileError(f"{config_path} is not a valid PEFT adapter config: {exc}") from None
+
+
+def _release_training(folder: str, m: int) -> dict:
+    out: dict = {}
+    proj_path = os.path.join(folder, "proj_1000pc.pt")
+    if os.path.isfile(proj_path):
+        proj = load_tensor(proj_path, ndim=2, name="proj_1000pc")
+        k = min(m, proj.shape[1])
+        train = proj[:, :k].float().clone()
+        if not torch.isfinite(train).all():
+            raise W2WFileError(f"{proj_path} contains NaN or Inf")
+        out.update(train_coefs=train, coef_mean=train.mean(0), coef_std=train.std(0))
+        pinv_path = os.path.join(folder, "pinverse_1000pc.pt")
+        if os.path.isfile(pinv_path) and k == proj.shape[1]:
+            pinv = load_tensor(pinv_path, ndim=2, name="pinverse_1000pc")
+            if tuple(pinv.shape) != (proj.shape[1], proj.shape[0]):
+                raise W2WFileError(f"{pinv_path} has shape {tuple(pinv.shape)}; expected {(proj.shape[1], proj.shape[0])}")
+            out["pinverse"] = pinv.float().clone()
+    df_path = os.path.join(folder, "identity_df.pt")
+    if os.path.isfile(df_path):
+        names, labels, attrs = labels_from_dataframe(load_dataframe(df_path), df_path)
+        if "train_coefs" in out and labels.shape[0] != out["train_coefs"].shape[0]:
+            raise W2WFileError(f"{df_path} has {labels.shape[0]} rows but proj_1000pc.pt has {out['train_coefs'].shape[0]}")
+        out.update(labels=labels, attribute_names=attrs, train_names=names)
+    return out
+
+
+def labels_from_dataframe(df, where: str) -> tuple[tuple[str, ...], torch.Tensor, tuple[str, ...]]:
+    """(row names, (N, A) float32 labels of the numeric/boolean columns, column names) of a label table."""
+    import numpy as np
+
+    numeric = [c for c in df.columns if np.issubdtype(np.asarray(df[c]).dtype, np.number) or df[c].dtype == bool]
+    if not numeric:
+        raise W2WFileError(f"{where} has no numeric attribute columns")
+    values = np.asarray(df[numeric], dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise W2WFileError(f"{where}: attribute labels contain NaN or Inf")
+    names = df["file"] if "file" in df.columns else df.index
+    return tuple(str(n) for n in names), torch.from_numpy(values.copy()), tuple(str(c) for c in numeric)
+
+
+def _meta_json(meta: dict, key: str, path: str, default=None):
+    if key not in meta:
+        if default is not None:
+            return default
+        raise W2WFileError(f"{path}: metadata lacks {key!r}; was it written by `python -m w2w convert`?")
+    try:
+        return json.loads(meta[key])
+    except ValueError as exc:
+        raise W2WFileError(f"{path}: metadata {key!r} is not valid JSON: {exc}") from None
+
+
+def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise W2WFileError(f"{path} is a .safetensors file but not a w2w space (format={meta.get('format')!r}); "
+                                   "a LoRA is loaded with LoraLoader, an identity with Load Identity")
+            version = int(meta.get("format_version", "0"))
+            if version > FORMAT_VERSION:
+                raise W2WFileError(f"{path} uses space format {version}; this version of w2w reads up to "
+                                   f"{FORMAT_VERSION}: update the node pack")
+            layout = Layout.from_json(meta.get("layout", ""))
+            keys = set(f.keys())
+            for required in ("components", "mean", "std"):
+                if required not in keys:
+                    raise W2WFileError(f"{path} lacks the tensor {required!r}")
+            sl = f.get_slice("components")
+            total = sl.get_shape()[0]
+            m = _pcs_to_keep(pcs, total, path)
+            components = sl[:m]
+            kw: dict = {"mean": f.get_tensor("mean").float(), "std": f.get_tensor("std").float()}
+            if "coef_mean" in keys:
+                kw["coef_mean"] = f.get_tensor("coef_mean").float()
+                kw["coef_std"] = f.get_tensor("coef_std").float()
+            attrs = tuple(_meta_json(meta, "attributes", path, []))
+            if training and "train_coefs" in keys:
+                kw["train_coefs"] = f.get_tensor("train_coefs").float()
+                kw["train_names"] = tuple(_meta_json(meta, "train_names", path, []))
+            if training and "labels" in keys:
+                kw["labels"] = f.get_tensor("labels").float()
+                kw["attribute_names"] = attrs
+            dirs = {}
+            for name, info in _meta_json(meta, "directions", path, {}).items():
+                dirs[name] = Direction(name, f.get_tensor(f"direction.{name}").float(), float(info["spread"]),
+                                       str(info.get("method", "lstsq")), tuple(info.get("debias", ())))
+    except SafetensorError as exc:
+        raise W2WFileError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {exc}") from None
+    except OSError as exc:
+        raise W2WFileError(f"{path} could not be read: {exc}") from None
+    except (KeyError, TypeError) as exc:
+        raise W2WFileError(f"{path}: malformed w2w metadata ({exc})") from None
+    space = Space(components, layout=layout, directions=dirs, base_model=meta.get("base_model", "SD1.5"),
+                  source=f"w2w space file: {path}", total_pcs=total, **kw)
+    stored = meta.get("fingerprint")
+    if stored and stored != space.fingerprint:
+        raise W2WFileError(f"{path}: content does not match its recorded fingerprint {stored} (file damaged or edited)")
+    return space
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+def _metadata(space_like: dict) -> dict[str, str]:
+    return {k: (v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))) for k, v in space_like.items()}
+
+
+def save_space(space: Space, path: str, *, dtype: torch.dtype = torch.float32, training: bool = True,
+               components: TensorSource | None = None, extra_metadata: dict | None = None) -> None:
+    """Write ``space`` in our single-file format (atomically). ``components`` may stream a larger basis."""
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"basis dtype must be float32 or float16, got {dtype}")
+    if components is None:
+        comp = space.components
+        components = TensorSource(dtype, tuple(comp.shape), lambda: (comp[s:s + _CHUNK] for s in range(0, comp.shape[0], _CHUNK)))
+    tensors: dict = {"components": components, "mean": space.mean.float(), "std": space.std.float()}
+    if space.coef_mean is not None:
+        tensors.update(coef_mean=space.coef_mean.float(), coef_std=space.coef_std.float())
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "base_model": space.base_model,
+            "layout": space.layout.to_json(), "fingerprint": space.fingerprint, "source": space.source,
+            "attributes": list(space.attribute_names)}
+    if training and space.train_coefs is not None:
+        tensors["train_coefs"] = space.train_coefs.float()
+        meta["train_names"] = list(space.train_names)
+    if training and space.labels is not None:
+        tensors["labels"] = space.labels.float()
+    dirs = {}
+    for name, direction in space.directions.items():
+        tensors[f"direction.{name}"] = direction.vector.float()
+        dirs[name] = {"spread": direction.spread, "method": direction.method, "debias": list(direction.debias)}
+    meta["directions"] = dirs
+    meta.update(extra_metadata or {})
+    write_safetensors(path, tensors, _metadata(meta))
+
+
+def convert_release(folder: str, out: str, *, pcs: int | None = None, dtype: torch.dtype = torch.float32,
+                    training: bool = True, directions: bool = True,
+                    callback: Callable[[int, int, str], None] | None = None) -> Space:
+    """Convert a released-files folder to our format, streaming the basis so it is never held whole."""
+    from .edit import fit_directions
+
+    basis = load_tensor(os.path.join(folder, "V.pt"), ndim=2, name="V")  # (d, M), memory-mapped
+    m = _pcs_to_keep(pcs, basis.shape[1], os.path.join(folder, "V.pt"))
+    head = _load_release_dir(folder, min(8, m), training=False)
+    step = max(1, min(_CHUNK, (64 << 20) // max(1, basis.shape[0] * 4)))  # ~64 MB of V per block
+
+    def blocks() -> Iterator[torch.Tensor]:
+        for start in range(0, m, step):
+            if callback is not None:
+                callback(start, m, "converting basis")
+            yield basis[:, start:min(m, start + step)].T.to(dtype)
+
+    extra = _release_training(folder, m) if training else {}
+    space = Space(head.components, head.mean, head.std, head.layout, **extra, total_pcs=basis.shape[1],
+                  source=f"converted from released files ({os.path.basename(os.path.normpath(folder))})",
+                  fingerprint=head.fingerprint)
+    if directions and space.labels is not None:
+        space = fit_directions(space)
+    save_space(space, out, dtype=dtype, training=training, components=TensorSource(dtype, (m, basis.shape[0]), blocks))
+    if callback is not None:
+        callback(m, m, "done")
+    return load_space(out, pcs=min(m, 1000))
+
+
+def replace_space(space: Space, **changes) -> Space:
+    """A copy of ``space`` with some fields changed (tensors are shared, never modified)."""
+    fields = {"components": space.components, "mean": space.mean, "std": space.std, "layout": space.layout,
+              "source": space.source, "total_pcs": space.total_pcs, "fingerprint": space.fingerprint,
+              **_space_fields(space)}
+    fields.update(changes)
+    return Space(**fields)
+
+
+def _space_fields(space: Space) -> dict:
+    return {"coef_mean": space.coef_mean, "coef_std": space.coef_std, "train_coefs": space.train_coefs,
+            "labels": space.labels, "attribute_names": space.attribute_names, "train_names": space.train_names,
+            "directions": dict(space.directions), "pinverse": space.pinverse, "base_model": space.base_model}

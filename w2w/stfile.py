@@ -1,0 +1,90 @@
+"""Streaming, atomic writer for .safetensors files (the format: 8-byte header size, JSON header, raw data).
+
+The ``safetensors`` package writes whole tensors from memory; a w2w basis can be larger than we want to hold
+twice, so large tensors are given as an iterator of row blocks and written as they come. Files are read back
+with the ``safetensors`` package itself.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+__all__ = ["TensorSource", "write_safetensors", "atomic_path"]
+
+_DTYPES = {torch.float32: ("F32", 4), torch.float16: ("F16", 2), torch.bfloat16: ("BF16", 2),
+           torch.float64: ("F64", 8), torch.int64: ("I64", 8), torch.int32: ("I32", 4), torch.uint8: ("U8", 1)}
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """A tensor to write: its dtype and shape, and a function returning its row blocks in order."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    blocks: Callable[[], Iterable[torch.Tensor]]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "TensorSource":
+        tensor = tensor.detach().cpu()
+        return cls(tensor.dtype, tuple(tensor.shape), lambda: [tensor])
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _DTYPES[self.dtype][1]
+
+
+class atomic_path:
+    """Context manager giving a temporary path beside ``path``; renamed onto it only if the block succeeds."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    def __enter__(self) -> str:
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".partial-", suffix=os.path.basename(self.path), dir=directory)
+        os.close(fd)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor | TensorSource], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (whole, or as :class:`TensorSource` row blocks) to ``path`` atomically."""
+    sources = {k: (v if isinstance(v, TensorSource) else TensorSource.of(v)) for k, v in tensors.items()}
+    header: dict = {}
+    if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise TypeError(f"safetensors metadata must map str to str; bad entries: {bad[:3]}")
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, src in sources.items():
+        if src.dtype not in _DTYPES:
+            raise TypeError(f"tensor {name!r}: dtype {src.dtype} is not supported")
+        header[name] = {"dtype": _DTYPES[src.dtype][0], "shape": list(src.shape), "data_offsets": [offset, offset + src.nbytes]}
+        offset += src.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, src in sources.items():
+            written = 0
+            for block in src.blocks():
+                block = block.detach().to("cpu", src.dtype).contiguous()
+                f.write(block.reshape(-1).view(torch.uint8).numpy().tobytes() if block.numel() else b"")
+                written += block.numel() * block.element_size()
+            if written != src.nbytes:
+                raise ValueError(f"tensor {name!r}: blocks gave {written} bytes, shape {src.shape} needs {src.nbytes}")

@@ -28,6 +28,7 @@ FORMAT = "w2w-space"
 FORMAT_VERSION = 1
 RELEASE_FILES = ("V.pt", "mean.pt", "std.pt", "weight_dimensions.pt")
 OPTIONAL_RELEASE_FILES = ("proj_1000pc.pt", "pinverse_1000pc.pt", "identity_df.pt", "adapter_config.json")
+FINGERPRINT_PCS = 8  # leading PCs that enter the fingerprint
 _CHUNK = 1024  # rows of the basis converted to float32 at a time
 
 
@@ -62,7 +63,7 @@ def space_fingerprint(layout: Layout, mean: torch.Tensor, std: torch.Tensor, fir
     h.update(layout.to_json().encode())
     h.update(mean.detach().float().contiguous().numpy().tobytes())
     h.update(std.detach().float().contiguous().numpy().tobytes())
-    h.update(first_components[:8].detach().half().contiguous().numpy().tobytes())
+    h.update(first_components[:FINGERPRINT_PCS].detach().half().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -250,10 +251,12 @@ def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
         raise LayoutError(f"{p('V.pt')} has {basis.shape[0]:,} rows; weight_dimensions adds up to {d:,}")
     m = _pcs_to_keep(pcs, basis.shape[1], p("V.pt"))
     components = basis[:, :m].T.contiguous().float()  # reads only the first m columns of each row
+    fingerprint = space_fingerprint(layout, mean, std, basis[:, :FINGERPRINT_PCS].T)
     kw: dict = {}
     if training:
         kw = _release_training(folder, m)
-    return Space(components, mean, std, layout, total_pcs=basis.shape[1], source=f"released files: {folder}", **kw)
+    return Space(components, mean, std, layout, total_pcs=basis.shape[1], source=f"released files: {folder}",
+                 fingerprint=fingerprint, **kw)
 
 
 def _release_alpha(config_path: str) -> tuple[float, int | None]:
@@ -339,6 +342,7 @@ def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
             total = sl.get_shape()[0]
             m = _pcs_to_keep(pcs, total, path)
             components = sl[:m]
+            head = sl[:min(total, FINGERPRINT_PCS)]
             kw: dict = {"mean": f.get_tensor("mean").float(), "std": f.get_tensor("std").float()}
             if "coef_mean" in keys:
                 kw["coef_mean"] = f.get_tensor("coef_mean").float()
@@ -360,12 +364,14 @@ def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
         raise W2WFileError(f"{path} could not be read: {exc}") from None
     except (KeyError, TypeError) as exc:
         raise W2WFileError(f"{path}: malformed w2w metadata ({exc})") from None
-    space = Space(components, layout=layout, directions=dirs, base_model=meta.get("base_model", "SD1.5"),
-                  source=f"w2w space file: {path}", total_pcs=total, **kw)
+    fingerprint = space_fingerprint(layout, kw["mean"], kw["std"], head)
     stored = meta.get("fingerprint")
-    if stored and stored != space.fingerprint:
+    if stored and total < FINGERPRINT_PCS:
+        fingerprint = stored  # fewer PCs than the fingerprint covers: the source's fingerprint was recorded
+    elif stored and stored != fingerprint:
         raise W2WFileError(f"{path}: content does not match its recorded fingerprint {stored} (file damaged or edited)")
-    return space
+    return Space(components, layout=layout, directions=dirs, base_model=meta.get("base_model", "SD1.5"),
+                 source=f"w2w space file: {path}", total_pcs=total, fingerprint=fingerprint, **kw)
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
@@ -409,7 +415,7 @@ def convert_release(folder: str, out: str, *, pcs: int | None = None, dtype: tor
 
     basis = load_tensor(os.path.join(folder, "V.pt"), ndim=2, name="V")  # (d, M), memory-mapped
     m = _pcs_to_keep(pcs, basis.shape[1], os.path.join(folder, "V.pt"))
-    head = _load_release_dir(folder, min(8, m), training=False)
+    head = _load_release_dir(folder, min(FINGERPRINT_PCS, basis.shape[1]), training=False)
     step = max(1, min(_CHUNK, (64 << 20) // max(1, basis.shape[0] * 4)))  # ~64 MB of V per block
 
     def blocks() -> Iterator[torch.Tensor]:

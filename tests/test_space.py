@@ -1,0 +1,147 @@
+"""Space loading, conversion and reconstruction against the released file format."""
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from w2w.identity import Identity, IdentityMismatch, load_identity, save_identity
+from w2w.safeload import W2WFileError
+from w2w.sampling import sample_identity
+from w2w.space import convert_release, load_space
+from w2w_fixtures import make_release, released_reference_deltas, released_reference_weights
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return make_release(tmp_path_factory, pcs=24, models=150)
+
+
+@pytest.fixture(scope="module")
+def converted(release, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ours") / "space.safetensors")
+    convert_release(release.folder, out)
+    return out
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_released_dir_loads_with_layout_and_training(release):
+    space = load_space(release.folder)
+    assert (space.pcs, space.dim, len(space.layout.modules)) == (24, 99_648, 64)
+    assert space.train_coefs.shape == (150, 24)
+    assert space.attributes[:2] == ("Male", "Young")
+    assert space.train_names[0] == "model_00000"
+
+
+def test_round_trip_release_convert_load_reconstruct(release, converted):
+    coefs = torch.randn(3, 24, generator=torch.Generator().manual_seed(1))
+    truth = released_reference_weights(release.folder, coefs)
+    ours_dir = load_space(release.folder).weights(coefs)
+    ours_file = load_space(converted).weights(coefs)
+    assert rel_err(ours_dir, truth) <= 1e-6
+    assert rel_err(ours_file, truth) <= 1e-6
+    deltas_truth = released_reference_deltas(release.folder, truth[0])
+    deltas = load_space(converted).deltas(coefs[0])
+    assert deltas.keys() == deltas_truth.keys()
+    for name, d in deltas.items():
+        assert rel_err(d, deltas_truth[name]) <= 1e-6, name
+
+
+def test_pcs_limits_what_is_held(release, converted):
+    for path in (release.folder, converted):
+        space = load_space(path, pcs=5)
+        assert space.components.shape == (5, 99_648)
+        assert space.total_pcs == 24
+        with pytest.raises(ValueError, match="load the space with pcs >= 6"):
+            space.weights(torch.zeros(6))
+    with pytest.raises(ValueError, match="lower pcs"):
+        load_space(converted, pcs=25)
+
+
+def test_fingerprint_is_shared_by_all_forms(release, converted, tmp_path):
+    half = str(tmp_path / "half.safetensors")
+    convert_release(release.folder, half, dtype=torch.float16, pcs=10)
+    prints = {load_space(p, pcs=8).fingerprint for p in (release.folder, converted, half)}
+    assert len(prints) == 1
+    s16 = load_space(half)
+    assert s16.components.dtype == torch.float16
+    coefs = torch.randn(10)
+    assert rel_err(s16.weights(coefs), released_reference_weights(release.folder, coefs)) <= 2e-3
+
+
+def test_format_contents(converted):
+    with safe_open(converted, "pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+        assert f.get_slice("components").get_shape() == [24, 99_648]
+    assert meta["format"] == "w2w-space" and meta["base_model"] == "SD1.5"
+    assert {"components", "mean", "std", "coef_mean", "coef_std", "train_coefs", "labels", "direction.Male"} <= keys
+
+
+def test_identity_round_trip_and_mismatch(release, converted, tmp_path):
+    space = load_space(converted)
+    ident = sample_identity(space, seed=7, pcs=20)
+    path = str(tmp_path / "id.safetensors")
+    save_identity(ident, path)
+    back = load_identity(path)
+    assert torch.equal(back.coefficients, ident.coefficients) and back.history == ident.history
+    with safe_open(path, "pt") as f:
+        assert f.get_tensor("coefficients").dtype == torch.float32
+    other = Identity(torch.zeros(3), "0123456789abcdef")
+    with pytest.raises(IdentityMismatch, match="load the space it was made with"):
+        other.check_space(space)
+    with pytest.raises(IdentityMismatch, match="raise pcs"):
+        ident.check_space(load_space(converted, pcs=4))
+
+
+def test_sampling_is_reproducible_and_follows_stats(converted):
+    space = load_space(converted)
+    a = sample_identity(space, seed=5, pcs=24)
+    b = sample_identity(space, seed=5, pcs=24)
+    c = sample_identity(space, seed=6, pcs=24)
+    assert a.coefficients.numpy().tobytes() == b.coefficients.numpy().tobytes()
+    assert not torch.equal(a.coefficients, c.coefficients)
+    many = torch.stack([sample_identity(space, s, 24, factor=0.5).coefficients for s in range(400)])
+    torch.testing.assert_close(many.mean(0), space.coef_mean, atol=0.25 * float(space.coef_std.max()), rtol=0)
+    ratio = many.std(0) / (0.5 * space.coef_std)
+    assert float((ratio - 1).abs().max()) < 0.2
+    with pytest.raises(ValueError, match="sampling statistics for 24 PCs"):
+        sample_identity(space, 1, pcs=25)
+
+
+def test_space_without_training(release, tmp_path):
+    out = str(tmp_path / "bare.safetensors")
+    convert_release(release.folder, out, training=False)
+    space = load_space(out)
+    assert space.train_coefs is None and space.attributes == ()
+    with pytest.raises(ValueError, match="no sampling statistics"):
+        sample_identity(space, 1, pcs=4)
+
+
+def test_project_recovers_coefficients(converted):
+    space = load_space(converted)
+    coefs = torch.randn(24)
+    torch.testing.assert_close(space.project(space.weights(coefs)), coefs, atol=1e-3, rtol=1e-3)
+
+
+def test_converted_file_written_atomically(release, tmp_path, monkeypatch):
+    import w2w.stfile as stfile
+
+    out = tmp_path / "x.safetensors"
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(stfile.TensorSource, "nbytes", property(lambda self: boom()))
+    with pytest.raises(RuntimeError):
+        convert_release(release.folder, str(out))
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".partial")]
+
+
+def test_tiny_conversion_keeps_source_fingerprint(release, tmp_path):
+    out = str(tmp_path / "tiny.safetensors")
+    convert_release(release.folder, out, pcs=3)
+    assert load_space(out).fingerprint == load_space(release.folder).fingerprint

@@ -255,8 +255,11 @@ def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
     kw: dict = {}
     if training:
         kw = _release_training(folder, m)
-    return Space(components, mean, std, layout, total_pcs=basis.shape[1], source=f"released files: {folder}",
-                 fingerprint=fingerprint, **kw)
+    try:
+        return Space(components, mean, std, layout, total_pcs=basis.shape[1], source=f"released files: {folder}",
+                     fingerprint=fingerprint, **kw)
+    except W2WFileError as exc:
+        raise W2WFileError(f"{folder}: {exc}") from None
 
 
 def _release_alpha(config_path: str) -> tuple[float, int | None]:
@@ -356,8 +359,11 @@ def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
                 kw["attribute_names"] = attrs
             dirs = {}
             for name, info in _meta_json(meta, "directions", path, {}).items():
-                dirs[name] = Direction(name, f.get_tensor(f"direction.{name}").float(), float(info["spread"]),
-                                       str(info.get("method", "lstsq")), tuple(info.get("debias", ())))
+                try:
+                    dirs[name] = Direction(name, f.get_tensor(f"direction.{name}").float(), float(info["spread"]),
+                                           str(info.get("method", "lstsq")), tuple(info.get("debias", ())))
+                except ValueError as exc:
+                    raise W2WFileError(f"{path}: {exc}") from None
     except SafetensorError as exc:
         raise W2WFileError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {exc}") from None
     except OSError as exc:
@@ -370,8 +376,11 @@ def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
         fingerprint = stored  # fewer PCs than the fingerprint covers: the source's fingerprint was recorded
     elif stored and stored != fingerprint:
         raise W2WFileError(f"{path}: content does not match its recorded fingerprint {stored} (file damaged or edited)")
-    return Space(components, layout=layout, directions=dirs, base_model=meta.get("base_model", "SD1.5"),
-                 source=f"w2w space file: {path}", total_pcs=total, fingerprint=fingerprint, **kw)
+    try:
+        return Space(components, layout=layout, directions=dirs, base_model=meta.get("base_model", "SD1.5"),
+                     source=f"w2w space file: {path}", total_pcs=total, fingerprint=fingerprint, **kw)
+    except W2WFileError as exc:
+        raise W2WFileError(f"{path}: {exc}") from None
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

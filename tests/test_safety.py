@@ -1,0 +1,131 @@
+"""Hostile and broken files: nothing from a pickle runs, every failure is a clear W2WFileError/LayoutError."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from w2w.layout import LayoutError
+from w2w.safeload import W2WFileError, load_dataframe
+from w2w.space import convert_release, load_space
+from w2w_fixtures import make_release
+
+SLOTS = ("V.pt", "mean.pt", "std.pt", "weight_dimensions.pt", "proj_1000pc.pt", "pinverse_1000pc.pt", "identity_df.pt")
+
+
+class _Payload:
+    """Unpickling this would create a marker file through os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return make_release(tmp_path_factory, pcs=6, models=40)
+
+
+@pytest.fixture
+def copy(release, tmp_path):
+    dst = tmp_path / "rel"
+    shutil.copytree(release.folder, dst)
+    return dst
+
+
+@pytest.mark.parametrize("slot", SLOTS)
+@pytest.mark.parametrize("how", ["torch_save", "plain_pickle"])
+def test_malicious_pickle_runs_nothing(copy, tmp_path, slot, how):
+    marker = tmp_path / "pwned"
+    payload = _Payload(str(marker))
+    if how == "torch_save":
+        torch.save({"x": payload} if slot == "weight_dimensions.pt" else payload, copy / slot)
+    else:
+        import pickle
+
+        with open(copy / slot, "wb") as f:
+            pickle.dump(payload, f)
+    with pytest.raises(W2WFileError) as info:
+        load_space(str(copy))
+    assert slot in str(info.value)
+    assert not marker.exists(), "a pickled payload was executed"
+
+
+def test_dataframe_loader_refuses_foreign_globals(tmp_path):
+    import pandas as pd
+
+    marker = tmp_path / "pwned"
+    df = pd.DataFrame({"Male": [1, -1]})
+    df.attrs["x"] = _Payload(str(marker))  # a DataFrame carrying a payload in its attrs
+    torch.save(df, tmp_path / "df.pt")
+    with pytest.raises(W2WFileError, match="refused to load global"):
+        load_dataframe(str(tmp_path / "df.pt"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("slot", ["V.pt", "mean.pt", "weight_dimensions.pt", "identity_df.pt"])
+def test_truncated_files(copy, slot):
+    data = (copy / slot).read_bytes()
+    (copy / slot).write_bytes(data[: len(data) // 2])
+    with pytest.raises(W2WFileError, match="truncated|corrupt"):
+        load_space(str(copy))
+
+
+def test_missing_required_file_names_it_and_the_fix(copy):
+    (copy / "std.pt").unlink()
+    with pytest.raises(W2WFileError, match=r"lacks std\.pt.*python -m w2w download"):
+        load_space(str(copy))
+
+
+@pytest.mark.parametrize("slot,value,match", [
+    ("mean.pt", torch.zeros(99_647), "shape"),
+    ("std.pt", torch.zeros(2, 3), "dimensions"),
+    ("V.pt", torch.zeros(1000, 4), "rows"),
+    ("mean.pt", torch.full((99_648,), float("nan")), "NaN"),
+    ("V.pt", torch.full((99_648, 2), float("inf")), "NaN or Inf"),
+    ("proj_1000pc.pt", torch.full((40, 6), float("nan")), "NaN"),
+    ("mean.pt", [1, 2, 3], "holds a list"),
+])
+def test_wrong_shapes_and_values(copy, slot, value, match):
+    torch.save(value, copy / slot)
+    with pytest.raises((W2WFileError, LayoutError), match=match):
+        load_space(str(copy))
+
+
+def test_layout_that_does_not_add_up(copy):
+    dims = torch.load(copy / "weight_dimensions.pt", weights_only=True)
+    key = next(iter(dims))
+    dims.pop(key)
+    torch.save(dims, copy / "weight_dimensions.pt")
+    with pytest.raises(LayoutError):
+        load_space(str(copy))
+
+
+def test_label_rows_must_match_training_rows(copy):
+    proj = torch.load(copy / "proj_1000pc.pt", weights_only=True)
+    torch.save(proj[:-1].clone(), copy / "proj_1000pc.pt")
+    torch.save(torch.linalg.pinv(proj[:-1]), copy / "pinverse_1000pc.pt")
+    with pytest.raises(W2WFileError, match="rows"):
+        load_space(str(copy))
+
+
+def test_our_format_damage_is_detected(release, tmp_path):
+    out = tmp_path / "s.safetensors"
+    convert_release(release.folder, str(out))
+    data = bytearray(out.read_bytes())
+    (tmp_path / "cut.safetensors").write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(W2WFileError, match="truncated or corrupt"):
+        load_space(str(tmp_path / "cut.safetensors"))
+    data[-4:] = b"\x00\x00\xc0\x7f"  # last float of the file -> NaN
+    (tmp_path / "nan.safetensors").write_bytes(bytes(data))
+    with pytest.raises(W2WFileError):
+        load_space(str(tmp_path / "nan.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(W2WFileError, match="not a w2w space"):
+        load_space(str(tmp_path / "lora.safetensors"))
+    with pytest.raises(W2WFileError, match="space not found"):
+        load_space(str(tmp_path / "nope.safetensors"))

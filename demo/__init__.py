@@ -1,0 +1,1 @@
+"""Headless demo of the pack in a real ComfyUI, with clearly labelled stand-in models when real files are absent."""

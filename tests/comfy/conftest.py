@@ -1,0 +1,62 @@
+"""Fixtures for tests that run against a real ComfyUI.
+
+ComfyUI is found by `demo.locate.find_comfyui()` ($COMFYUI_PATH, a ComfyUI checkout containing this
+pack, then ~/ComfyUI); without it every test that asks for these fixtures is skipped with a reason
+that says how to provide it. The in-process host imports ComfyUI into the pytest process for good
+(see comfyhost.py): run this directory in one process (no pytest-xdist / --forked splitting).
+
+Fixtures (all session-scoped unless noted):
+- `comfyui_path` -> Path of the ComfyUI checkout.
+- `sd15_standin` -> Path of the cached random-weight SD1.5 checkpoint (built once per cache).
+- `comfy_host` -> comfyhost.ComfyHost: ComfyUI imported in-process with `--cpu`, this pack in
+  custom_nodes, the stand-in staged as models/checkpoints/<SD15_STANDIN_NAME>.
+  `comfy_host.run_graph(graph) -> GraphResult`, `comfy_host.stage_model(kind, path)`, ...
+- `stock_graph` (function scope) -> a fresh copy of demo/graphs/sd15_stock.json pointing at the stand-in.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from demo import standins
+from demo.locate import HOW_TO_PROVIDE, PACK_DIRNAME, find_comfyui, pack_root
+from comfyhost import SD15_STANDIN_NAME, load_stock_graph
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.comfy)
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    try:
+        path = find_comfyui()
+    except ValueError as error:  # COMFYUI_PATH set to something that is not ComfyUI: a mistake to fix
+        pytest.fail(str(error))
+    if path is None:
+        pytest.skip("ComfyUI not found; to run the tests against the real host, " + HOW_TO_PROVIDE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd15_standin(comfyui_path) -> Path:
+    return standins.ensure_sd15_standin(comfyui_path)
+
+
+@pytest.fixture(scope="session")
+def comfy_host(comfyui_path, sd15_standin, tmp_path_factory):
+    from comfyhost import ComfyHost  # imports ComfyUI only when started
+
+    host = ComfyHost.start(comfyui_path, tmp_path_factory.mktemp("comfy-base"), pack_root(), PACK_DIRNAME)
+    host.stage_model("checkpoints", sd15_standin, SD15_STANDIN_NAME)
+    yield host
+    host.unload_models()
+
+
+@pytest.fixture
+def stock_graph() -> dict:
+    return load_stock_graph()

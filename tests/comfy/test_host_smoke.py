@@ -1,0 +1,152 @@
+"""The real ComfyUI as a host: the stand-in checkpoint, the ldm keys we patch, in-process and server runs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyhost import SD15_STANDIN_NAME, GraphError, load_stock_graph
+from demo import run as demo_run
+from demo import standins
+
+# The 16 SD1.5 transformer blocks (ldm names) and their channel width C, per ../shared/COMFYUI.md.
+SD15_BLOCK_WIDTHS = {
+    "input_blocks.1.1": 320, "input_blocks.2.1": 320, "input_blocks.4.1": 640, "input_blocks.5.1": 640,
+    "input_blocks.7.1": 1280, "input_blocks.8.1": 1280, "middle_block.1": 1280,
+    "output_blocks.3.1": 1280, "output_blocks.4.1": 1280, "output_blocks.5.1": 1280,
+    "output_blocks.6.1": 640, "output_blocks.7.1": 640, "output_blocks.8.1": 640,
+    "output_blocks.9.1": 320, "output_blocks.10.1": 320, "output_blocks.11.1": 320,
+}
+TEXT_DIM = 768  # CLIP-L hidden size: the input width of every attn2.to_k / to_v
+
+
+def sd15_target_keys() -> dict[str, tuple[int, int]]:
+    """The 64 w2w target weights as ComfyUI model keys -> expected (out, in) shape."""
+    keys = {}
+    for block, width in SD15_BLOCK_WIDTHS.items():
+        for attn in ("attn1", "attn2"):
+            for proj in ("to_q", "to_v"):
+                fan_in = TEXT_DIM if (attn, proj) == ("attn2", "to_v") else width
+                keys[f"diffusion_model.{block}.transformer_blocks.0.{attn}.{proj}.weight"] = (width, fan_in)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def stock_loaded(comfy_host):
+    """(MODEL, CLIP, VAE) from the stock CheckpointLoaderSimple on the stand-in."""
+    return comfy_host.node_class("CheckpointLoaderSimple")().load_checkpoint(SD15_STANDIN_NAME)
+
+
+def test_standin_loads_with_stock_loader_as_sd15(stock_loaded, sd15_standin):
+    import comfy.supported_models
+    import comfy.utils
+
+    model, clip, vae = stock_loaded
+    config = model.model.model_config
+    assert type(config) is comfy.supported_models.SD15
+    assert (config.unet_config["model_channels"], config.unet_config["context_dim"]) == (320, 768)
+    assert clip is not None and vae is not None and vae.latent_channels == 4
+    _, metadata = comfy.utils.load_torch_file(str(sd15_standin), return_metadata=True)
+    assert "NOT a real model" in metadata["w2w.standin"]
+    assert metadata["w2w.standin.version"] == str(standins.STANDIN_VERSION)
+
+
+def test_standin_tokens_encode_to_finite_conditioning(stock_loaded):
+    _, clip, _ = stock_loaded
+    cond = clip.encode_from_tokens(clip.tokenize("sks person"))
+    assert cond.shape == (1, 77, TEXT_DIM)
+    assert torch.isfinite(cond).all() and cond.std() > 0.1
+
+
+def test_the_64_target_weights_exist_with_the_expected_shapes(stock_loaded):
+    state = stock_loaded[0].model_state_dict()
+    expected = sd15_target_keys()
+    assert len(expected) == 64
+    found = {key: tuple(state[key].shape) for key in expected if key in state}
+    assert sorted(set(expected) - set(found)) == []
+    assert found == expected
+    # Rank-1 factors A (1, in) and B (out, 1) over the 64 modules: the released 99,648-value vector.
+    assert sum(out + fan_in for out, fan_in in expected.values()) == 99_648
+
+
+def test_standin_init_is_deterministic_per_key():
+    key, shape = "model.diffusion_model.input_blocks.1.1.proj_in.weight", (320, 320, 1, 1)
+    first = standins._init_tensor(key, shape, 0, torch.float16)
+    assert torch.equal(first, standins._init_tensor(key, shape, 0, torch.float16))
+    assert not torch.equal(first, standins._init_tensor(key, shape, 1, torch.float16))
+    assert not torch.equal(first, standins._init_tensor(key.replace("1.1", "2.1"), shape, 0, torch.float16))
+    assert abs(first.float().std().item() - 320 ** -0.5) < 0.1 * 320 ** -0.5
+
+
+class InferenceModeProbe:
+    """A pass-through LATENT node that records the grad mode it runs under."""
+
+    seen: list = []
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "probe"
+    CATEGORY = "testing"
+
+    def probe(self, samples):
+        InferenceModeProbe.seen.append({"inference_mode": torch.is_inference_mode_enabled(),
+                                        "latent_is_inference": samples["samples"].is_inference()})
+        return (samples,)
+
+
+def test_stock_graph_runs_in_process_under_inference_mode(comfy_host, stock_graph):
+    comfy_host.register_node("W2WTestInferenceModeProbe", InferenceModeProbe)
+    stock_graph["10"] = {"class_type": "W2WTestInferenceModeProbe", "inputs": {"samples": ["3", 0]}}
+    stock_graph["8"]["inputs"]["samples"] = ["10", 0]
+    InferenceModeProbe.seen.clear()
+
+    result = comfy_host.run_graph(stock_graph)
+
+    assert InferenceModeProbe.seen == [{"inference_mode": True, "latent_is_inference": True}]
+    image = result.output("8")  # VAEDecode IMAGE, (batch, H, W, C) in [0, 1]
+    assert image.is_inference() and image.shape == (1, 64, 64, 3)
+    assert torch.isfinite(image).all() and image.min() >= 0 and image.max() <= 1
+    assert image.std() > 0.01  # random weights give noise, not a constant image
+    files = result.image_files()
+    assert len(files) == 1 and files[0].is_file()
+    assert Image.open(files[0]).size == (64, 64)
+
+
+def test_invalid_graph_reports_the_node(comfy_host, stock_graph):
+    stock_graph["3"]["inputs"]["steps"] = 0  # KSampler steps has min 1
+    with pytest.raises(GraphError) as caught:
+        comfy_host.run_graph(stock_graph)
+    assert "3" in caught.value.details["node_errors"]
+
+
+@pytest.mark.slow
+def test_server_rejects_an_invalid_graph_with_per_node_errors(comfyui_path, sd15_standin, tmp_path):
+    graph = load_stock_graph(sd15_standin.name)
+    graph["3"]["inputs"]["steps"] = 0
+    with pytest.raises(demo_run.DemoError, match=r"node 3 \(KSampler\).*steps"):
+        demo_run.run_demo(graph, comfyui_path, tmp_path / "out", stage=[("checkpoints", sd15_standin)], timeout=120)
+
+
+@pytest.mark.slow
+def test_demo_cli_runs_the_stock_graph_on_the_server_with_the_standin(comfyui_path, sd15_standin, tmp_path, capsys):
+    models = tmp_path / "models"  # no real files: the graph's checkpoint must be replaced, loudly
+    (models / "checkpoints").mkdir(parents=True)
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps(load_stock_graph("not-here.safetensors")))
+
+    code = demo_run.main(["--graph", str(graph), "--models", str(models), "--out", str(tmp_path / "out"),
+                          "--comfyui", str(comfyui_path), "--timeout", "600"])
+
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "STAND-INS IN USE" in printed and "not-here.safetensors not found" in printed
+    images = sorted((tmp_path / "out").glob("*.png"))
+    assert len(images) == 1
+    pixels = np.asarray(Image.open(images[0]))
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 1.0

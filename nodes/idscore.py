@@ -1,0 +1,113 @@
+"""Node: the paper's ID score (MTCNN face crops, FaceNet VGGFace2 embeddings, cosine similarity)."""
+from __future__ import annotations
+
+import math
+import os
+
+from comfy_api.latest import io, ui
+
+from ..w2w.metrics.faces import FACENET_FILENAME, FACENET_SIZE_TEXT, FACENET_URL, find_facenet_weights
+from ..w2w.metrics.idscore import get_scorer, id_score, preview_crops
+from .common import CATEGORY, file_fingerprint
+
+FACENET_FOLDER = "facenet"  # models/facenet
+AUTO = "auto"
+
+
+def register_facenet_folder() -> None:
+    """Make sure ``models/facenet`` is a model folder (paths from extra_model_paths.yaml are kept)."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path(FACENET_FOLDER, os.path.join(folder_paths.models_dir, FACENET_FOLDER))
+    folder_paths.folder_names_and_paths[FACENET_FOLDER][1].update({".pt", ".pth"})
+
+
+def weights_choices() -> list[str]:
+    import folder_paths
+
+    register_facenet_folder()
+    return [AUTO] + sorted(folder_paths.get_filename_list(FACENET_FOLDER))
+
+
+def resolve_weights(choice: str) -> str:
+    """Path of the chosen file; ``auto`` looks for the released file name in models/facenet, then TORCH_HOME."""
+    import folder_paths
+
+    register_facenet_folder()
+    if choice != AUTO:
+        path = folder_paths.get_full_path(FACENET_FOLDER, choice)
+        return find_facenet_weights(path if path is not None else choice)
+    return find_facenet_weights(search_dirs=tuple(folder_paths.get_folder_paths(FACENET_FOLDER)))
+
+
+class W2WIDScore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="W2WIDScore",
+            display_name="w2w ID Score",
+            category=CATEGORY,
+            description="Identity preservation as in the paper (Table 3): the largest face in each image is found with "
+                        "MTCNN, embedded with FaceNet (InceptionResnetV1 trained on VGGFace2), and the cosine "
+                        "similarity of reference and generated embeddings is reported per pair, 1.0 = same embedding. "
+                        "Pairs where either image has no detectable face are listed and left out of the mean. Needs "
+                        f"facenet-pytorch (pip install --no-deps -r requirements-idscore.txt) and {FACENET_FILENAME} "
+                        f"({FACENET_SIZE_TEXT}, from {FACENET_URL}) in models/facenet.",
+            inputs=[
+                io.Image.Input("reference", tooltip="Reference image(s), e.g. the photo you inverted. One image is "
+                                                    "compared with every generated image; otherwise the batches are "
+                                                    "compared pairwise and must have the same size."),
+                io.Image.Input("generated", tooltip="Generated image(s) to score against the reference(s)."),
+                io.Combo.Input("facenet_weights", options=weights_choices(), default=AUTO, optional=True,
+                               tooltip=f"FaceNet weights file in models/facenet. 'auto' uses {FACENET_FILENAME} from "
+                                       "models/facenet, else TORCH_HOME's checkpoints folder (where facenet-pytorch "
+                                       "caches it). Never downloaded: get it from the facenet-pytorch v2.2.9 release."),
+            ],
+            outputs=[
+                io.Float.Output(display_name="mean_score",
+                                tooltip="Mean cosine similarity over the pairs with a face on both sides "
+                                        "(NaN when no pair has); the paper reports 0.64 for w2w inversion."),
+                io.String.Output(display_name="report", tooltip="One line per pair: score, names, and 'ok' or which "
+                                                                "image had no detectable face."),
+                io.Image.Output(display_name="crops", tooltip="Reference crop | generated crop for each pair, as "
+                                                              "FaceNet sees them; a crossed grey tile where no face "
+                                                              "was found."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, facenet_weights: str = AUTO) -> bool | str:
+        try:
+            resolve_weights(facenet_weights)
+        except FileNotFoundError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, reference, generated, facenet_weights: str = AUTO):
+        try:
+            return file_fingerprint(resolve_weights(facenet_weights))
+        except FileNotFoundError:
+            return facenet_weights
+
+    @classmethod
+    def execute(cls, reference, generated, facenet_weights: str = AUTO) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.utils
+
+        scorer = get_scorer(resolve_weights(facenet_weights), comfy.model_management.get_torch_device())
+        progress = comfy.utils.ProgressBar(4)
+
+        def callback(step: int, total: int, info: str) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.update_absolute(step, total)
+
+        result = id_score(scorer, reference, generated, callback=callback)
+        crops = preview_crops(result)
+        report = result.report()
+        mean = result.mean
+        summary = f"ID score {mean:.4f}" if not math.isnan(mean) else "ID score: no pair with faces on both sides"
+        return io.NodeOutput(mean, report, crops, ui=ui.PreviewText(f"{summary}\n{report}"))
+
+
+NODES = [W2WIDScore]

@@ -1,0 +1,106 @@
+"""W2WIDScore in a real ComfyUI: LoadImage -> w2w ID Score, per-pair report, crops, missing weights at validation."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+if importlib.util.find_spec("facenet_pytorch") is None:
+    reason = "facenet-pytorch is not installed: pip install --no-deps -r requirements-idscore.txt"
+    if os.environ.get("CI"):
+        raise RuntimeError(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+from w2w.metrics.faces import FACENET_FILENAME  # noqa: E402
+from w2w.metrics.standins import draw_face, save_random_facenet  # noqa: E402
+
+NODE_ID = "W2WIDScore"
+
+
+@pytest.fixture(scope="module")
+def idscore_host(comfy_host, tmp_path_factory):
+    """The host with random FaceNet weights staged as models/facenet/<released name> and two input images."""
+    weights = save_random_facenet(str(tmp_path_factory.mktemp("facenet") / FACENET_FILENAME), seed=5)
+    comfy_host.stage_model("facenet", weights, FACENET_FILENAME)
+    inputs = comfy_host.base_dir / "input"
+    draw_face().save(inputs / "w2w_idscore_face.png")
+    Image.fromarray(np.full((256, 256, 3), 90, np.uint8)).save(inputs / "w2w_idscore_blank.png")
+    if NODE_ID not in comfy_host.pack_node_ids:  # not yet listed in nodes.FEATURES: load the module directly
+        package = str(comfy_host.base_dir / "custom_nodes" / comfy_host.pack_name).replace(".", "_x_")
+        node = importlib.import_module(f"{package}.nodes.idscore").W2WIDScore
+        node.GET_SCHEMA()
+        comfy_host.register_node(NODE_ID, node)
+    return comfy_host
+
+
+def _graph(weights_choice: str | None = "auto") -> dict:
+    score_inputs = {"reference": ["1", 0], "generated": ["3", 0]}
+    if weights_choice is not None:
+        score_inputs["facenet_weights"] = weights_choice
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "w2w_idscore_face.png"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "w2w_idscore_blank.png"}},
+        "3": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}},
+        "4": {"class_type": NODE_ID, "inputs": score_inputs},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}},
+    }
+
+
+def test_node_is_registered_by_the_pack(comfy_host):
+    assert NODE_ID in comfy_host.pack_node_ids, (
+        f"{NODE_ID} is not registered: add 'idscore' to FEATURES in nodes/__init__.py")
+
+
+@pytest.mark.parametrize("choice", ["auto", FACENET_FILENAME, None])
+def test_graph_scores_each_pair_and_reports_the_missing_face(idscore_host, choice):
+    result = idscore_host.run_graph(_graph(choice))
+    mean, report, crops = (result.output("4", i) for i in range(3))
+    assert abs(mean - 1.0) < 1e-5  # the face against itself; the blank pair is left out of the mean
+    lines = report.splitlines()
+    assert "1 of 2 pairs" in lines[0]
+    assert lines[2].endswith("reference 0 -> generated 0  ok")
+    assert lines[3].endswith("reference 0 -> generated 1  no face in generated")
+    assert tuple(crops.shape) == (2, 160, 320, 3)
+    assert float(crops.min()) >= 0.0 and float(crops.max()) <= 1.0
+    assert any(p.name.startswith("ComfyUI_temp_") for p in result.image_files())  # the PreviewImage of the crops
+
+
+def test_no_face_anywhere_gives_nan_and_says_so(idscore_host):
+    graph = _graph()
+    graph["1"]["inputs"]["image"] = "w2w_idscore_blank.png"
+    result = idscore_host.run_graph(graph)
+    assert math.isnan(result.output("4", 0))
+    assert "no mean" in result.output("4", 1)
+
+
+def test_missing_weights_fail_validation_with_the_fix(idscore_host, tmp_path, monkeypatch):
+    staged = idscore_host.models_dir / "facenet" / FACENET_FILENAME
+    target = os.readlink(staged)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    os.unlink(staged)
+    try:
+        import folder_paths
+        folder_paths.filename_list_cache.clear()
+        valid, error, _outputs, node_errors = idscore_host.validate(_graph())
+    finally:
+        idscore_host.stage_model("facenet", target, FACENET_FILENAME)
+    assert not valid
+    details = " ".join(e["details"] for e in node_errors["4"]["errors"])
+    assert FACENET_FILENAME in details and "107 MiB" in details and "models/facenet" in details
+    assert "Nothing is downloaded" in details
+
+
+def test_schema_has_tooltips_and_description(idscore_host):
+    import nodes
+
+    schema = nodes.NODE_CLASS_MAPPINGS[NODE_ID].GET_SCHEMA()
+    assert schema.display_name == "w2w ID Score" and schema.category == "w2w" and schema.description
+    assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
+    assert [i.id for i in schema.inputs] == ["reference", "generated", "facenet_weights"]
+    assert "w2w_idscore" not in sys.modules  # nothing leaked under a bare name

@@ -28,6 +28,7 @@ def pad_to(coefs: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _require_training(space: Space, what: str) -> None:
+    """Fitting needs labels and training coefficients (or the released pseudo-inverse)."""
     if space.labels is None or (space.train_coefs is None and space.pinverse is None):
         cached = ", ".join(space.directions) or "none"
         raise ValueError(f"{what} needs the training models' coefficients and labels, which this space lacks "
@@ -88,8 +89,13 @@ def _logistic(space: Space, y: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _spread(space: Space, unit: torch.Tensor) -> float:
+    """Std of the training coefficients projected on ``unit``: sqrt(uᵀ Σ u), or directly from the coefficients."""
+    if space.coef_cov is not None:
+        k = min(unit.shape[0], space.coef_cov.shape[0])
+        u = unit[:k].double()
+        return float((u @ space.coef_cov[:k, :k].double() @ u).clamp_min(0).sqrt())
     if space.train_coefs is None:
-        raise ValueError("the spread of a direction needs training coefficients")
+        raise ValueError("the spread of a direction needs training coefficients or their covariance")
     k = min(unit.shape[0], space.train_coefs.shape[1])
     return float((space.train_coefs[:, :k] @ unit[:k]).std())
 
@@ -107,8 +113,6 @@ def get_direction(space: Space, name: str, debias: Sequence[str] = (), method: s
             e = _raw_direction(space, other, method)
             k = min(vec.shape[0], e.shape[0])
             vec[:k] -= (vec[:k] @ e[:k]) / (e[:k] @ e[:k]) * e[:k]
-        if space.train_coefs is None:
-            raise ValueError(f"cannot compute the spread of {name!r} without training coefficients")
         space._cache[key] = Direction(name, vec, _spread(space, vec / vec.norm()), method, debias)
     return space._cache[key]
 

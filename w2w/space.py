@@ -22,7 +22,7 @@ from .safeload import W2WFileError, load_dataframe, load_object, load_tensor
 from .stfile import TensorSource, write_safetensors
 
 __all__ = ["Space", "Direction", "load_space", "save_space", "convert_release", "space_fingerprint",
-           "RELEASE_FILES", "FORMAT", "FORMAT_VERSION", "replace_space", "labels_from_dataframe"]
+           "RELEASE_FILES", "FORMAT", "FORMAT_VERSION", "replace_space", "labels_from_dataframe", "coefficient_covariance"]
 
 FORMAT = "w2w-space"
 FORMAT_VERSION = 1
@@ -78,6 +78,7 @@ class Space:
     coef_mean: torch.Tensor | None = None  # (k,) mean of training coefficients, for sampling
     coef_std: torch.Tensor | None = None  # (k,)
     train_coefs: torch.Tensor | None = None  # (N, k) coefficients of the training models
+    coef_cov: torch.Tensor | None = None  # (k, k) covariance of training coefficients (spread of any direction)
     labels: torch.Tensor | None = None  # (N, A) attribute labels of the training models
     attribute_names: tuple[str, ...] = ()
     train_names: tuple[str, ...] = ()
@@ -114,6 +115,9 @@ class Space:
                 raise W2WFileError(f"training coefficients must be (N, k), got {tuple(self.train_coefs.shape)}")
             if self.labels is not None and self.labels.shape[0] != self.train_coefs.shape[0]:
                 raise W2WFileError(f"{self.labels.shape[0]} label rows for {self.train_coefs.shape[0]} training models")
+        if self.coef_cov is not None and (self.coef_cov.dim() != 2 or self.coef_cov.shape[0] != self.coef_cov.shape[1]
+                                          or not torch.isfinite(self.coef_cov).all()):
+            raise W2WFileError(f"coefficient covariance must be a finite square matrix, got {tuple(self.coef_cov.shape)}")
         if self.labels is not None and self.labels.shape[1] != len(self.attribute_names):
             raise W2WFileError(f"{self.labels.shape[1]} label columns for {len(self.attribute_names)} attribute names")
         if not self.fingerprint:
@@ -282,7 +286,7 @@ def _release_training(folder: str, m: int) -> dict:
         train = proj[:, :k].float().clone()
         if not torch.isfinite(train).all():
             raise W2WFileError(f"{proj_path} contains NaN or Inf")
-        out.update(train_coefs=train, coef_mean=train.mean(0), coef_std=train.std(0))
+        out.update(train_coefs=train, coef_mean=train.mean(0), coef_std=train.std(0), coef_cov=coefficient_covariance(train))
         pinv_path = os.path.join(folder, "pinverse_1000pc.pt")
         if os.path.isfile(pinv_path) and k == proj.shape[1]:
             pinv = load_tensor(pinv_path, ndim=2, name="pinverse_1000pc")
@@ -296,6 +300,13 @@ def _release_training(folder: str, m: int) -> dict:
             raise W2WFileError(f"{df_path} has {labels.shape[0]} rows but proj_1000pc.pt has {out['train_coefs'].shape[0]}")
         out.update(labels=labels, attribute_names=attrs, train_names=names)
     return out
+
+
+def coefficient_covariance(train: torch.Tensor) -> torch.Tensor:
+    """(k, k) unbiased covariance of training coefficients (N, k), accumulated in float64."""
+    x = train.double()
+    x = x - x.mean(0)
+    return (x.T @ x / max(1, x.shape[0] - 1)).float()
 
 
 def labels_from_dataframe(df, where: str) -> tuple[tuple[str, ...], torch.Tensor, tuple[str, ...]]:
@@ -350,6 +361,8 @@ def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
             if "coef_mean" in keys:
                 kw["coef_mean"] = f.get_tensor("coef_mean").float()
                 kw["coef_std"] = f.get_tensor("coef_std").float()
+            if "coef_cov" in keys:
+                kw["coef_cov"] = f.get_tensor("coef_cov").float()
             attrs = tuple(_meta_json(meta, "attributes", path, []))
             if training and "train_coefs" in keys:
                 kw["train_coefs"] = f.get_tensor("train_coefs").float()
@@ -399,6 +412,8 @@ def save_space(space: Space, path: str, *, dtype: torch.dtype = torch.float32, t
     tensors: dict = {"components": components, "mean": space.mean.float(), "std": space.std.float()}
     if space.coef_mean is not None:
         tensors.update(coef_mean=space.coef_mean.float(), coef_std=space.coef_std.float())
+    if space.coef_cov is not None:
+        tensors["coef_cov"] = space.coef_cov.float()
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "base_model": space.base_model,
             "layout": space.layout.to_json(), "fingerprint": space.fingerprint, "source": space.source,
             "attributes": list(space.attribute_names)}
@@ -456,5 +471,6 @@ def replace_space(space: Space, **changes) -> Space:
 
 def _space_fields(space: Space) -> dict:
     return {"coef_mean": space.coef_mean, "coef_std": space.coef_std, "train_coefs": space.train_coefs,
+            "coef_cov": space.coef_cov,
             "labels": space.labels, "attribute_names": space.attribute_names, "train_names": space.train_names,
             "directions": dict(space.directions), "pinverse": space.pinverse, "base_model": space.base_model}

@@ -1,0 +1,127 @@
+"""Edit directions, strength units, blends, nearest neighbours, and LoRA export exactness."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from w2w.edit import apply_edit, blend, fit_directions, get_direction, nearest_training
+from w2w.export import export_lora, lora_state_dict
+from w2w.identity import Identity
+from w2w.sampling import sample_identity
+from w2w.space import convert_release, load_space
+from w2w_fixtures import make_release, released_reference_deltas, released_reference_weights
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return make_release(tmp_path_factory, pcs=16, models=400, label_values=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def space(release):
+    return load_space(release.folder)
+
+
+def test_lstsq_direction_is_pinverse_times_labels(space, release):
+    pinv = torch.load(f"{release.folder}/pinverse_1000pc.pt", weights_only=True)
+    labels = space.labels[:, space.attribute_names.index("Young")]
+    torch.testing.assert_close(get_direction(space, "Young").vector, pinv @ labels, rtol=1e-4, atol=1e-6)
+
+
+def test_direction_recovers_planted_attribute(space, release):
+    planted = release.planted[:, release.attributes.index("Male")]
+    got = get_direction(space, "Male").unit
+    cos = float(torch.dot(got, planted / planted.norm()))
+    assert cos > 0.8, cos  # labels were drawn from this direction plus noise
+
+
+def test_strength_is_in_training_spread_units(space):
+    ident = sample_identity(space, seed=1, pcs=16)
+    direction = get_direction(space, "Male")
+    edited = apply_edit(space, ident, "Male", 2.0)
+    moved = float((edited.coefficients - ident.coefficients) @ direction.unit)
+    proj_std = float((space.train_coefs @ direction.unit).std())
+    assert moved == pytest.approx(2.0 * proj_std, rel=1e-5)
+    raw = direction.raw_multiplier(2.0)
+    torch.testing.assert_close(ident.coefficients + raw * direction.vector, edited.coefficients, rtol=1e-5, atol=1e-5)
+
+
+def test_debias_makes_direction_orthogonal_and_edits_compose(space):
+    plain = get_direction(space, "Male")
+    debiased = get_direction(space, "Male", debias=["Young"])
+    young = get_direction(space, "Young").vector
+    assert abs(float(debiased.vector @ young)) < 1e-4 * float(plain.vector.norm() * young.norm())
+    ident = sample_identity(space, seed=2, pcs=8)  # shorter than the directions: padded with zeros
+    one = apply_edit(space, apply_edit(space, ident, "Male", 1.0), "Young", -0.5)
+    other = apply_edit(space, apply_edit(space, ident, "Young", -0.5), "Male", 1.0)
+    assert one.pcs == 16
+    torch.testing.assert_close(one.coefficients, other.coefficients, rtol=0, atol=1e-6)
+    assert one.history[-1] == "edit Young -0.5"
+
+
+def test_logistic_directions(space):
+    lstsq = get_direction(space, "Male").unit
+    logistic = get_direction(space, "Male", method="logistic")
+    assert logistic.method == "logistic"
+    assert float(lstsq @ logistic.unit) > 0.7
+
+
+def test_fitted_directions_are_cached_in_our_format(release, tmp_path):
+    out = str(tmp_path / "s.safetensors")
+    convert_release(release.folder, out)
+    ours = load_space(out, training=False)  # no training data: directions come from the file
+    assert set(ours.attributes) == set(release.attributes)
+    torch.testing.assert_close(get_direction(ours, "Male").vector, get_direction(load_space(release.folder), "Male").vector)
+    debiased = get_direction(ours, "Male", debias=["Young"])  # from cached directions + stored covariance
+    full = get_direction(load_space(release.folder), "Male", debias=["Young"])
+    torch.testing.assert_close(debiased.vector, full.vector)
+    assert debiased.spread == pytest.approx(full.spread, rel=1e-4)
+    with pytest.raises(ValueError, match="needs the training models"):
+        fit_directions(ours, ["Male"])
+    refit = fit_directions(load_space(out), ["Male"], debias={"Male": ["Young"]})
+    assert refit.directions["Male"].debias == ("Young",)
+
+
+def test_blend_and_nearest(space):
+    a = sample_identity(space, 3, 16)
+    b = sample_identity(space, 4, 10)
+    assert torch.equal(blend(space, a, b, 0.0).coefficients, a.coefficients)
+    mid = blend(space, a, b, 0.5).coefficients
+    torch.testing.assert_close(mid[10:], 0.5 * a.coefficients[10:])
+    row = 123
+    train = Identity(space.train_coefs[row].clone(), space.fingerprint)
+    (best_row, name, cos), = nearest_training(space, train)
+    assert best_row == row and name == "model_00123" and cos == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft", "diffusers"])
+def test_export_reproduces_deltas(space, release, tmp_path, fmt):
+    ident = sample_identity(space, seed=9, pcs=16)
+    truth = released_reference_deltas(release.folder, released_reference_weights(release.folder, ident.coefficients))
+    out = export_lora(space, ident, str(tmp_path / ("lora" if fmt == "peft" else "lora.safetensors")), fmt)
+    path = f"{out}/adapter_model.safetensors" if fmt == "peft" else out
+    with safe_open(path, "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    assert meta["w2w_space"] == space.fingerprint
+    if fmt == "peft":
+        config = json.load(open(f"{out}/adapter_config.json"))
+        scale = config["lora_alpha"] / config["r"]
+    for module in space.layout.modules:
+        if fmt == "kohya":
+            down, up = sd[f"{module.kohya_name}.lora_down.weight"], sd[f"{module.kohya_name}.lora_up.weight"]
+            scale = float(sd[f"{module.kohya_name}.alpha"]) / down.shape[0]
+        elif fmt == "peft":
+            down, up = sd[f"{module.peft_prefix}.lora_A.weight"], sd[f"{module.peft_prefix}.lora_B.weight"]
+        else:
+            down, up, scale = sd[f"unet.{module.name}.lora_A.weight"], sd[f"unet.{module.name}.lora_B.weight"], 1.0
+        delta = up @ down * scale
+        ref = truth[module.name]
+        assert float((delta - ref).abs().max() / ref.abs().max()) <= 1e-6, module.name
+    assert len(sd) == (192 if fmt == "kohya" else 128)
+
+
+def test_export_refuses_foreign_identity(space):
+    with pytest.raises(ValueError, match="belongs to space"):
+        lora_state_dict(space, Identity(torch.zeros(4), "ffffffffffffffff"))

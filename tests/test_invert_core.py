@@ -1,0 +1,287 @@
+"""Inversion engine (w2w.invert) on a tiny denoiser made of three linear layers with LoRA-patched weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from w2w.diffusion import alphas_cumprod_from_sigmas, ddpm_noise, sd15_alphas_cumprod
+from w2w.identity import Identity, IdentityMismatch
+from w2w.invert import (PRESETS, FactorMap, InvertSettings, diffusion_loss, initial_coefficients, invert,
+                        prepare_mask, step_loss)
+from w2w.layout import Layout, ModuleSlot
+from w2w.space import Space
+
+CHANNELS, HIDDEN, SIZE = 4, 16, 8
+
+
+def tiny_layout() -> Layout:
+    """Three Linear modules (4->16, 16->16, 16->4), rank 1, factors A then B for each, like the released order."""
+    shapes = [("net.0", CHANNELS, HIDDEN), ("net.1", HIDDEN, HIDDEN), ("net.2", HIDDEN, CHANNELS)]
+    modules, offset = [], 0
+    for name, fan_in, fan_out in shapes:
+        modules.append(ModuleSlot(name, fan_in, fan_out, offset, offset + fan_in))
+        offset += fan_in + fan_out
+    return Layout(tuple(modules), rank=1, alpha=2.0)
+
+
+def tiny_space(pcs: int = 12, seed: int = 0, dtype=torch.float32) -> Space:
+    layout = tiny_layout()
+    gen = torch.Generator().manual_seed(seed)
+    components = torch.linalg.qr(torch.randn(layout.dim, pcs, generator=gen, dtype=torch.float64)).Q.T
+    mean = 0.1 * torch.randn(layout.dim, generator=gen, dtype=torch.float64)
+    std = 0.2 + torch.rand(layout.dim, generator=gen, dtype=torch.float64)
+    return Space(components.to(dtype).contiguous(), mean.float(), std.float(), layout)
+
+
+class TinyDenoiser:
+    """Per-pixel MLP: tokens (N·h·w, C) -> 3 linear layers whose weights are W + scale · B @ A -> ε̂."""
+
+    def __init__(self, scale: float, dtype=torch.float64, seed: int = 1):
+        gen = torch.Generator().manual_seed(seed)
+        self.scale = scale
+        self.weights = [torch.randn(o, i, generator=gen, dtype=dtype) / i ** 0.5
+                        for i, o in ((CHANNELS, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, CHANNELS))]
+        self.calls: list[int] = []  # batch size of every call
+
+    def __call__(self, x_t, t, cond, factors):
+        self.calls.append(x_t.shape[0])
+        n, c, h, w = x_t.shape
+        dtype = self.weights[0].dtype
+        x = x_t.to(dtype).permute(0, 2, 3, 1).reshape(n, h * w, c)
+        time = (t.to(dtype) / 1000.0).view(n, 1, 1)
+        for index, (weight, (a, b)) in enumerate(zip(self.weights, factors)):
+            x = x @ (weight + self.scale * (b @ a).to(dtype)).T
+            if index == 0:
+                x = x + time + cond.to(dtype).view(n if cond.shape[0] == n else 1, 1, -1)
+            if index < 2:
+                x = torch.tanh(x)
+        return x.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+@pytest.fixture
+def space():
+    return tiny_space()
+
+
+def make_latents(n: int = 1, seed: int = 3) -> torch.Tensor:
+    return torch.randn(n, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def make_cond(n: int = 1) -> torch.Tensor:
+    return torch.linspace(-0.5, 0.5, HIDDEN).repeat(n, 1)
+
+
+def fixed_eval_loss(space, denoiser, beta, latents, cond, draws: int = 32, mask=None) -> float:
+    """Mean loss over fixed (t, noise) draws: a loss that does not depend on the optimiser's random stream."""
+    gen = torch.Generator().manual_seed(1234)
+    abar = sd15_alphas_cumprod()
+    fmap = FactorMap(space, beta.shape[0], dtype=torch.float64)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(draws):
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
+            noise = torch.randn(latents.shape, generator=gen)
+            total += float(step_loss(fmap, denoiser, beta, latents, t, noise, cond, abar, mask))
+    return total / draws
+
+
+# ---- the map β -> factors ------------------------------------------------------------------------------
+def test_factor_map_matches_space_reconstruction(space):
+    beta = torch.randn(space.pcs, generator=torch.Generator().manual_seed(0))
+    fmap = FactorMap(space, space.pcs)
+    expected = space.layout.factors(space.weights(beta))
+    for (a, b), (ea, eb) in zip(fmap.factors(beta), expected):
+        assert a.shape == ea.shape and b.shape == eb.shape
+        torch.testing.assert_close(a, ea, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b, eb, rtol=1e-6, atol=1e-6)
+
+
+def test_factor_map_uses_fewer_pcs_and_rejects_too_many(space):
+    beta = torch.randn(5)
+    torch.testing.assert_close(FactorMap(space, 5).weights(beta), space.weights(beta), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="lower pcs"):
+        FactorMap(space, space.pcs + 1)
+
+
+def test_gradient_matches_finite_differences():
+    space = tiny_space(dtype=torch.float64)
+    denoiser = TinyDenoiser(space.layout.scale, dtype=torch.float64)
+    fmap = FactorMap(space, space.pcs, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    x0 = make_latents(2).double()
+    t = torch.tensor([10, 700])
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    cond = make_cond(2).double()
+    abar = sd15_alphas_cumprod()
+    mask = prepare_mask(torch.rand(2, 32, 32, generator=gen), 2, (SIZE, SIZE)).double()
+    beta = torch.randn(space.pcs, generator=gen, dtype=torch.float64).requires_grad_(True)
+
+    def loss_at(b):
+        return step_loss(fmap, denoiser, b, x0, t, noise, cond, abar, mask)
+
+    (grad,) = torch.autograd.grad(loss_at(beta), beta)
+    h = 1e-6
+    numeric = torch.empty_like(grad)
+    with torch.no_grad():
+        for k in range(space.pcs):
+            e = torch.zeros_like(beta)
+            e[k] = h
+            numeric[k] = (loss_at(beta + e) - loss_at(beta - e)) / (2 * h)
+    assert grad.abs().max() > 1e-4  # the check is not vacuous
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-9)
+
+
+# ---- the optimisation loop -----------------------------------------------------------------------------
+def test_loss_decreases_on_fixed_image(space):
+    denoiser = TinyDenoiser(space.layout.scale)
+    latents, cond = make_latents(), make_cond()
+    settings = InvertSettings(pcs=space.pcs, steps=150, lr=0.05, seed=0)
+    result = invert(space, denoiser, latents, cond, settings)
+    before = fixed_eval_loss(space, denoiser, torch.zeros(space.pcs), latents, cond)
+    after = fixed_eval_loss(space, denoiser, result.identity.coefficients, latents, cond)
+    assert len(result.losses) == 150
+    assert after < 0.9 * before, (before, after)
+    assert result.identity.space_fingerprint == space.fingerprint
+    assert result.identity.pcs == space.pcs
+    assert "invert images=1" in result.identity.history[-1]
+
+
+def test_same_seed_same_coefficients_and_other_seed_differs(space):
+    latents, cond = make_latents(2), make_cond(2)
+    runs = [invert(space, TinyDenoiser(space.layout.scale), latents, cond,
+                   InvertSettings(pcs=space.pcs, steps=20, lr=0.05, seed=seed)) for seed in (4, 4, 5)]
+    assert torch.equal(runs[0].identity.coefficients, runs[1].identity.coefficients)
+    assert runs[0].losses == runs[1].losses
+    assert not torch.equal(runs[0].identity.coefficients, runs[2].identity.coefficients)
+
+
+def test_multi_image_batches(space):
+    latents, cond = make_latents(3), make_cond(3)
+    everything = TinyDenoiser(space.layout.scale)
+    result = invert(space, everything, latents, cond, InvertSettings(pcs=space.pcs, steps=60, lr=0.05))
+    assert everything.calls == [3] * 60
+    before = fixed_eval_loss(space, everything, torch.zeros(space.pcs), latents, cond)
+    after = fixed_eval_loss(space, everything, result.identity.coefficients, latents, cond)
+    assert after < before
+    subset = TinyDenoiser(space.layout.scale)
+    invert(space, subset, latents, make_cond(1), InvertSettings(pcs=space.pcs, steps=5, images_per_step=2))
+    assert subset.calls == [2] * 5
+
+
+def test_mask_hides_the_masked_out_region(space):
+    """With the right half masked out, what the image holds there does not change the result at all."""
+    cond = make_cond()
+    mask = torch.zeros(1, 64, 64)
+    mask[..., :32] = 1.0  # image-resolution mask; the latent is 8x8
+    latents = make_latents()
+    other = latents.clone()
+    other[..., SIZE // 2:] = torch.randn(1, CHANNELS, SIZE, SIZE // 2, generator=torch.Generator().manual_seed(9))
+    settings = InvertSettings(pcs=space.pcs, steps=30, lr=0.05)
+    a = invert(space, TinyDenoiser(space.layout.scale), latents, cond, settings, mask=mask)
+    b = invert(space, TinyDenoiser(space.layout.scale), other, cond, settings, mask=mask)
+    torch.testing.assert_close(a.identity.coefficients, b.identity.coefficients, rtol=0, atol=1e-6)
+    unmasked = invert(space, TinyDenoiser(space.layout.scale), other, cond, settings)
+    assert not torch.allclose(a.identity.coefficients, unmasked.identity.coefficients, atol=1e-4)
+    assert a.identity.history[-1].endswith("masked")
+
+
+def test_full_mask_equals_no_mask():
+    pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ones = prepare_mask(torch.ones(16, 16), 2, (8, 8))
+    torch.testing.assert_close(diffusion_loss(pred, target, ones), diffusion_loss(pred, target), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (1, 64, 64), (2, 64, 64), (2, 1, 64, 48)])
+def test_prepare_mask_shapes(shape):
+    m = prepare_mask(torch.ones(shape), 2, (8, 6))
+    assert m.shape == (2, 1, 8, 6)
+    assert torch.all(m == 1)
+
+
+def test_prepare_mask_errors():
+    with pytest.raises(ValueError, match="3 masks for 2 images"):
+        prepare_mask(torch.ones(3, 8, 8), 2, (8, 8))
+    with pytest.raises(ValueError, match="empty"):
+        prepare_mask(torch.zeros(8, 8), 1, (8, 8))
+    with pytest.raises(ValueError, match="shape"):
+        prepare_mask(torch.ones(1, 2, 3, 8, 8), 1, (8, 8))
+
+
+def test_callback_reports_every_step_and_can_cancel(space):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def callback(step, total, info):
+        seen.append((step, total, info["loss"]))
+        if step == 3:
+            raise Stop
+
+    denoiser = TinyDenoiser(space.layout.scale)
+    with pytest.raises(Stop):
+        invert(space, denoiser, make_latents(), make_cond(), InvertSettings(pcs=space.pcs, steps=50), callback=callback)
+    assert [s for s, _, _ in seen] == [1, 2, 3] and all(total == 50 for _, total, _ in seen)
+    assert len(denoiser.calls) == 3
+
+
+def test_init_from_identity(space):
+    ident = Identity(torch.tensor([0.5, -0.25, 1.0]), space.fingerprint, "start", ("sample",))
+    beta0 = initial_coefficients(space, 6, ident)
+    assert torch.equal(beta0, torch.tensor([0.5, -0.25, 1.0, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="raise pcs"):
+        initial_coefficients(space, 2, ident)
+    with pytest.raises(IdentityMismatch):
+        initial_coefficients(space, 6, Identity(torch.ones(3), "0123456789abcdef"))
+    # A run that starts at the identity starts from its loss, not the mean's.
+    latents, cond = make_latents(), make_cond()
+    settings = InvertSettings(pcs=6, steps=1, lr=1e-12)
+    from_identity = invert(space, TinyDenoiser(space.layout.scale), latents, cond, settings, init=ident)
+    from_mean = invert(space, TinyDenoiser(space.layout.scale), latents, cond, settings)
+    torch.testing.assert_close(from_identity.identity.coefficients, beta0, rtol=0, atol=1e-9)
+    assert from_identity.losses[0] != from_mean.losses[0]
+    assert from_identity.identity.history[0] == "sample"
+
+
+def test_settings_validation_and_presets():
+    assert PRESETS["reference"] == InvertSettings(pcs=10_000, steps=400, lr=0.1, weight_decay=1e-10)
+    assert PRESETS["out-of-distribution"] == InvertSettings(pcs=1000, steps=800, lr=1.0, weight_decay=0.0)
+    for bad in ({"pcs": 0}, {"steps": 0}, {"lr": 0.0}, {"lr": float("nan")}, {"weight_decay": -1.0},
+                {"images_per_step": -1}):
+        with pytest.raises(ValueError):
+            InvertSettings(**bad)
+
+
+def test_invert_rejects_bad_latents(space):
+    with pytest.raises(ValueError, match="non-empty"):
+        invert(space, TinyDenoiser(1.0), torch.zeros(0, 4, 8, 8), make_cond(), InvertSettings(pcs=4, steps=1))
+
+
+def test_diverging_loss_is_reported(space):
+    def exploding(x_t, t, cond, factors):
+        return x_t * float("inf")
+
+    with pytest.raises(FloatingPointError, match="lower lr"):
+        invert(space, exploding, make_latents(), make_cond(), InvertSettings(pcs=4, steps=3))
+
+
+# ---- schedule --------------------------------------------------------------------------------------------
+def test_ddpm_noise_and_sigma_schedule_agree():
+    abar = sd15_alphas_cumprod()
+    assert abar.shape == (1000,) and 0.99 < float(abar[0]) < 1 and 0 < float(abar[-1]) < 0.01
+    sigmas = ((1 - abar) / abar).sqrt()
+    torch.testing.assert_close(alphas_cumprod_from_sigmas(sigmas.float()), abar, rtol=1e-6, atol=0)
+    x0, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t = torch.tensor([0, 999])
+    x_t = ddpm_noise(x0, t, eps, abar)
+    # ComfyUI/k-diffusion form: (x0 + σ ε) / sqrt(1 + σ²) is the same point.
+    s = sigmas[t].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (x0 + s * eps) / (1 + s ** 2).sqrt(), rtol=1e-5, atol=1e-6)
+
+
+def test_denoiser_that_ignores_the_factors_is_reported(space):
+    def unpatched(x_t, t, cond, factors):
+        return x_t * 0.5
+
+    with pytest.raises(RuntimeError, match="not patched"):
+        invert(space, unpatched, make_latents(), make_cond(), InvertSettings(pcs=4, steps=1))

@@ -1,0 +1,218 @@
+"""Inversion (paper §3.4, App. C): the point of a w2w space whose model best denoises given photos of one person.
+
+Only the PCA coefficients β (pcs,) are optimised, with Adam on the diffusion loss ‖ε − ε̂_β(x_t, t, c)‖² (DDPM:
+x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε, x0 the VAE latent, t ~ U{0..999}); UNet, VAE and text encoder stay frozen.
+The model is reached through a :class:`Denoiser`, so the engine runs the same on a ComfyUI MODEL and on a toy net.
+
+Speed: every step computes all LoRA factors with one matmul, ``w = (β @ basis[:pcs]) * std + mean``, on the
+compute device in the compute dtype, then splits ``w`` into per-module (A, B) views (:class:`FactorMap`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .diffusion import ddpm_noise, sd15_alphas_cumprod
+from .identity import Identity
+from .space import Space
+
+__all__ = ["InvertSettings", "PRESETS", "FactorMap", "Factors", "Denoiser", "InversionResult", "invert",
+           "prepare_mask", "diffusion_loss", "step_loss", "initial_coefficients"]
+
+Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layout module: (A (rank, in), B (out, rank))
+
+
+@dataclass(frozen=True)
+class InvertSettings:
+    """Optimisation settings; the defaults are the paper's (App. C)."""
+
+    pcs: int = 10_000  # coefficients optimised (the first pcs principal components)
+    steps: int = 400
+    lr: float = 0.1  # Adam learning rate
+    weight_decay: float = 1e-10  # Adam (L2) weight decay on β
+    seed: int = 0  # timesteps, noise and image order
+    images_per_step: int = 0  # images of the batch used per step (0 = all of them)
+
+    def __post_init__(self) -> None:
+        if self.pcs < 1:
+            raise ValueError(f"pcs must be >= 1, got {self.pcs}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.images_per_step < 0:
+            raise ValueError(f"images_per_step must be >= 0 (0 = all images), got {self.images_per_step}")
+
+
+PRESETS: dict[str, InvertSettings] = {
+    "reference": InvertSettings(),
+    # Paintings, cartoons and other out-of-distribution inputs (paper App. C).
+    "out-of-distribution": InvertSettings(pcs=1000, steps=800, lr=1.0, weight_decay=0.0),
+}
+
+
+class FactorMap:
+    """Differentiable β (k,) -> per-module LoRA factors (A, B), with one matmul: w = (β @ basis[:k]) * std + mean."""
+
+    def __init__(self, space: Space, pcs: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if not 1 <= pcs <= space.pcs:
+            raise ValueError(f"the space is loaded with {space.pcs:,} PCs; inversion asked for {pcs:,}: lower pcs "
+                             f"or load the space with pcs >= {pcs:,} (the file has {space.total_pcs:,})")
+        self.layout = space.layout
+        self.pcs = pcs
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.basis = space.components[:pcs].to(self.device, dtype)  # (k, d), kept on the compute device
+        self.std = space.std.to(self.device, dtype)  # (d,)
+        self.mean = space.mean.to(self.device, dtype)  # (d,)
+        spans = []  # the factors tile w: one split in offset order gives every factor as a view
+        for index, m in enumerate(self.layout.modules):
+            r = self.layout.rank
+            spans.append((m.a_offset, r * m.in_features, index, "A", (r, m.in_features)))
+            spans.append((m.b_offset, r * m.out_features, index, "B", (m.out_features, r)))
+        spans.sort()
+        self._sizes = [size for _, size, _, _, _ in spans]
+        self._targets = [(index, which, shape) for _, _, index, which, shape in spans]
+
+    @property
+    def scale(self) -> float:
+        return self.layout.scale
+
+    def weights(self, beta: torch.Tensor) -> torch.Tensor:
+        """β (k,) -> flat weight vector (d,) in the compute dtype."""
+        return torch.addcmul(self.mean, beta.to(self.device, self.dtype) @ self.basis, self.std)
+
+    def factors(self, beta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """β (k,) -> [(A (rank, in), B (out, rank)) per layout module], views of one weight vector."""
+        pieces = torch.split(self.weights(beta), self._sizes)
+        out: list[list[torch.Tensor | None]] = [[None, None] for _ in self.layout.modules]
+        for piece, (index, which, shape) in zip(pieces, self._targets):
+            out[index][0 if which == "A" else 1] = piece.view(shape)
+        return [(a, b) for a, b in out]
+
+
+class Denoiser(Protocol):
+    """A frozen diffusion model whose target Linear weights are W + scale · B @ A for the given factors."""
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, factors: Factors) -> torch.Tensor:
+        """x_t (N, C, h, w) DDPM-noised latents, t (N,) int64 timesteps in [0, 1000) -> predicted noise ε̂ (N, C, h, w)."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class InversionResult:
+    identity: Identity
+    losses: tuple[float, ...]  # the training loss of every step
+
+
+def prepare_mask(mask: torch.Tensor | None, images: int, size: tuple[int, int]) -> torch.Tensor | None:
+    """A mask (H, W), (1|N, H, W) or (1|N, 1, H, W), values in [0, 1], resized to the latent ``size`` -> (N, 1, h, w)."""
+    if mask is None:
+        return None
+    m = mask.detach().float()
+    if m.dim() == 2:
+        m = m[None]
+    if m.dim() == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.dim() != 3:
+        raise ValueError(f"mask must have shape (H, W), (N, H, W) or (N, 1, H, W); got {tuple(mask.shape)}")
+    if m.shape[0] not in (1, images):
+        raise ValueError(f"the mask batch has {m.shape[0]} masks for {images} images: give one mask for all images "
+                         "or one per image")
+    if not torch.isfinite(m).all():
+        raise ValueError("mask contains NaN or Inf")
+    m = F.interpolate(m[:, None], size=size, mode="area" if m.shape[-1] >= size[-1] else "bilinear")
+    m = m.clamp(0.0, 1.0).expand(images, 1, *size).contiguous()
+    if (m.flatten(1).sum(1) <= 0).any():
+        raise ValueError("a mask is empty (all zero) at latent resolution: the loss would see no pixel; paint a "
+                         "larger region or remove the mask")
+    return m
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in (at least) float32; with a mask (N, 1, h, w), the mask-weighted mean over pixels."""
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    err = (pred.to(dtype) - target.to(dtype)).square()
+    if mask is None:
+        return err.mean()
+    m = mask.to(err.device, err.dtype)
+    return (err * m).sum() / (m.sum() * err.shape[1])
+
+
+def step_loss(fmap: FactorMap, denoiser: Denoiser, beta: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+              noise: torch.Tensor, cond: Any, alphas_cumprod: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The diffusion loss of the model at β for given latents, timesteps and noise (differentiable in β)."""
+    x_t = ddpm_noise(x0, t, noise, alphas_cumprod)
+    return diffusion_loss(denoiser(x_t, t, cond, fmap.factors(beta)), noise, mask)
+
+
+def initial_coefficients(space: Space, pcs: int, init: Identity | None = None) -> torch.Tensor:
+    """β0 (pcs,) float32: zeros (the mean model) or the given identity, zero-padded to ``pcs``."""
+    beta = torch.zeros(pcs, dtype=torch.float32)
+    if init is not None:
+        init.check_space(space)
+        if init.pcs > pcs:
+            raise ValueError(f"the initial identity has {init.pcs:,} coefficients but inversion optimises {pcs:,}: "
+                             f"raise pcs to {init.pcs:,} or start from the mean")
+        beta[: init.pcs] = init.coefficients
+    return beta
+
+
+def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
+           settings: InvertSettings = InvertSettings(), *, mask: torch.Tensor | None = None,
+           init: Identity | None = None, alphas_cumprod: torch.Tensor | None = None,
+           device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+           callback: Callable[[int, int, dict], None] | None = None, name: str = "inverted") -> InversionResult:
+    """Optimise β so the model denoises ``latents`` (N, C, h, w: N photos of one person, already scaled for the UNet).
+
+    ``cond`` is passed to the denoiser untouched (it must fit ``images_per_step`` images). ``callback(step, total,
+    {"loss": ...})`` runs after every step and may raise to stop. The same seed gives the same coefficients.
+    """
+    if latents.dim() != 4 or latents.shape[0] < 1:
+        raise ValueError(f"latents must be a non-empty (N, C, h, w) batch, got shape {tuple(latents.shape)}")
+    device = torch.device(device) if device is not None else latents.device
+    abar = (sd15_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.double()).to(device)
+    if abar.dim() != 1 or abar.shape[0] < 1 or not ((abar > 0) & (abar < 1)).all():
+        raise ValueError("alphas_cumprod must be a 1-D schedule with values in (0, 1)")
+    images = latents.shape[0]
+    per_step = images if settings.images_per_step in (0, images) else min(settings.images_per_step, images)
+    fmap = FactorMap(space, settings.pcs, device, dtype)
+    latents = latents.detach().to(device)
+    masks = prepare_mask(mask, images, tuple(latents.shape[-2:]))
+    masks = None if masks is None else masks.to(device)
+    beta = initial_coefficients(space, settings.pcs, init).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([beta], lr=settings.lr, weight_decay=settings.weight_decay)
+    gen = torch.Generator(device="cpu").manual_seed(int(settings.seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    losses: list[float] = []
+    for step in range(settings.steps):
+        index = torch.arange(images) if per_step == images else torch.randperm(images, generator=gen)[:per_step]
+        t = torch.randint(0, abar.shape[0], (per_step,), generator=gen)
+        noise = torch.randn((per_step, *latents.shape[1:]), generator=gen).to(device, latents.dtype)
+        loss = step_loss(fmap, denoiser, beta, latents[index.to(device)], t.to(device), noise, cond, abar,
+                         None if masks is None else masks[index.to(device)])
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the inversion loss became {value} at step {step + 1}: lower lr "
+                                     f"(now {settings.lr:g}) or check the inputs")
+        if not loss.requires_grad:
+            raise RuntimeError("the denoiser's prediction does not depend on the LoRA factors it was given: "
+                               "the model is not patched with them")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(value)
+        if callback is not None:
+            callback(step + 1, settings.steps, {"loss": value})
+    history = f"invert images={images} pcs={settings.pcs} steps={settings.steps} lr={settings.lr:g} " \
+              f"wd={settings.weight_decay:g} seed={settings.seed}" + (" masked" if mask is not None else "")
+    base = init.history if init is not None else ()
+    identity = Identity(beta.detach().float().cpu(), space.fingerprint, name, base + (history,))
+    return InversionResult(identity, tuple(losses))
+

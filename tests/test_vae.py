@@ -1,0 +1,325 @@
+"""VAE-w2w: training against collapse, the planted-manifold check against PCA, save/load, determinism, streaming,
+use (decode/encode/sample/interpolate) and inversion through the decoder with a tiny stand-in denoiser."""
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from w2w.identity import Identity, IdentityMismatch
+from w2w.layout import Layout, ModuleSlot
+from w2w.safeload import W2WFileError
+from w2w.space import load_space, replace_space
+from w2w.stfile import write_safetensors
+from w2w.vae import (LatentParam, StopTraining, TrainConfig, VAEConfig, WeightsMatrix, active_units, decode_identity,
+                     decode_weights, encode_identity, interpolate, load_vae, pca_reconstruction_error, planted_manifold,
+                     reconstruction_error, sample_latents, save_vae, train_from_space, train_vae)
+from w2w_fixtures import make_release
+
+PCS, INTRINSIC, N_TRAIN, N_TEST = 32, 3, 1500, 400
+FAST = TrainConfig(epochs=30, batch_size=64, lr=3e-3, warmup_epochs=3, ramp_epochs=8, holdout=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def manifold():
+    """Coefficients of a released-layout space lying on a planted 3-D non-linear manifold: train and test rows."""
+    x = planted_manifold(N_TRAIN + N_TEST, PCS, INTRINSIC, seed=3, features=48)
+    return x[:N_TRAIN], x[N_TRAIN:]
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory, manifold):
+    release = make_release(tmp_path_factory, "vae_release", pcs=PCS, models=N_TRAIN)
+    base = load_space(release.folder)
+    train = manifold[0]
+    return replace_space(base, train_coefs=train, coef_mean=train.mean(0), coef_std=train.std(0))
+
+
+@pytest.fixture(scope="module")
+def trained(space):
+    t0 = time.perf_counter()
+    result = train_from_space(space, latent=INTRINSIC, hidden=(64, 32), train=FAST)
+    return result, time.perf_counter() - t0
+
+
+def small_layout() -> Layout:
+    """Two rank-1 modules, 160 weights: a layout small enough to train on raw weights in a test."""
+    return Layout((ModuleSlot("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 40, 40, 0, 40),
+                   ModuleSlot("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v", 40, 40, 80, 120)))
+
+
+# ---- training and the planted manifold -------------------------------------------------------------------------
+def test_tiny_vae_trains_on_cpu_in_seconds(trained):
+    result, seconds = trained
+    assert seconds < 60, f"training took {seconds:.1f}s"
+    assert len(result.history) == FAST.epochs and not result.stopped
+    assert result.history[-1].loss < 0.7 * result.history[0].loss
+    assert all(math.isfinite(h.loss) and 0 <= h.active <= INTRINSIC for h in result.history)
+
+
+def test_vae_beats_pca_on_planted_nonlinear_manifold(trained, manifold):
+    result, _ = trained
+    train, test = manifold
+    vae_err = reconstruction_error(result.vae, test, train.mean(0))
+    pca_err = pca_reconstruction_error(train, test, INTRINSIC)
+    active, variance = active_units(result.vae, test)
+    print(f"held-out relative error at k={INTRINSIC}: VAE {vae_err:.3f}, PCA {pca_err:.3f}; active {active}/{INTRINSIC}")
+    assert vae_err < 0.8 * pca_err
+    assert active >= math.ceil(0.5 * INTRINSIC), variance
+
+
+def test_isotropic_gaussian_gives_pca_no_edge_and_is_reported(space):
+    """Without low-dimensional structure the VAE cannot beat PCA (both keep about k/d of the variance)."""
+    gen = torch.Generator().manual_seed(7)
+    data = torch.randn(N_TRAIN + N_TEST, PCS, generator=gen)
+    train, test = data[:N_TRAIN], data[N_TRAIN:]
+    config = VAEConfig("coefs", PCS, 8, (64, 32), space.fingerprint)
+    vae = train_vae(train, config=config, train=FAST).vae
+    vae_err, pca_err = reconstruction_error(vae, test, train.mean(0)), pca_reconstruction_error(train, test, 8)
+    print(f"isotropic Gaussian, k=8: VAE {vae_err:.3f}, PCA {pca_err:.3f}")
+    assert pca_err == pytest.approx(1 - 8 / PCS, abs=0.05)
+    assert vae_err > 0.95 * pca_err
+
+
+def test_free_bits_and_warmup_keep_units_active_where_plain_elbo_collapses(space, manifold):
+    """A strong KL weight from step 0 without free bits closes units; warm-up + ramp + free bits keep them."""
+    train = manifold[0]
+    config = VAEConfig("coefs", PCS, 8, (64, 32), space.fingerprint)
+    harsh = TrainConfig(epochs=12, batch_size=64, beta=40.0, warmup_epochs=0, ramp_epochs=0, free_bits=0.0, seed=0)
+    guarded = TrainConfig(epochs=12, batch_size=64, beta=40.0, warmup_epochs=3, ramp_epochs=6, free_bits=2.0, seed=0)
+    collapsed = train_vae(train, config=config, train=harsh).final.active
+    kept = train_vae(train, config=config, train=guarded).final.active
+    assert kept >= 4 and kept > collapsed, (kept, collapsed)
+
+
+def test_beta_schedule_warmup_then_ramp():
+    cfg = TrainConfig(beta=0.5, warmup_epochs=2, ramp_epochs=4)
+    assert [cfg.beta_at(e) for e in (0, 1.9, 2, 4, 6, 9)] == [0, 0, 0, 0.25, 0.5, 0.5]
+    with pytest.raises(ValueError, match="holdout"):
+        TrainConfig(holdout=1.0)
+
+
+def test_active_units_reported_every_epoch_and_callback_can_stop(space):
+    seen = []
+
+    def callback(step, total, info):
+        if info is not None:
+            seen.append(info)
+            if info.epoch == 3:
+                raise StopTraining
+
+    result = train_from_space(space, latent=2, hidden=(16,), train=TrainConfig(epochs=10, seed=1), callback=callback)
+    assert result.stopped and len(result.history) == 3 == len(seen)
+    assert all(isinstance(h.active, int) and not math.isnan(h.heldout_error) for h in result.history)
+
+
+def test_determinism_same_seed_same_bytes(space):
+    cfg = TrainConfig(epochs=3, seed=11)
+    a = train_from_space(space, latent=4, hidden=(32,), train=cfg).vae.state_dict()
+    b = train_from_space(space, latent=4, hidden=(32,), train=cfg).vae.state_dict()
+    c = train_from_space(space, latent=4, hidden=(32,), train=TrainConfig(epochs=3, seed=12)).vae.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["decoder.0.weight"], c["decoder.0.weight"])
+
+
+def test_training_does_not_touch_global_rng(space):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_from_space(space, latent=2, hidden=(8,), train=TrainConfig(epochs=1))
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ---- save / load ---------------------------------------------------------------------------------------------
+def test_save_load_round_trip(trained, tmp_path, manifold):
+    vae = trained[0].vae
+    path = str(tmp_path / "vae.safetensors")
+    save_vae(vae, path)
+    back = load_vae(path)
+    assert back.config == vae.config and back.train_config == vae.train_config
+    assert back.history == vae.history
+    z = sample_latents(INTRINSIC, 5, seed=2)
+    assert torch.equal(back.decode(z), vae.decode(z))
+    assert torch.equal(back.encode(manifold[1][:4])[0], vae.encode(manifold[1][:4])[0])
+
+
+def test_load_refuses_other_files(tmp_path):
+    other = str(tmp_path / "other.safetensors")
+    write_safetensors(other, {"x": torch.zeros(2)}, {"format": "w2w-identity"})
+    with pytest.raises(W2WFileError, match="not a w2w VAE file"):
+        load_vae(other)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(W2WFileError):
+        load_vae(str(broken))
+
+
+# ---- use -----------------------------------------------------------------------------------------------------
+def test_decode_encode_identity_tied_to_space(trained, space, manifold):
+    vae = trained[0].vae
+    z = sample_latents(INTRINSIC, 1, seed=4)[0]
+    identity = decode_identity(vae, space, z, name="s4")
+    assert identity.space_fingerprint == space.fingerprint and identity.pcs == PCS
+    assert torch.allclose(decode_weights(vae, z, space), space.weights(identity.coefficients), atol=1e-5)
+    assert space.weights(identity.coefficients).shape == (99_648,)
+    x = manifold[1][0]
+    mu, logvar = encode_identity(vae, Identity(x, space.fingerprint))
+    assert mu.shape == logvar.shape == (INTRINSIC,)
+    back = decode_identity(vae, space, mu).coefficients
+    assert float((back - x).norm() / x.norm()) < 0.8  # a point of the manifold comes back near itself
+    with pytest.raises(IdentityMismatch, match="space"):
+        encode_identity(vae, Identity(x, "0123456789abcdef"))
+    with pytest.raises(IdentityMismatch, match="load the space it was trained with"):
+        decode_identity(vae, replace_space(space, fingerprint="0123456789abcdef"), z)
+    with pytest.raises(ValueError, match="latent units"):
+        decode_identity(vae, space, torch.zeros(INTRINSIC + 1))
+
+
+def test_sample_temperature_and_seed():
+    a, b = sample_latents(6, 4, seed=9), sample_latents(6, 4, seed=9)
+    assert torch.equal(a, b) and a.shape == (4, 6)
+    assert torch.allclose(sample_latents(6, 4, seed=9, temperature=0.5), 0.5 * a)
+    assert torch.count_nonzero(sample_latents(6, 2, seed=9, temperature=0.0)) == 0
+
+
+@pytest.mark.parametrize("mode", ["linear", "slerp"])
+def test_interpolate_endpoints(mode):
+    z0, z1 = sample_latents(16, 2, seed=1)
+    assert torch.allclose(interpolate(z0, z1, 0.0, mode), z0, atol=1e-6)
+    assert torch.allclose(interpolate(z0, z1, 1.0, mode), z1, atol=1e-6)
+
+
+def test_slerp_keeps_norm_linear_shrinks_it():
+    z0, z1 = sample_latents(64, 2, seed=5)
+    z1 = z1 / z1.norm() * z0.norm()
+    mid_s, mid_l = interpolate(z0, z1, 0.5, "slerp"), interpolate(z0, z1, 0.5, "linear")
+    assert float(mid_s.norm()) == pytest.approx(float(z0.norm()), rel=1e-5)
+    assert float(mid_l.norm()) < 0.9 * float(z0.norm())
+    assert torch.allclose(interpolate(z0, z0, 0.3, "slerp"), z0, atol=1e-6)  # parallel: no division by 0
+    with pytest.raises(ValueError, match="mode"):
+        interpolate(z0, z1, 0.5, "cubic")
+
+
+# ---- raw weights and streaming from disk -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def weights_space(tmp_path_factory):
+    """A small-layout release and 600 weight vectors on a planted manifold (in standardised units), as .npy."""
+    release = make_release(tmp_path_factory, "small_release", layout=small_layout(), pcs=16, models=50)
+    space = load_space(release.folder, training=False)
+    std_w = planted_manifold(600, space.dim, 4, seed=8, features=32)
+    weights = std_w * space.std.abs() + space.mean
+    path = tmp_path_factory.mktemp("matrix") / "all_weights.npy"
+    np.save(path, weights.numpy())
+    return space, weights, str(path)
+
+
+def test_weights_matrix_reads_blocks_only(weights_space, tmp_path):
+    space, weights, npy = weights_space
+    st = str(tmp_path / "w.safetensors")
+    write_safetensors(st, {"weights": weights})
+    pt = str(tmp_path / "w.pt")
+    torch.save(weights, pt)
+    for path in (npy, st, pt):
+        matrix = WeightsMatrix(path)
+        assert (matrix.rows, matrix.dim) == tuple(weights.shape)
+        sizes = [block.shape[0] for _, block in matrix.blocks(256)]
+        assert sizes == [256, 256, 88]
+        assert torch.equal(matrix.block(10, 20), weights[10:20])
+
+
+def test_weights_input_streams_from_disk_and_decodes(weights_space):
+    space, weights, npy = weights_space
+    matrix = WeightsMatrix(npy)
+    reads = []
+    original = matrix.block
+    matrix.block = lambda a, b: reads.append(b - a) or original(a, b)
+    cfg = TrainConfig(epochs=25, batch_size=32, block_rows=128, warmup_epochs=3, ramp_epochs=8, seed=0)
+    result = train_from_space(space, input="weights", latent=4, hidden=(64,), weights=matrix, train=cfg)
+    assert max(reads) <= 128, "streaming must never read more than block_rows rows at once"
+    vae = result.vae
+    assert vae.config.input == "weights" and vae.config.input_dim == space.dim
+    final = result.final
+    assert final.active >= 2 and final.heldout_error < 0.8, final
+    z = sample_latents(4, 1, seed=0)[0]
+    w = decode_weights(vae, z)
+    assert w.shape == (space.dim,)
+    identity = decode_identity(vae, space, z)
+    assert identity.pcs == space.pcs and "projected" in identity.history[0]
+    assert torch.allclose(space.project(w), identity.coefficients, atol=1e-4)
+    mu, _ = encode_identity(vae, identity, space)
+    assert mu.shape == (4,)
+
+
+def test_coefs_input_from_weights_matrix_projects_blocks(weights_space):
+    space, weights, npy = weights_space
+    result = train_from_space(space, input="coefs", pcs=8, latent=2, hidden=(16,), weights=WeightsMatrix(npy),
+                              train=TrainConfig(epochs=2, block_rows=100))
+    vae = result.vae
+    expected = space.project(weights, 8)
+    assert torch.allclose(vae.shift, expected.mean(0), atol=1e-4 * float(expected.abs().max()))
+
+
+def test_wrong_input_size_and_missing_data(space):
+    with pytest.raises(ValueError, match="expects"):
+        train_vae(torch.zeros(50, 5), config=VAEConfig("coefs", 6, 2, (8,), "fp"))
+    with pytest.raises(ValueError, match="weights matrix"):
+        train_from_space(space, input="weights")
+    with pytest.raises(ValueError, match="space_fingerprint"):
+        VAEConfig("coefs", 6, 2)
+
+
+# ---- inversion through the decoder -------------------------------------------------------------------------------
+class TinyDenoiser:
+    """Stand-in for a UNet whose weights are the space's flat weight vector: ε̂ = tanh(x_t @ M(w)), with M(w) the
+    sum of the layout's ΔW (gain-scaled so the target's outputs have unit spread). Its loss is 0 at the target."""
+
+    def __init__(self, space, target_weights: torch.Tensor, seed: int = 0):
+        self.space = space
+        gen = torch.Generator().manual_seed(seed)
+        self.inputs = torch.randn(64, 40, generator=gen)
+        self.gain = 1.0
+        self.gain = 1.0 / float(self.predict_linear(target_weights).std())
+        self.target = self.predict(target_weights).detach()
+
+    def predict_linear(self, w: torch.Tensor) -> torch.Tensor:
+        mix = sum(self.space.layout.deltas(w).values())  # (40, 40)
+        return self.gain * self.inputs @ mix.T
+
+    def predict(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.predict_linear(w))
+
+    def loss(self, w: torch.Tensor) -> torch.Tensor:
+        return ((self.predict(w) - self.target) ** 2).mean()
+
+
+def _standardised_to_weights(space, std_w):
+    return std_w * space.std.abs() + space.mean
+
+
+@pytest.mark.parametrize("gaussian", [False, True])
+def test_inversion_through_decoder_lowers_loss(weights_space, gaussian):
+    space, weights, npy = weights_space
+    cfg = TrainConfig(epochs=25, batch_size=32, warmup_epochs=3, ramp_epochs=8, seed=0)
+    vae = train_from_space(space, input="weights", latent=4, hidden=(64,), weights=weights, train=cfg).vae
+    target = decode_weights(vae, torch.tensor([1.2, -0.8, 0.5, 1.0]))  # a point the decoder can reach
+    denoiser = TinyDenoiser(space, target)
+    param = LatentParam(vae, gaussian=gaussian, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(param.parameters(), lr=0.05)
+    start = float(denoiser.loss(param.mean_coefficients()))
+    for _ in range(150):
+        loss = denoiser.loss(param.coefficients()) + 1e-4 * param.prior_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = float(denoiser.loss(param.mean_coefficients()))
+    assert end < 0.3 * start, (start, end)
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_prior_term_pulls_latent_to_the_prior(trained):
+    vae = trained[0].vae
+    point = LatentParam(vae, init=torch.full((INTRINSIC,), 3.0))
+    assert point.prior_loss().item() == pytest.approx(0.5 * 9 * INTRINSIC)
+    gauss = LatentParam(vae, init=torch.zeros(INTRINSIC), gaussian=True, init_log_sigma=0.0)
+    assert gauss.prior_loss().item() == pytest.approx(0.0, abs=1e-6)  # N(0, I) itself

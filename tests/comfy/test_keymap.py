@@ -12,8 +12,9 @@ sys.path.insert(0, sys.argv[1])
 import comfy.cli_args
 comfy.cli_args.args.cpu = True  # no GPU here: as `main.py --cpu`
 import comfy.utils, comfy.lora
+# the SD1.5 UNet config as comfy.model_detection reports it
 cfg = {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-       "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "transformer_depth_middle": 1}
+       "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1}
 names = json.loads(sys.stdin.read())
 class Model:  # what model_lora_keys_unet reads: the state-dict keys and the UNet config
     class model_config:

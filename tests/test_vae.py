@@ -18,6 +18,15 @@ from w2w.vae import (LatentParam, StopTraining, TrainConfig, VAEConfig, WeightsM
 from w2w_fixtures import make_release
 
 PCS, INTRINSIC, N_TRAIN, N_TEST = 32, 3, 1500, 400
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 FAST = TrainConfig(epochs=30, batch_size=64, lr=3e-3, warmup_epochs=3, ramp_epochs=8, holdout=0.1, seed=0)
 
 
@@ -269,57 +278,123 @@ def test_wrong_input_size_and_missing_data(space):
         VAEConfig("coefs", 6, 2)
 
 
-# ---- inversion through the decoder -------------------------------------------------------------------------------
-class TinyDenoiser:
-    """Stand-in for a UNet whose weights are the space's flat weight vector: ε̂ = tanh(x_t @ M(w)), with M(w) the
-    sum of the layout's ΔW (gain-scaled so the target's outputs have unit spread). Its loss is 0 at the target."""
+# ---- inversion through the decoder, with the shared inversion engine -------------------------------------------
+C, H, SIDE = 4, 16, 8
 
-    def __init__(self, space, target_weights: torch.Tensor, seed: int = 0):
-        self.space = space
+
+def pixel_layout() -> Layout:
+    """Three Linear modules (4->16->16->4), rank 1: a per-pixel MLP denoiser patched by the space's LoRA."""
+    modules, offset = [], 0
+    for name, fan_in, fan_out in (("net.0", C, H), ("net.1", H, H), ("net.2", H, C)):
+        modules.append(ModuleSlot(name, fan_in, fan_out, offset, offset + fan_in))
+        offset += fan_in + fan_out
+    return Layout(tuple(modules), rank=1, alpha=2.0)
+
+
+class PixelDenoiser:
+    """ε̂ from tokens (N·h·w, C) through three tanh layers with weights W + scale·B@A (the engine's Denoiser)."""
+
+    def __init__(self, scale: float, seed: int = 1):
         gen = torch.Generator().manual_seed(seed)
-        self.inputs = torch.randn(64, 40, generator=gen)
-        self.gain = 1.0
-        self.gain = 1.0 / float(self.predict_linear(target_weights).std())
-        self.target = self.predict(target_weights).detach()
+        self.scale = scale
+        self.weights = [torch.randn(o, i, generator=gen) / i ** 0.5 for i, o in ((C, H), (H, H), (H, C))]
 
-    def predict_linear(self, w: torch.Tensor) -> torch.Tensor:
-        mix = sum(self.space.layout.deltas(w).values())  # (40, 40)
-        return self.gain * self.inputs @ mix.T
-
-    def predict(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.predict_linear(w))
-
-    def loss(self, w: torch.Tensor) -> torch.Tensor:
-        return ((self.predict(w) - self.target) ** 2).mean()
-
-
-def _standardised_to_weights(space, std_w):
-    return std_w * space.std.abs() + space.mean
+    def __call__(self, x_t, t, cond, factors):
+        n, c, h, w = x_t.shape
+        x = x_t.float().permute(0, 2, 3, 1).reshape(n, h * w, c)
+        x = x + 0 * cond
+        for index, (weight, (a, b)) in enumerate(zip(self.weights, factors)):
+            x = x @ (weight + self.scale * (b @ a).float()).T
+            if index == 0:
+                x = x + (t.float() / 1000.0).view(n, 1, 1)
+            if index < 2:
+                x = torch.tanh(x)
+        return x.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
+@pytest.fixture(scope="module")
+def pixel_space():
+    """A 12-PC space over the pixel layout whose training models lie on a 3-D non-linear manifold."""
+    layout = pixel_layout()
+    gen = torch.Generator().manual_seed(0)
+    components = torch.linalg.qr(torch.randn(layout.dim, 12, generator=gen, dtype=torch.float64)).Q.T.float()
+    mean = 0.1 * torch.randn(layout.dim, generator=gen)
+    std = 0.2 + torch.rand(layout.dim, generator=gen)
+    from w2w.space import Space
+
+    coefs = 3.0 * planted_manifold(1200, 12, 3, seed=5, features=24)
+    return Space(components.contiguous(), mean, std, layout, train_coefs=coefs, coef_mean=coefs.mean(0),
+                 coef_std=coefs.std(0))
+
+
+def fixed_eval_loss(space, denoiser, beta, latents, draws: int = 32) -> float:
+    """Mean diffusion loss over fixed (t, noise) draws, independent of the optimiser's random stream."""
+    from w2w.diffusion import sd15_alphas_cumprod
+    from w2w.invert import FactorMap, step_loss
+
+    gen = torch.Generator().manual_seed(1234)
+    fmap = FactorMap(space, beta.shape[0])
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(draws):
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
+            noise = torch.randn(latents.shape, generator=gen)
+            total += float(step_loss(fmap, denoiser, beta, latents, t, noise, torch.zeros(1), sd15_alphas_cumprod()))
+    return total / draws
+
+
+@pytest.fixture(scope="module")
+def pixel_vaes(pixel_space):
+    cfg = TrainConfig(epochs=20, batch_size=64, lr=3e-3, warmup_epochs=3, ramp_epochs=6, seed=0)
+    coefs_vae = train_from_space(pixel_space, latent=3, hidden=(32,), train=cfg).vae
+    weights = pixel_space.weights(pixel_space.train_coefs)
+    weights_vae = train_from_space(pixel_space, input="weights", latent=3, hidden=(32,), weights=weights, train=cfg).vae
+    return {"coefs": coefs_vae, "weights": weights_vae}
+
+
+@pytest.mark.parametrize("input_kind", ["coefs", "weights"])
 @pytest.mark.parametrize("gaussian", [False, True])
-def test_inversion_through_decoder_lowers_loss(weights_space, gaussian):
-    space, weights, npy = weights_space
-    cfg = TrainConfig(epochs=25, batch_size=32, warmup_epochs=3, ramp_epochs=8, seed=0)
-    vae = train_from_space(space, input="weights", latent=4, hidden=(64,), weights=weights, train=cfg).vae
-    target = decode_weights(vae, torch.tensor([1.2, -0.8, 0.5, 1.0]))  # a point the decoder can reach
-    denoiser = TinyDenoiser(space, target)
-    param = LatentParam(vae, gaussian=gaussian, generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(param.parameters(), lr=0.05)
-    start = float(denoiser.loss(param.mean_coefficients()))
-    for _ in range(150):
-        loss = denoiser.loss(param.coefficients()) + 1e-4 * param.prior_loss()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    end = float(denoiser.loss(param.mean_coefficients()))
-    assert end < 0.3 * start, (start, end)
+def test_vae_inversion_lowers_loss_on_fixed_image(pixel_space, pixel_vaes, input_kind, gaussian):
+    from w2w.invert import InvertSettings, invert
+
+    vae = pixel_vaes[input_kind]
+    denoiser = PixelDenoiser(pixel_space.layout.scale)
+    latents = torch.randn(1, C, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    param = LatentParam(vae, pixel_space, gaussian=gaussian, generator=torch.Generator().manual_seed(0))
+    start = param.result()
+    settings = InvertSettings(steps=120, lr=0.05, seed=0)
+    result = invert(pixel_space, denoiser, latents, torch.zeros(1), settings, param=param)
+    before = fixed_eval_loss(pixel_space, denoiser, start, latents)
+    after = fixed_eval_loss(pixel_space, denoiser, result.identity.coefficients, latents)
+    assert after < 0.9 * before, (before, after)
+    assert result.identity.space_fingerprint == pixel_space.fingerprint
+    assert torch.allclose(result.identity.coefficients, param.result())
+    assert "vae-latent=3" in result.identity.history[-1]
     assert not any(p.requires_grad for p in vae.parameters())
 
 
-def test_prior_term_pulls_latent_to_the_prior(trained):
+def test_vae_inversion_is_deterministic_and_prior_bounds_the_latent(pixel_space, pixel_vaes):
+    from w2w.invert import InvertSettings, invert
+
+    vae = pixel_vaes["coefs"]
+    denoiser = PixelDenoiser(pixel_space.layout.scale)
+    latents = torch.randn(1, C, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    settings = InvertSettings(steps=60, lr=0.1, seed=0)
+    runs = {}
+    for weight in (0.0, 0.0, 10.0):
+        param = LatentParam(vae, pixel_space, prior_weight=weight)
+        invert(pixel_space, denoiser, latents, torch.zeros(1), settings, param=param)
+        runs.setdefault(weight, []).append(param.mu.detach().clone())
+    assert torch.equal(runs[0.0][0], runs[0.0][1])
+    assert float(runs[10.0][0].norm()) < float(runs[0.0][0].norm())
+
+
+def test_prior_term(trained, space):
     vae = trained[0].vae
-    point = LatentParam(vae, init=torch.full((INTRINSIC,), 3.0))
+    point = LatentParam(vae, space, init=torch.full((INTRINSIC,), 3.0), prior_weight=1.0)
     assert point.prior_loss().item() == pytest.approx(0.5 * 9 * INTRINSIC)
-    gauss = LatentParam(vae, init=torch.zeros(INTRINSIC), gaussian=True, init_log_sigma=0.0)
+    gauss = LatentParam(vae, space, init=torch.zeros(INTRINSIC), gaussian=True, init_log_sigma=0.0, prior_weight=1.0)
     assert gauss.prior_loss().item() == pytest.approx(0.0, abs=1e-6)  # N(0, I) itself
+    assert point.pcs == PCS and point.coefficients().shape == (PCS,)
+    with pytest.raises(IdentityMismatch):
+        LatentParam(vae, replace_space(space, fingerprint="0123456789abcdef"))

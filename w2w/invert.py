@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .diffusion import ddpm_noise, sd15_alphas_cumprod
 from .identity import Identity
+from .layout import Layout
 from .space import Space
 
-__all__ = ["InvertSettings", "PRESETS", "FactorMap", "Factors", "Denoiser", "InversionResult", "invert",
-           "prepare_mask", "diffusion_loss", "step_loss", "initial_coefficients"]
+__all__ = ["InvertSettings", "PRESETS", "FactorMap", "Factors", "FactorBoard", "FactorWrapper", "Denoiser", "InversionResult", "invert",
+           "prepare_mask", "diffusion_loss", "step_loss", "initial_coefficients", "Parametrisation"]
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layout module: (A (rank, in), B (out, rank))
 
@@ -97,12 +98,51 @@ class FactorMap:
         return [(a, b) for a, b in out]
 
 
+class FactorBoard:
+    """The factors of the current step, read by one weight wrapper per target module (for hosts that patch weights).
+
+    ``board.wrappers[i](W)`` returns ``W + scale · B @ A`` for module ``i`` of the layout while factors are set,
+    and ``W`` unchanged otherwise; a denoiser sets ``board.factors`` before each forward pass.
+    """
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.factors: Factors | None = None
+        self.wrappers = tuple(FactorWrapper(self, index) for index in range(len(layout.modules)))
+
+
+class FactorWrapper:
+    """Weight wrapper of one module: ``W -> W + scale · B @ A`` with the factors currently on its board."""
+
+    def __init__(self, board: FactorBoard, index: int):
+        self.board = board
+        self.index = index
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.board.factors is None:
+            return weight
+        a, b = self.board.factors[self.index]
+        return weight + (self.board.layout.scale * (b @ a)).to(weight.dtype)
+
+
 class Denoiser(Protocol):
     """A frozen diffusion model whose target Linear weights are W + scale · B @ A for the given factors."""
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, factors: Factors) -> torch.Tensor:
         """x_t (N, C, h, w) DDPM-noised latents, t (N,) int64 timesteps in [0, 1000) -> predicted noise ε̂ (N, C, h, w)."""
         ...
+
+
+class Parametrisation(Protocol):
+    """What the optimiser moves instead of β, e.g. a VAE latent (:class:`w2w.vae.LatentParam`)."""
+
+    pcs: int  # length of the β it gives
+
+    def parameters(self) -> Iterable[torch.Tensor]: ...
+    def coefficients(self) -> torch.Tensor: ...  # β (pcs,), differentiable in the parameters
+    def prior_loss(self) -> torch.Tensor: ...  # added to the diffusion loss as it is (already weighted)
+    def result(self) -> torch.Tensor: ...  # the β to keep, detached
+    def describe(self) -> str: ...  # for the identity's history
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,11 +209,14 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
            settings: InvertSettings = InvertSettings(), *, mask: torch.Tensor | None = None,
            init: Identity | None = None, alphas_cumprod: torch.Tensor | None = None,
            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-           callback: Callable[[int, int, dict], None] | None = None, name: str = "inverted") -> InversionResult:
+           callback: Callable[[int, int, dict], None] | None = None, name: str = "inverted",
+           param: Parametrisation | None = None) -> InversionResult:
     """Optimise β so the model denoises ``latents`` (N, C, h, w: N photos of one person, already scaled for the UNet).
 
     ``cond`` is passed to the denoiser untouched (it must fit ``images_per_step`` images). ``callback(step, total,
     {"loss": ...})`` runs after every step and may raise to stop. The same seed gives the same coefficients.
+    ``param`` optimises its own parameters instead of β (``settings.pcs`` and ``init`` are then its business) and
+    adds its prior term to the loss.
     """
     if latents.dim() != 4 or latents.shape[0] < 1:
         raise ValueError(f"latents must be a non-empty (N, C, h, w) batch, got shape {tuple(latents.shape)}")
@@ -183,20 +226,27 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
         raise ValueError("alphas_cumprod must be a 1-D schedule with values in (0, 1)")
     images = latents.shape[0]
     per_step = images if settings.images_per_step in (0, images) else min(settings.images_per_step, images)
-    fmap = FactorMap(space, settings.pcs, device, dtype)
+    if param is not None and init is not None:
+        raise ValueError("with a parametrisation, start it from the identity (e.g. encode it) instead of init=")
+    pcs = settings.pcs if param is None else param.pcs
+    fmap = FactorMap(space, pcs, device, dtype)
     latents = latents.detach().to(device)
     masks = prepare_mask(mask, images, tuple(latents.shape[-2:]))
     masks = None if masks is None else masks.to(device)
-    beta = initial_coefficients(space, settings.pcs, init).to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([beta], lr=settings.lr, weight_decay=settings.weight_decay)
+    if param is None:
+        beta = initial_coefficients(space, pcs, init).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([beta] if param is None else list(param.parameters()), lr=settings.lr,
+                                 weight_decay=settings.weight_decay)
     gen = torch.Generator(device="cpu").manual_seed(int(settings.seed) & 0xFFFF_FFFF_FFFF_FFFF)
     losses: list[float] = []
     for step in range(settings.steps):
         index = torch.arange(images) if per_step == images else torch.randperm(images, generator=gen)[:per_step]
         t = torch.randint(0, abar.shape[0], (per_step,), generator=gen)
         noise = torch.randn((per_step, *latents.shape[1:]), generator=gen).to(device, latents.dtype)
-        loss = step_loss(fmap, denoiser, beta, latents[index.to(device)], t.to(device), noise, cond, abar,
-                         None if masks is None else masks[index.to(device)])
+        loss = step_loss(fmap, denoiser, beta if param is None else param.coefficients(), latents[index.to(device)],
+                         t.to(device), noise, cond, abar, None if masks is None else masks[index.to(device)])
+        if param is not None:
+            loss = loss + param.prior_loss()
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"the inversion loss became {value} at step {step + 1}: lower lr "
@@ -210,9 +260,11 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
         losses.append(value)
         if callback is not None:
             callback(step + 1, settings.steps, {"loss": value})
-    history = f"invert images={images} pcs={settings.pcs} steps={settings.steps} lr={settings.lr:g} " \
-              f"wd={settings.weight_decay:g} seed={settings.seed}" + (" masked" if mask is not None else "")
+    history = f"invert images={images} pcs={pcs} steps={settings.steps} lr={settings.lr:g} " \
+              f"wd={settings.weight_decay:g} seed={settings.seed}" + (" masked" if mask is not None else "") + \
+              ("" if param is None else f" {param.describe()}")
     base = init.history if init is not None else ()
-    identity = Identity(beta.detach().float().cpu(), space.fingerprint, name, base + (history,))
+    final = beta.detach() if param is None else param.result()
+    identity = Identity(final.float().cpu(), space.fingerprint, name, base + (history,))
     return InversionResult(identity, tuple(losses))
 

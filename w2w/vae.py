@@ -612,30 +612,45 @@ def interpolate(z0: torch.Tensor, z1: torch.Tensor, t: float, mode: str = "slerp
 
 # ---- inversion parametrisation -----------------------------------------------------------------------------
 class LatentParam(nn.Module):
-    """What inversion through the decoder optimises: a latent z (``gaussian=False``) or a Gaussian N(μ, σ²) over it.
+    """What inversion through the decoder optimises (:func:`w2w.invert.invert` ``param=``): a latent z
+    (``gaussian=False``) or a Gaussian N(μ, σ²) over it, decoded to the space's coefficients β.
 
-    ``coefficients()`` gives differentiable inputs for the space (coefficients, or weights for a weight VAE);
-    ``prior_loss()`` is the prior term: ½|z|² (−log N(z; 0, I) up to a constant) for a point latent, or
-    KL(N(μ, σ²) || N(0, I)) for the Gaussian (w2w++ report, eq. 7), whose z is re-sampled at each call
-    (reparameterised; ``generator`` makes it reproducible). The VAE is frozen; only the latent moves.
+    ``coefficients()`` is β (pcs,), differentiable in the latent parameters: the decoder output for a coefficient VAE;
+    for a weight VAE, the decoded weights projected on the space's first ``pcs`` PCs (so the model optimised is
+    exactly the identity returned). ``prior_loss()`` is ``prior_weight`` times ½|z|² (−log N(z; 0, I) up to a
+    constant) for a point latent, or KL(N(μ, σ²) || N(0, I)) for the Gaussian (w2w++ report, eq. 7), whose z is
+    re-sampled at every call (reparameterised; ``generator`` makes it reproducible). The VAE stays frozen.
+    ``prior_weight`` balances the prior against the diffusion loss, a per-pixel mean (about 0.1 for SD1.5).
     """
 
-    def __init__(self, vae: W2WVAE, init: torch.Tensor | None = None, *, gaussian: bool = False,
-                 init_log_sigma: float = -3.0, generator: torch.Generator | None = None):
+    def __init__(self, vae: W2WVAE, space, init: torch.Tensor | None = None, *, gaussian: bool = False,
+                 prior_weight: float = 1e-3, init_log_sigma: float = -3.0, pcs: int | None = None,
+                 generator: torch.Generator | None = None):
         super().__init__()
+        _check_space(vae, space)
+        if not (math.isfinite(prior_weight) and prior_weight >= 0):
+            raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
         vae.requires_grad_(False)
         self.vae = vae
         self.gaussian = gaussian
+        self.prior_weight = float(prior_weight)
+        self.generator = generator
+        if vae.config.input == "coefs":
+            if pcs not in (None, vae.config.input_dim):
+                raise ValueError(f"this VAE decodes {vae.config.input_dim:,} coefficients; pcs={pcs} cannot change that")
+            self.pcs = vae.config.input_dim
+        else:
+            self.pcs = space.pcs if pcs is None else pcs
+            if not 1 <= self.pcs <= space.pcs:
+                raise ValueError(f"pcs={self.pcs:,} but the space is loaded with {space.pcs:,} PCs")
+            std = torch.where(space.std == 0, torch.ones_like(space.std), space.std)
+            self.register_buffer("_mean", space.mean.clone())
+            self.register_buffer("_std", std)
+            self.register_buffer("_basis", space.components[:self.pcs].float().T.contiguous())  # (d, pcs)
         z0 = torch.zeros(vae.latent) if init is None else _check_latent(vae, init).clone()
         self.mu = nn.Parameter(z0)
         if gaussian:
             self.log_sigma = nn.Parameter(torch.full((vae.latent,), float(init_log_sigma)))
-        self.generator = generator
-
-    @property
-    def output(self) -> str:
-        """``"coefs"`` or ``"weights"``: what :meth:`coefficients` returns."""
-        return self.vae.config.input
 
     def latent(self) -> torch.Tensor:
         if not self.gaussian:
@@ -643,19 +658,29 @@ class LatentParam(nn.Module):
         noise = torch.randn(self.mu.shape, generator=self.generator)
         return self.mu + self.log_sigma.exp() * noise
 
-    def coefficients(self, z: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder output (differentiable w.r.t. the latent parameters)."""
-        return self.vae.decode(self.latent() if z is None else z)
+    def _to_coefficients(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.vae.decode(z)
+        if self.vae.config.input == "coefs":
+            return out
+        return ((out - self._mean) / self._std) @ self._basis
+
+    def coefficients(self) -> torch.Tensor:
+        """β (pcs,) from a (sampled) latent, differentiable."""
+        return self._to_coefficients(self.latent())
 
     def prior_loss(self) -> torch.Tensor:
         if not self.gaussian:
-            return 0.5 * (self.mu ** 2).sum()
-        return _kl_per_unit(self.mu, 2.0 * self.log_sigma).sum()
+            return self.prior_weight * 0.5 * (self.mu ** 2).sum()
+        return self.prior_weight * _kl_per_unit(self.mu, 2.0 * self.log_sigma).sum()
 
-    def mean_coefficients(self) -> torch.Tensor:
-        """Decoded μ (no sampling), detached: the result to keep after optimising."""
+    def result(self) -> torch.Tensor:
+        """β of the mean latent μ (no sampling), detached: the identity to keep."""
         with torch.no_grad():
-            return self.vae.decode(self.mu)
+            return self._to_coefficients(self.mu)
+
+    def describe(self) -> str:
+        kind = "gaussian" if self.gaussian else "point"
+        return f"vae-latent={self.vae.latent} {kind} prior={self.prior_weight:g} input={self.vae.config.input}"
 
 
 # ---- synthetic data with a planted non-linear manifold -------------------------------------------------------

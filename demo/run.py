@@ -162,6 +162,7 @@ class ComfyServer:
     def __init__(self, comfyui: Path, base: Path, python: str = sys.executable, port: int | None = None,
                  startup_timeout: float = 300.0, extra_args: tuple = ()):
         self.comfyui, self.base, self.python = Path(comfyui), Path(base), python
+        self._auto_port = port is None
         self.port = port or free_port()
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args)
@@ -173,13 +174,29 @@ class ComfyServer:
         return f"http://{HOST}:{self.port}"
 
     def __enter__(self) -> "ComfyServer":
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # a server that never answered must not outlive the run
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
+        """Start and wait until /system_stats answers; retry on another port if ours was taken meanwhile."""
+        for attempt in range(attempts):
+            if self._start_once():
+                return
+            if not self._auto_port or attempt == attempts - 1:
+                raise DemoError(f"port {self.port} on {HOST} is in use:\n{self.log_tail()}")
+            say(f"port {self.port} was taken; retrying on another one")
+            self.port = free_port()
+
+    def _start_once(self) -> bool:
+        """True when the server answers; False if it exited because the port was in use."""
+        self.stop()
         cmd = [self.python, "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
                "--base-directory", str(self.base), "--front-end-root", str(self.base / "frontend"),
                "--disable-api-nodes", *self.extra_args]
@@ -190,10 +207,12 @@ class ComfyServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "address already in use" in self.log_tail().lower():
+                    return False
                 raise DemoError(f"ComfyUI exited with code {self.process.returncode} while starting:\n{self.log_tail()}")
             try:
                 self.get_json("/system_stats", timeout=2)
-                return
+                return True
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.5)
         raise DemoError(f"ComfyUI did not answer on {self.url} within {self.startup_timeout:.0f} s:\n{self.log_tail()}")

@@ -118,6 +118,7 @@ class ComfyHost:
         self.output_dir = base_dir / "output"
         self.pack_import_errors: list[str] = []
         self.pack_node_ids: list[str] = []
+        self._shared_executor = None
 
     # ---------------------------------------------------------------- start-up
     @classmethod
@@ -230,7 +231,9 @@ class ComfyHost:
         """Validate and execute an API-format graph; raise GraphError (if `check`) on any error.
 
         A fresh PromptExecutor (empty caches) is used unless one is passed, so every call
-        executes every node; pass `host.new_executor()` to several calls to exercise caching.
+        executes every node. Pass `executor=host.shared_executor` to keep ComfyUI's output cache
+        between calls as a real server does (nodes whose inputs did not change, e.g. the
+        checkpoint loader, are then not re-executed: faster, but a probe node may not run again).
         """
         import execution
 
@@ -256,13 +259,23 @@ class ComfyHost:
                              f"{''.join(err.get('traceback', []))}", err)
         return result
 
+    @property
+    def shared_executor(self):
+        """One PromptExecutor for the session whose caches persist between runs (like the server's)."""
+        if self._shared_executor is None:
+            self._shared_executor = self.new_executor()
+        return self._shared_executor
+
     def new_executor(self):
         import execution
 
         return execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
 
     def unload_models(self) -> None:
+        """Drop cached outputs and loaded models (frees the memory the last graphs held)."""
         import comfy.model_management
+
+        self._shared_executor = None
 
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()

@@ -107,15 +107,27 @@ class InferenceModeProbe:
         return (samples,)
 
 
-def test_stock_graph_runs_in_process_under_inference_mode(comfy_host, stock_graph):
+def probed_stock_graph(seed: int = 5) -> dict:
+    """The stock graph with InferenceModeProbe between KSampler (3) and VAEDecode (8)."""
+    graph = load_stock_graph()
+    graph["3"]["inputs"]["seed"] = seed
+    graph["10"] = {"class_type": "W2WTestInferenceModeProbe", "inputs": {"samples": ["3", 0]}}
+    graph["8"]["inputs"]["samples"] = ["10", 0]
+    return graph
+
+
+@pytest.fixture(scope="module")
+def probed_run(comfy_host):
+    """One in-process run of the probed stock graph on the session's shared executor, and what the probe saw."""
     comfy_host.register_node("W2WTestInferenceModeProbe", InferenceModeProbe)
-    stock_graph["10"] = {"class_type": "W2WTestInferenceModeProbe", "inputs": {"samples": ["3", 0]}}
-    stock_graph["8"]["inputs"]["samples"] = ["10", 0]
     InferenceModeProbe.seen.clear()
+    result = comfy_host.run_graph(probed_stock_graph(), executor=comfy_host.shared_executor)
+    return result, list(InferenceModeProbe.seen)
 
-    result = comfy_host.run_graph(stock_graph)
 
-    assert InferenceModeProbe.seen == [{"inference_mode": True, "latent_is_inference": True}]
+def test_stock_graph_runs_in_process_under_inference_mode(probed_run):
+    result, seen = probed_run
+    assert seen == [{"inference_mode": True, "latent_is_inference": True}]
     image = result.output("8")  # VAEDecode IMAGE, (batch, H, W, C) in [0, 1]
     assert image.is_inference() and image.shape == (1, 64, 64, 3)
     assert torch.isfinite(image).all() and image.min() >= 0 and image.max() <= 1
@@ -123,6 +135,16 @@ def test_stock_graph_runs_in_process_under_inference_mode(comfy_host, stock_grap
     files = result.image_files()
     assert len(files) == 1 and files[0].is_file()
     assert _png_pixels(files[0]).shape == (64, 64, 3)
+
+
+def test_shared_executor_caches_unchanged_nodes_like_the_server(comfy_host, probed_run):
+    first, _ = probed_run
+    InferenceModeProbe.seen.clear()
+    second = comfy_host.run_graph(probed_stock_graph(seed=6), executor=comfy_host.shared_executor)
+    cached = [data["nodes"] for event, data in second.messages if event == "execution_cached"][0]
+    assert {"4", "5", "6", "7"} <= set(cached) and not {"3", "10", "8"} & set(cached)
+    assert len(InferenceModeProbe.seen) == 1  # downstream of the changed seed: executed again
+    assert not torch.equal(first.output("8"), second.output("8"))
 
 
 def test_invalid_graph_reports_the_node(comfy_host, stock_graph):

@@ -118,6 +118,7 @@ class ComfyHost:
         self.output_dir = base_dir / "output"
         self.pack_import_errors: list[str] = []
         self.pack_node_ids: list[str] = []
+        self.pack_module_name: str | None = None  # sys.modules name ComfyUI gave the pack
         self._shared_executor = None
 
     # ---------------------------------------------------------------- start-up
@@ -194,6 +195,11 @@ class ComfyHost:
             logging.getLogger().removeHandler(capture)
         self.pack_import_errors = capture.records
         module = f"custom_nodes.{self.pack_name}"
+        import folder_paths
+
+        # nodes.load_custom_node names a package folder after its path, dots replaced by "_x_".
+        name = os.path.join(folder_paths.get_folder_paths("custom_nodes")[0], self.pack_name).replace(".", "_x_")
+        self.pack_module_name = name if name in sys.modules else None
         self.pack_node_ids = sorted(name for name, cls in nodes.NODE_CLASS_MAPPINGS.items()
                                     if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == module)
 
@@ -215,6 +221,20 @@ class ComfyHost:
         import nodes
 
         nodes.NODE_CLASS_MAPPINGS[class_type] = node_class
+
+    def pack_module(self, name: str = ""):
+        """The pack's own copy of a module, e.g. `pack_module("w2w.space")`.
+
+        ComfyUI imports a custom node folder under its path as module name (`pack_module_name`,
+        dots replaced by `_x_`; relative imports inside), so its
+        `w2w.space.Space` is a different class from the `w2w.space.Space` a test imports directly:
+        objects handed to node classes must come from this copy.
+        """
+        import importlib
+
+        if self.pack_module_name is None or self.pack_import_errors:
+            raise RuntimeError(f"ComfyUI did not import the pack: {self.pack_import_errors}")
+        return importlib.import_module(f"{self.pack_module_name}.{name}" if name else self.pack_module_name)
 
     def node_class(self, class_type: str):
         import nodes

@@ -147,6 +147,16 @@ def test_shared_executor_caches_unchanged_nodes_like_the_server(comfy_host, prob
     assert not torch.equal(first.output("8"), second.output("8"))
 
 
+def test_pack_module_is_the_copy_comfyui_imported(comfy_host):
+    import sys
+
+    pack = comfy_host.pack_module()
+    assert sys.modules[comfy_host.pack_module_name] is pack
+    core = comfy_host.pack_module("w2w")
+    assert core.__file__.startswith(str(comfy_host.base_dir / "custom_nodes" / comfy_host.pack_name))
+    assert core is not sys.modules.get("w2w")  # not the copy tests import directly
+
+
 def test_invalid_graph_reports_the_node(comfy_host, stock_graph):
     stock_graph["3"]["inputs"]["steps"] = 0  # KSampler steps has min 1
     with pytest.raises(GraphError) as caught:

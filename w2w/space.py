@@ -13,11 +13,12 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from .layout import Layout, LayoutError
+from .rawread import read_columns_t, read_rows, safetensors_span, torch_file_span, write_columns_t
 from .safeload import W2WFileError, load_dataframe, load_object, load_tensor
 from .stfile import TensorSource, write_safetensors
 
@@ -247,20 +248,22 @@ def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
     d = layout.dim
     mean = load_tensor(p("mean.pt"), ndim=1, name="mean").float().clone()
     std = load_tensor(p("std.pt"), ndim=1, name="std").float().clone()
-    basis = load_tensor(p("V.pt"), ndim=2, name="V")  # (d, M), memory-mapped
+    span = torch_file_span(p("V.pt"), "V")  # (d, M); read with plain sequential reads, never memory-mapped
     for name, t, expect in (("mean.pt", mean, (d,)), ("std.pt", std, (d,))):
         if tuple(t.shape) != expect:
             raise LayoutError(f"{p(name)} has shape {tuple(t.shape)}; weight_dimensions needs {expect}")
-    if basis.shape[0] != d:
-        raise LayoutError(f"{p('V.pt')} has {basis.shape[0]:,} rows; weight_dimensions adds up to {d:,}")
-    m = _pcs_to_keep(pcs, basis.shape[1], p("V.pt"))
-    components = basis[:, :m].T.contiguous().float()  # reads only the first m columns of each row
-    fingerprint = space_fingerprint(layout, mean, std, basis[:, :FINGERPRINT_PCS].T)
+    if span.shape[0] != d:
+        raise LayoutError(f"{p('V.pt')} has {span.shape[0]:,} rows; weight_dimensions adds up to {d:,}")
+    m = _pcs_to_keep(pcs, span.shape[1], p("V.pt"))
+    head_pcs = min(FINGERPRINT_PCS, span.shape[1])
+    components = read_columns_t(span, max(m, head_pcs), torch.float32)  # (m, d): one pass over the file
+    fingerprint = space_fingerprint(layout, mean, std, components[:head_pcs])
+    components = components[:m]
     kw: dict = {}
     if training:
         kw = _release_training(folder, m)
     try:
-        return Space(components, mean, std, layout, total_pcs=basis.shape[1], source=f"released files: {folder}",
+        return Space(components, mean, std, layout, total_pcs=span.shape[1], source=f"released files: {folder}",
                      fingerprint=fingerprint, **kw)
     except W2WFileError as exc:
         raise W2WFileError(f"{folder}: {exc}") from None
@@ -352,11 +355,12 @@ def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
             for required in ("components", "mean", "std"):
                 if required not in keys:
                     raise W2WFileError(f"{path} lacks the tensor {required!r}")
-            sl = f.get_slice("components")
-            total = sl.get_shape()[0]
+            span = safetensors_span(path, "components")  # plain reads of the first rows, no memory map
+            total = span.shape[0]
             m = _pcs_to_keep(pcs, total, path)
-            components = sl[:m]
-            head = sl[:min(total, FINGERPRINT_PCS)]
+            components = read_rows(span, max(m, min(total, FINGERPRINT_PCS)))
+            head = components[:min(total, FINGERPRINT_PCS)]
+            components = components[:m]
             kw: dict = {"mean": f.get_tensor("mean").float(), "std": f.get_tensor("std").float()}
             if "coef_mean" in keys:
                 kw["coef_mean"] = f.get_tensor("coef_mean").float()
@@ -437,24 +441,21 @@ def convert_release(folder: str, out: str, *, pcs: int | None = None, dtype: tor
     """Convert a released-files folder to our format, streaming the basis so it is never held whole."""
     from .edit import fit_directions
 
-    basis = load_tensor(os.path.join(folder, "V.pt"), ndim=2, name="V")  # (d, M), memory-mapped
-    m = _pcs_to_keep(pcs, basis.shape[1], os.path.join(folder, "V.pt"))
-    head = _load_release_dir(folder, min(FINGERPRINT_PCS, basis.shape[1]), training=False)
-    step = max(1, min(_CHUNK, (64 << 20) // max(1, basis.shape[0] * 4)))  # ~64 MB of V per block
+    span = torch_file_span(os.path.join(folder, "V.pt"), "V")  # (d, M)
+    m = _pcs_to_keep(pcs, span.shape[1], os.path.join(folder, "V.pt"))
+    head = _load_release_dir(folder, min(FINGERPRINT_PCS, span.shape[1]), training=False)
 
-    def blocks() -> Iterator[torch.Tensor]:
-        for start in range(0, m, step):
-            if callback is not None:
-                callback(start, m, "converting basis")
-            yield basis[:, start:min(m, start + step)].T.to(dtype)
+    def fill(f, offset: int) -> None:
+        progress = None if callback is None else (lambda i, n: callback(i, n, "converting basis"))
+        write_columns_t(span, m, dtype, f, offset, progress)
 
     extra = _release_training(folder, m) if training else {}
-    space = Space(head.components, head.mean, head.std, head.layout, **extra, total_pcs=basis.shape[1],
+    space = Space(head.components, head.mean, head.std, head.layout, **extra, total_pcs=span.shape[1],
                   source=f"converted from released files ({os.path.basename(os.path.normpath(folder))})",
                   fingerprint=head.fingerprint)
     if directions and space.labels is not None:
         space = fit_directions(space)
-    save_space(space, out, dtype=dtype, training=training, components=TensorSource(dtype, (m, basis.shape[0]), blocks))
+    save_space(space, out, dtype=dtype, training=training, components=TensorSource(dtype, (m, span.shape[0]), fill=fill))
     if callback is not None:
         callback(m, m, "done")
     return load_space(out, pcs=min(m, 1000))

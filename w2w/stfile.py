@@ -28,7 +28,8 @@ class TensorSource:
 
     dtype: torch.dtype
     shape: tuple[int, ...]
-    blocks: Callable[[], Iterable[torch.Tensor]]
+    blocks: Callable[[], Iterable[torch.Tensor]] | None = None
+    fill: Callable[[object, int], None] | None = None  # fill(file, offset): writes the data itself, seeking freely
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "TensorSource":
@@ -80,7 +81,14 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor | TensorSource]
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
+        data_start = f.tell()
         for name, src in sources.items():
+            if src.fill is not None:
+                region = data_start + header[name]["data_offsets"][0]
+                f.truncate(region + src.nbytes)
+                src.fill(f, region)
+                f.seek(region + src.nbytes)
+                continue
             written = 0
             for block in src.blocks():
                 block = block.detach().to("cpu", src.dtype).contiguous()

@@ -1,0 +1,147 @@
+"""Read parts of a large row-major matrix from a file with plain reads: no memory map, so the resident set holds
+only what is asked for (a memory-mapped strided read keeps every touched page of a 4 GB basis resident).
+
+Works on one tensor of a ``torch.save`` zip (stored uncompressed, as torch writes it) or of a ``.safetensors`` file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from .safeload import W2WFileError, load_object
+
+__all__ = ["MatrixSpan", "torch_file_span", "safetensors_span", "read_rows", "row_blocks", "read_columns_t", "write_columns_t"]
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_BLOCK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class MatrixSpan:
+    """A C-contiguous 2-D tensor stored at ``offset`` bytes into ``path``."""
+
+    path: str
+    offset: int
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return self.shape[1] * torch.empty((), dtype=self.dtype).element_size()
+
+
+def torch_file_span(path: str, name: str) -> MatrixSpan:
+    """Where the data of the single 2-D tensor of a ``torch.save`` file lies (found without reading it)."""
+    meta = load_object(path, mmap=False, map_location="meta")
+    if not isinstance(meta, torch.Tensor) or meta.dim() != 2 or not meta.is_floating_point():
+        raise W2WFileError(f"{path} should hold one 2-D float tensor ({name})")
+    if not meta.is_contiguous() or meta.storage_offset() != 0:
+        raise W2WFileError(f"{path}: {name} is a view, not a contiguous tensor; re-save it with tensor.contiguous()")
+    itemsize = meta.element_size()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            entries = [i for i in zf.infolist() if "/data/" in i.filename and not i.filename.endswith("/")]
+            if len(entries) != 1 or entries[0].compress_type != zipfile.ZIP_STORED:
+                raise W2WFileError(f"{path}: expected one uncompressed tensor storage, found {len(entries)}")
+            info = entries[0]
+            with open(path, "rb") as f:
+                f.seek(info.header_offset)
+                local = f.read(30)
+            if local[:4] != b"PK\x03\x04":
+                raise W2WFileError(f"{path}: damaged zip entry for {info.filename}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            offset = info.header_offset + 30 + name_len + extra_len
+    except zipfile.BadZipFile as exc:
+        raise W2WFileError(f"{path} is not a zip-format torch file ({exc}); re-save it with a recent torch") from None
+    if info.file_size < meta.numel() * itemsize or offset + meta.numel() * itemsize > os.path.getsize(path):
+        raise W2WFileError(f"{path} is truncated: {name} needs {meta.numel() * itemsize:,} bytes")
+    return MatrixSpan(path, offset, tuple(meta.shape), meta.dtype)
+
+
+def safetensors_span(path: str, name: str) -> MatrixSpan:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise W2WFileError(f"{path} is truncated (no safetensors header)")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100 << 20:
+            raise W2WFileError(f"{path}: safetensors header of {size:,} bytes is implausible (corrupt file?)")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as exc:
+            raise W2WFileError(f"{path}: unreadable safetensors header ({exc})") from None
+    entry = header.get(name)
+    if not isinstance(entry, dict) or entry.get("dtype") not in _ST_DTYPES or len(entry.get("shape", ())) != 2:
+        raise W2WFileError(f"{path} lacks a 2-D float tensor {name!r}")
+    start, stop = entry["data_offsets"]
+    dtype = _ST_DTYPES[entry["dtype"]]
+    shape = tuple(int(s) for s in entry["shape"])
+    if stop - start != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+        raise W2WFileError(f"{path}: tensor {name!r} has inconsistent offsets")
+    offset = 8 + size + start
+    if offset + (stop - start) > os.path.getsize(path):
+        raise W2WFileError(f"{path} is truncated: tensor {name!r} runs past the end of the file")
+    return MatrixSpan(path, offset, shape, dtype)
+
+
+def read_rows(span: MatrixSpan, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows, in one read."""
+    out = torch.empty(rows, span.shape[1], dtype=span.dtype)
+    with open(span.path, "rb", buffering=0) as f:
+        f.seek(span.offset)
+        _read_into(f, out, span.path)
+    return out
+
+
+def row_blocks(span: MatrixSpan):
+    """Yield (first row, block (n, columns)) over the whole matrix in one sequential pass of ~64 MB reads.
+    The block buffer is reused: copy what you keep."""
+    rows_total = span.shape[0]
+    block_rows = max(1, _BLOCK_BYTES // span.row_bytes)
+    buf = torch.empty(min(block_rows, rows_total), span.shape[1], dtype=span.dtype)
+    with open(span.path, "rb", buffering=0) as f:
+        f.seek(span.offset)
+        for start in range(0, rows_total, block_rows):
+            n = min(block_rows, rows_total - start)
+            _read_into(f, buf[:n], span.path)
+            yield start, buf[:n]
+
+
+def read_columns_t(span: MatrixSpan, cols: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The first ``cols`` columns of the matrix, transposed: (cols, rows), in one sequential pass."""
+    out = torch.empty(cols, span.shape[0], dtype=dtype or span.dtype)
+    for start, block in row_blocks(span):
+        out[:, start:start + block.shape[0]] = block[:, :cols].T
+    return out
+
+
+def write_columns_t(span: MatrixSpan, cols: int, dtype: torch.dtype, f, offset: int, progress=None) -> None:
+    """Write the first ``cols`` columns transposed, (cols, rows) row-major in ``dtype``, at ``offset`` of the open
+    file ``f``: one sequential pass over the source, seeking in the output."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    rows_total = span.shape[0]
+    for start, block in row_blocks(span):
+        if progress is not None:
+            progress(start, rows_total)
+        part = block[:, :cols].T.to(dtype).contiguous()  # (cols, n)
+        raw = part.view(torch.uint8) if part.dtype != torch.bfloat16 else part.view(torch.int16).view(torch.uint8)
+        data = raw.numpy()
+        for j in range(cols):
+            f.seek(offset + (j * rows_total + start) * itemsize)
+            f.write(data[j].tobytes())
+
+
+def _read_into(f, tensor: torch.Tensor, path: str) -> None:
+    view = memoryview(tensor.numpy() if tensor.dtype != torch.bfloat16 else tensor.view(torch.int16).numpy()).cast("B")
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise W2WFileError(f"{path} is truncated: expected {len(view):,} more bytes")
+        got += n

@@ -1,8 +1,6 @@
 """CLI commands over spaces and identities: info, attributes, convert, sample, edit, blend, export-lora, nearest."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from .cli import print_json
@@ -71,12 +69,6 @@ def _load(path: str, pcs=None, training=True):
     from .space import load_space
 
     return load_space(path, pcs, training=training)
-
-
-def _space_for(path: str, identity):
-    from .space import load_space
-
-    return load_space(path, None)
 
 
 def _info(args) -> int:

@@ -398,3 +398,30 @@ def test_prior_term(trained, space):
     assert point.pcs == PCS and point.coefficients().shape == (PCS,)
     with pytest.raises(IdentityMismatch):
         LatentParam(vae, replace_space(space, fingerprint="0123456789abcdef"))
+
+
+def test_latent_param_works_on_a_vae_loaded_under_inference_mode(pixel_space, pixel_vaes, tmp_path):
+    """ComfyUI runs nodes under torch.inference_mode: the VAE's tensors are then unusable by autograd as they are."""
+    path = str(tmp_path / "vae.safetensors")
+    save_vae(pixel_vaes["coefs"], path)
+    with torch.inference_mode():
+        vae = load_vae(path)
+    assert vae.decoder[0].weight.is_inference()
+    param = LatentParam(vae, pixel_space, init=torch.ones(3))
+    loss = param.coefficients().square().sum() + param.prior_loss()
+    loss.backward()
+    assert param.mu.grad is not None and float(param.mu.grad.abs().sum()) > 0
+    assert torch.equal(param.result(), vae.decode(torch.ones(3)))
+
+
+def test_vae_latent_is_tied_to_its_vae(pixel_vaes):
+    from w2w.vae import VAELatent
+
+    a, b = pixel_vaes["coefs"], pixel_vaes["weights"]
+    assert a.fingerprint != b.fingerprint and a.fingerprint == a.fingerprint
+    latent = VAELatent(torch.zeros(3), a.fingerprint)
+    latent.check_vae(a)
+    with pytest.raises(ValueError, match="same VAE"):
+        latent.check_vae(b)
+    with pytest.raises(ValueError, match="finite"):
+        VAELatent(torch.tensor([float("nan")]), a.fingerprint)

@@ -19,6 +19,7 @@ of the space (coefficients tied to its fingerprint) or straight weight vectors. 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -36,7 +37,8 @@ from .stfile import write_safetensors
 __all__ = ["VAEConfig", "TrainConfig", "EpochStats", "TrainResult", "StopTraining", "W2WVAE", "WeightsMatrix",
            "train_vae", "save_vae", "load_vae", "decode_identity", "decode_weights", "encode_identity",
            "sample_latents", "interpolate", "active_units", "reconstruction_error", "pca_reconstruction_error",
-           "LatentParam", "planted_manifold", "VAE_FORMAT", "INPUTS"]
+           "LatentParam", "planted_manifold", "VAE_FORMAT", "INPUTS", "VAELatent", "describe_vae",
+           "train_from_space"]
 
 VAE_FORMAT = "w2w-vae"
 INPUTS = ("coefs", "weights")
@@ -130,6 +132,28 @@ class TrainResult:
         return self.history[-1]
 
 
+@dataclass(frozen=True, eq=False)
+class VAELatent:
+    """A point of a VAE's latent space, tied to that VAE by fingerprint."""
+
+    values: torch.Tensor  # (latent,) float32
+    vae_fingerprint: str
+    history: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        v = self.values
+        if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.numel() < 1 or not torch.isfinite(v).all():
+            raise ValueError("a VAE latent must be a finite, non-empty 1-D tensor")
+        object.__setattr__(self, "values", v.detach().to("cpu", torch.float32))
+        if not self.vae_fingerprint:
+            raise ValueError("a VAE latent needs the fingerprint of its VAE")
+
+    def check_vae(self, vae: "W2WVAE") -> None:
+        if vae.fingerprint != self.vae_fingerprint or vae.latent != self.values.shape[0]:
+            raise ValueError(f"this latent belongs to VAE {self.vae_fingerprint}, not to the loaded VAE "
+                             f"{vae.fingerprint}: encode or sample it with the same VAE")
+
+
 class StopTraining(Exception):
     """Raise from a training callback to stop after the current step and keep the model trained so far."""
 
@@ -162,6 +186,18 @@ class W2WVAE(nn.Module):
     @property
     def latent(self) -> int:
         return self.config.latent
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable id of this trained VAE (config and weights), computed once."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+            for key, tensor in sorted(self.state_dict().items()):
+                h.update(key.encode())
+                h.update(tensor.detach().float().contiguous().numpy().tobytes())
+            cached = self.__dict__["_fingerprint"] = h.hexdigest()[:16]
+        return cached
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.shift) / self.scale
@@ -630,6 +666,8 @@ class LatentParam(nn.Module):
         _check_space(vae, space)
         if not (math.isfinite(prior_weight) and prior_weight >= 0):
             raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+        if any(t.is_inference() for t in (*vae.parameters(), *vae.buffers())):
+            vae = _plain_copy(vae)  # made under torch.inference_mode (e.g. a ComfyUI node): autograd cannot use it
         vae.requires_grad_(False)
         self.vae = vae
         self.gaussian = gaussian
@@ -653,6 +691,7 @@ class LatentParam(nn.Module):
             self.log_sigma = nn.Parameter(torch.full((vae.latent,), float(init_log_sigma)))
 
     def latent(self) -> torch.Tensor:
+        """The latent of this step: μ, or a reparameterised sample of N(μ, σ²)."""
         if not self.gaussian:
             return self.mu
         noise = torch.randn(self.mu.shape, generator=self.generator)
@@ -681,6 +720,17 @@ class LatentParam(nn.Module):
     def describe(self) -> str:
         kind = "gaussian" if self.gaussian else "point"
         return f"vae-latent={self.vae.latent} {kind} prior={self.prior_weight:g} input={self.vae.config.input}"
+
+
+def _plain_copy(vae: W2WVAE) -> W2WVAE:
+    """A copy of ``vae`` made of ordinary tensors (usable by autograd), sharing nothing with it."""
+    with torch.inference_mode(False):
+        copy = W2WVAE(vae.config, vae.shift.clone(), vae.scale.clone())
+        copy.load_state_dict({k: v.clone() for k, v in vae.state_dict().items()})
+    copy.eval()
+    copy.history = getattr(vae, "history", ())
+    copy.train_config = getattr(vae, "train_config", None)
+    return copy
 
 
 # ---- synthetic data with a planted non-linear manifold -------------------------------------------------------

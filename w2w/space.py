@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 RELEASE_FILES = ("V.pt", "mean.pt", "std.pt", "weight_dimensions.pt")
 OPTIONAL_RELEASE_FILES = ("proj_1000pc.pt", "pinverse_1000pc.pt", "identity_df.pt", "adapter_config.json")
 FINGERPRINT_PCS = 8  # leading PCs that enter the fingerprint
-_CHUNK = 1024  # rows of the basis converted to float32 at a time
+_CHUNK = 256  # rows of a half-precision basis converted to float32 at a time (~100 MB)
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,8 +202,9 @@ class Space:
         }
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t[s:s + _CHUNK]).all()) for s in range(0, t.shape[0], _CHUNK))
+def _all_finite(t: torch.Tensor, rows: int = 64) -> bool:
+    """NaN/Inf check in small row blocks (isfinite makes float temporaries the size of its input)."""
+    return all(bool(torch.isfinite(t[s:s + rows]).all()) for s in range(0, t.shape[0], rows))
 
 
 # ---- loading ---------------------------------------------------------------------------------------------

@@ -1,0 +1,772 @@
+"""Build a w2w space from a LoRA collection or an N × d weight matrix that may not fit in memory.
+
+Per-weight standardisation (mean/std in one streaming pass, float64 accumulators merged blockwise: Chan, Golub &
+LeVeque 1979), then a randomized truncated SVD (Halko, Martinsson & Tropp 2011) that streams over blocks of rows.
+Subspace iteration runs on ZᵀZ, which needs a single pass per power step: for every block ``H += Z_bᵀ (Z_b G)``;
+``G = qr(H)``. A last pass computes ``Y = Z G`` and a Rayleigh–Ritz step on ``YᵀY`` (float64) gives the
+components ``G W``, the training coefficients ``Y W`` and the explained variances. Row blocks are read with plain
+positional reads into two reused buffers (the next block is read while the current one is multiplied), so the
+process never maps nor holds the whole matrix; when the matrix fits the memory budget it is read once and cached.
+
+Sources: a folder of LoRA files (kohya, PEFT or diffusers keys; ``.safetensors`` files and PEFT adapter folders),
+or one matrix file: ``.npy``, ``.safetensors`` (one 2-D tensor) or ``.pt`` (a tensor saved with ``torch.save``,
+such as the released ``all_weights.pt``; read through :func:`w2w.safeload.tensor_file_span`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .layout import Layout, LayoutError, ModuleSlot, module_path_from_key, sd15_layout
+from .safeload import W2WFileError
+from .space import Space, load_space, replace_space, save_space
+
+__all__ = ["BuildConfig", "BuildResult", "BuildError", "RowSource", "ArraySource", "MatrixFileSource",
+           "LoraFolderSource", "open_source", "build_space", "read_labels_csv", "attach_labels", "layout_of_lora",
+           "load_for_labels", "save_streaming",
+           "MATRIX_SUFFIXES"]
+
+MATRIX_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
+Callback = Callable[[int, int, str], None]
+
+
+class BuildError(ValueError):
+    """Inputs that cannot make a space: mixed layouts, NaN rows, too few models, bad labels."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How to build: PCs kept, oversampling and power iterations of the randomized SVD, memory, seed."""
+
+    pcs: int = 1000  # k: principal components kept
+    oversample: int | None = None  # extra sketch columns, l = pcs + oversample (default max(10, pcs // 4))
+    power_iters: int = 1  # block Krylov iterations on ZᵀZ; each costs one pass and adds pcs + oversample columns
+    memory_mb: int = 1024  # budget for row blocks; a matrix smaller than it is read once and kept in memory
+    block_rows: int | None = None  # rows per block (default: from memory_mb)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("pcs", "memory_mb"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("oversample", "power_iters"):
+            if name == "oversample" and self.oversample is None:
+                continue
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.block_rows is not None and (not isinstance(self.block_rows, int) or self.block_rows < 1):
+            raise ValueError(f"block_rows must be a positive integer or None, got {self.block_rows!r}")
+
+    @property
+    def columns(self) -> int:
+        """Sketch columns per Krylov block: pcs + oversample."""
+        return self.pcs + (max(10, self.pcs // 4) if self.oversample is None else self.oversample)
+
+    @property
+    def passes(self) -> int:
+        """Passes over the rows: statistics with the first sketch, power_iters Krylov passes, the projection."""
+        return self.power_iters + 2
+
+
+@dataclass(frozen=True, eq=False)
+class BuildResult:
+    space: Space
+    explained_variance: torch.Tensor  # (k,) float64 variance of the standardised weights along each PC
+    explained_variance_ratio: torch.Tensor  # (k,) float64, share of the total standardised variance
+    total_variance: float
+    rows_read: int  # rows read from the source, over all passes
+    seconds: float
+
+    def metadata(self) -> dict:
+        return {"explained_variance_ratio": [round(float(v), 9) for v in self.explained_variance_ratio],
+                "total_variance": self.total_variance}
+
+
+# ---- sources --------------------------------------------------------------------------------------------
+class RowSource:
+    """N rows of d float32 weights, read in blocks. ``names`` (N,) label the rows (file names, or row numbers)."""
+
+    shape: tuple[int, int]
+    names: tuple[str, ...]
+    layout: Layout | None
+    description: str
+    dtype_bytes: int = 4
+
+    def read(self, start: int, out: np.ndarray) -> np.ndarray:
+        """Fill ``out`` (b, d) float32 with rows start..start+b and return it."""
+        raise NotImplementedError
+
+    def view(self, start: int, stop: int) -> np.ndarray | None:
+        """Rows start..stop as a float32 array without copying, if the source is in memory (else None)."""
+        return None
+
+    def row_name(self, i: int) -> str:
+        return self.names[i] if i < len(self.names) else str(i)
+
+
+class ArraySource(RowSource):
+    """An in-memory (N, d) tensor or array (benchmarks, tests, and callers that already hold the weights)."""
+
+    def __init__(self, matrix, names: Sequence[str] | None = None, layout: Layout | None = None):
+        self.matrix = matrix.numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix)
+        if self.matrix.ndim != 2:
+            raise BuildError(f"a weight matrix must be 2-D (models, weights), got shape {self.matrix.shape}")
+        self.shape = tuple(self.matrix.shape)
+        self.names = tuple(names) if names is not None else tuple(str(i) for i in range(self.shape[0]))
+        self.layout = layout
+        self.description = f"in-memory matrix {self.shape[0]:,} x {self.shape[1]:,}"
+
+    def read(self, start: int, out: np.ndarray) -> np.ndarray:
+        out[:] = self.matrix[start:start + out.shape[0]]
+        return out
+
+    def view(self, start: int, stop: int) -> np.ndarray | None:
+        if self.matrix.dtype == np.float32 and self.matrix.flags.c_contiguous:
+            return self.matrix[start:stop]
+        return None
+
+
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": "bf16"}
+
+
+class MatrixFileSource(RowSource):
+    """A C-ordered (N, d) matrix stored raw at ``offset`` of a file, read with positional reads (no mmap)."""
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, int], dtype, names: Sequence[str] | None = None,
+                 layout: Layout | None = None, kind: str = "matrix"):
+        self.path, self.offset, self.shape, self.dtype = path, offset, (int(shape[0]), int(shape[1])), dtype
+        self.dtype_bytes = 2 if dtype == "bf16" else np.dtype(dtype).itemsize
+        need = offset + self.shape[0] * self.shape[1] * self.dtype_bytes
+        if os.path.getsize(path) < need:
+            raise W2WFileError(f"{path} is truncated: its {kind} needs {need:,} bytes, the file has {os.path.getsize(path):,}")
+        self.names = tuple(names) if names is not None else tuple(str(i) for i in range(self.shape[0]))
+        self.layout = layout
+        self.description = f"{kind} {os.path.basename(path)} ({self.shape[0]:,} x {self.shape[1]:,})"
+        self._scratch: dict[int, np.ndarray] = {}
+
+    def read(self, start: int, out: np.ndarray) -> np.ndarray:
+        rows, d = out.shape
+        if self.dtype == np.float32:
+            raw = out
+        else:  # read raw values into a per-thread scratch buffer, then convert
+            key = out.ctypes.data
+            if key not in self._scratch or self._scratch[key].shape[0] < rows * d:
+                self._scratch[key] = np.empty(rows * d, np.uint16 if self.dtype == "bf16" else self.dtype)
+            raw = self._scratch[key][: rows * d].reshape(rows, d)
+        _pread_into(self.path, self.offset + start * d * self.dtype_bytes, raw)
+        if self.dtype == "bf16":
+            out[:] = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float().numpy()
+        elif raw is not out:
+            out[:] = raw
+        return out
+
+
+def _pread_into(path: str, offset: int, buf: np.ndarray) -> None:
+    view = memoryview(buf.reshape(-1).view(np.uint8))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise W2WFileError(f"{path}: unexpected end of file at byte {offset + done:,}")
+            done += n
+    finally:
+        os.close(fd)
+
+
+def _npy_source(path: str, **kw) -> MatrixFileSource:
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+        except ValueError as exc:
+            raise W2WFileError(f"{path} is not a readable .npy file: {exc}") from None
+        offset = f.tell()
+    if len(shape) != 2:
+        raise W2WFileError(f"{path}: the weight matrix must be 2-D (models, weights), got shape {shape}")
+    if fortran:
+        raise W2WFileError(f"{path} is stored in Fortran order; save it with np.save(path, np.ascontiguousarray(a))")
+    if dtype.kind != "f" or dtype.byteorder == (">" if np.little_endian else "<"):
+        raise W2WFileError(f"{path}: weights must be native-endian float16/32/64, got {dtype}")
+    return MatrixFileSource(path, offset, shape, dtype.type, kind="npy matrix", **kw)
+
+
+def _safetensors_source(path: str, **kw) -> MatrixFileSource:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if size <= 0 or size > 100_000_000:
+            raise W2WFileError(f"{path} is not a .safetensors file (bad header size)")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as exc:
+            raise W2WFileError(f"{path}: unreadable .safetensors header: {exc}") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    matrices = {k: v for k, v in tensors.items() if len(v.get("shape", ())) == 2}
+    if len(matrices) != 1:
+        key = "weights" if "weights" in matrices else None
+        if key is None:
+            raise W2WFileError(f"{path} holds {len(matrices)} 2-D tensors ({', '.join(list(matrices)[:5])}); a weight "
+                               "matrix file holds one, or names it 'weights'")
+        matrices = {key: matrices[key]}
+    (name, info), = matrices.items()
+    if info["dtype"] not in _NP_DTYPES:
+        raise W2WFileError(f"{path}: tensor {name!r} has dtype {info['dtype']}; weights must be F32, F16, BF16 or F64")
+    return MatrixFileSource(path, 8 + size + int(info["data_offsets"][0]), tuple(info["shape"]),
+                            _NP_DTYPES[info["dtype"]], kind=f"safetensors matrix {name!r}", **kw)
+
+
+def _torch_source(path: str, **kw) -> MatrixFileSource:
+    from .safeload import tensor_file_span
+
+    shape, dtype, offset = tensor_file_span(path, ndim=2, name="weight matrix")
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+                torch.bfloat16: "bf16"}.get(dtype)
+    if np_dtype is None:
+        raise W2WFileError(f"{path}: weights must be float16/bfloat16/float32/float64, got {dtype}")
+    return MatrixFileSource(path, offset, shape, np_dtype, kind="torch matrix", **kw)
+
+
+# ---- LoRA folders ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _LoraFile:
+    name: str  # row name: file name without extension, or the PEFT folder's name
+    path: str  # the tensor file
+    config: str | None  # PEFT adapter_config.json beside it
+
+
+def _lora_entries(folder: str) -> list[_LoraFile]:
+    entries = []
+    for entry in sorted(os.listdir(folder)):
+        full = os.path.join(folder, entry)
+        if os.path.isfile(full) and entry.endswith(".safetensors") and not entry.startswith("."):
+            entries.append(_LoraFile(entry[: -len(".safetensors")], full, None))
+        elif os.path.isdir(full):
+            for inner in ("adapter_model.safetensors", "adapter_model.bin"):
+                if os.path.isfile(os.path.join(full, inner)):
+                    config = os.path.join(full, "adapter_config.json")
+                    entries.append(_LoraFile(entry, os.path.join(full, inner), config if os.path.isfile(config) else None))
+                    break
+    return entries
+
+
+def _read_lora(entry: _LoraFile, keys_only: bool = False) -> tuple[dict[str, tuple], dict[str, float]]:
+    """{module path: (A, B) tensors or shapes}, {module path: alpha of the file (ΔW = alpha/rank · B @ A)}."""
+    raw: dict[str, torch.Tensor | tuple] = {}
+    if entry.path.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(entry.path, framework="pt") as f:
+                meta = f.metadata() or {}
+                for key in f.keys():
+                    if key.endswith(".alpha") or not keys_only:
+                        raw[key] = f.get_tensor(key)
+                    else:
+                        raw[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as exc:
+            raise W2WFileError(f"{entry.path} is not a readable .safetensors LoRA (truncated?): {exc}") from None
+    else:
+        from .safeload import load_object
+
+        meta = {}
+        obj = load_object(entry.path, mmap=False)
+        if not isinstance(obj, dict):
+            raise W2WFileError(f"{entry.path} does not hold a LoRA state dict")
+        raw = {k: (tuple(v.shape) if keys_only and not k.endswith(".alpha") else v) for k, v in obj.items()}
+    config_alpha = _peft_alpha(entry.config)
+    factors: dict[str, dict[str, object]] = {}
+    alphas: dict[str, float] = {}
+    for key, value in raw.items():
+        if key.endswith(".alpha"):
+            alphas[_kohya_module(key)] = float(value)
+            continue
+        try:
+            path, which = module_path_from_key(key)
+        except LayoutError as exc:
+            raise W2WFileError(f"{entry.path}: {exc}") from None
+        factors.setdefault(path, {})[which] = value
+    out: dict[str, tuple] = {}
+    rank = None
+    for path, parts in factors.items():
+        if set(parts) != {"A", "B"}:
+            raise W2WFileError(f"{entry.path}: module {path} has only its {''.join(parts)} factor")
+        out[path] = (parts["A"], parts["B"])
+        shape = parts["A"] if isinstance(parts["A"], tuple) else tuple(parts["A"].shape)
+        rank = shape[0]
+    for path in out:
+        if path not in alphas:
+            if _key_style(raw) == "diffusers":
+                alphas[path] = float(rank)  # diffusers files fold alpha/rank into B
+            elif config_alpha is not None:
+                alphas[path] = config_alpha
+            else:
+                alphas[path] = float(meta.get("ss_network_alpha", rank))
+    return out, alphas
+
+
+def _key_style(raw: dict) -> str:
+    key = next(k for k in raw if not k.endswith(".alpha"))
+    return "kohya" if key.startswith("lora_unet_") else "diffusers" if key.startswith("unet.") else "peft"
+
+
+def _kohya_module(alpha_key: str) -> str:
+    from .layout import _kohya_to_diffusers
+
+    name = alpha_key[: -len(".alpha")]
+    return _kohya_to_diffusers(name) if name.startswith("lora_unet_") else name
+
+
+def _peft_alpha(config: str | None) -> float | None:
+    if config is None:
+        return None
+    try:
+        with open(config) as f:
+            return float(json.load(f)["lora_alpha"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise W2WFileError(f"{config} is not a valid PEFT adapter config (needs lora_alpha): {exc}") from None
+
+
+def layout_of_lora(factors: dict[str, tuple], alpha: float) -> Layout:
+    """The layout of one LoRA: modules in sorted diffusers-path order (the released order for SD1.5), A then B."""
+    modules = []
+    offset = 0
+    ranks = set()
+    for path in sorted(factors):
+        a, b = factors[path]
+        a_shape = a if isinstance(a, tuple) else tuple(a.shape)
+        b_shape = b if isinstance(b, tuple) else tuple(b.shape)
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise LayoutError(f"module {path}: factors {a_shape} and {b_shape} are not (rank, in) and (out, rank)")
+        ranks.add(a_shape[0])
+        modules.append(ModuleSlot(path, a_shape[1], b_shape[0], offset, offset + a_shape[0] * a_shape[1]))
+        offset += a_shape[0] * (a_shape[1] + b_shape[0])
+    if len(ranks) != 1:
+        raise LayoutError(f"modules have different ranks {sorted(ranks)}; one rank per space is supported")
+    layout = Layout(tuple(modules), rank=ranks.pop(), alpha=alpha)
+    sd15 = sd15_layout(layout.rank, alpha)
+    return sd15 if sd15.modules == layout.modules else layout
+
+
+def _layout_difference(layout: Layout, factors: dict[str, tuple]) -> str | None:
+    names = {m.name for m in layout.modules}
+    missing, extra = sorted(names - set(factors)), sorted(set(factors) - names)
+    if missing or extra:
+        parts = ([f"lacks {len(missing)} modules (e.g. {missing[0]})"] if missing else []) + \
+                ([f"has {len(extra)} extra modules (e.g. {extra[0]})"] if extra else [])
+        return ", ".join(parts)
+    for m in layout.modules:
+        a, b = factors[m.name]
+        a_shape = a if isinstance(a, tuple) else tuple(a.shape)
+        b_shape = b if isinstance(b, tuple) else tuple(b.shape)
+        if a_shape != (layout.rank, m.in_features) or b_shape != (m.out_features, layout.rank):
+            return f"module {m.name} has factors {a_shape}, {b_shape} instead of " \
+                   f"{(layout.rank, m.in_features)}, {(m.out_features, layout.rank)}"
+    return None
+
+
+class LoraFolderSource(RowSource):
+    """A folder of LoRAs sharing one layout (the first file, in name order, defines it); one row per LoRA.
+
+    Each LoRA is flattened through the layout; B is rescaled so that every row has the first file's alpha
+    (kohya ``.alpha`` keys, PEFT ``adapter_config.json``, diffusers files with alpha folded into B all agree on ΔW).
+    """
+
+    def __init__(self, folder: str):
+        if not os.path.isdir(folder):
+            raise W2WFileError(f"{folder} is not a folder")
+        self.entries = _lora_entries(folder)
+        if not self.entries:
+            raise BuildError(f"{folder} holds no LoRA: put .safetensors LoRA files (kohya, PEFT or diffusers keys) "
+                             "or PEFT adapter folders (adapter_model.safetensors + adapter_config.json) in it")
+        first, alphas = _read_lora(self.entries[0], keys_only=True)
+        alpha = next(iter(alphas.values()))
+        self.layout = layout_of_lora(first, alpha)
+        bad = []
+        for entry in self.entries[1:]:
+            factors, _ = _read_lora(entry, keys_only=True)
+            why = _layout_difference(self.layout, factors)
+            if why is not None:
+                bad.append(f"{os.path.basename(entry.path) if entry.config is None else entry.name}: {why}")
+        if bad:
+            raise BuildError(f"{len(bad)} of {len(self.entries)} LoRAs in {folder} do not share the layout of "
+                             f"{os.path.basename(self.entries[0].path)} ({len(self.layout.modules)} modules, rank "
+                             f"{self.layout.rank}, {self.layout.dim:,} weights): " + "; ".join(bad[:20]) +
+                             ("; ..." if len(bad) > 20 else "") + ". Move them to another folder.")
+        self.shape = (len(self.entries), self.layout.dim)
+        self.names = tuple(e.name for e in self.entries)
+        self.description = f"LoRA folder {os.path.basename(os.path.normpath(folder))} ({len(self.entries):,} LoRAs)"
+
+    def read(self, start: int, out: np.ndarray) -> np.ndarray:
+        for i in range(out.shape[0]):
+            entry = self.entries[start + i]
+            factors, alphas = _read_lora(entry)
+            if _layout_difference(self.layout, factors) is not None:
+                raise BuildError(f"{entry.path} changed while the space was being built")
+            scaled = {p: (a, b.float() * (alphas[p] / self.layout.alpha)) for p, (a, b) in factors.items()}
+            out[i] = self.layout.flatten(scaled).numpy()
+        return out
+
+
+def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str] | None = None) -> RowSource:
+    """A folder of LoRAs, or one matrix file (.npy, .safetensors, .pt) — never loaded whole."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if names is not None:
+            raise BuildError("row names come from the file names of a LoRA folder; do not pass names")
+        return LoraFolderSource(path)
+    if not os.path.isfile(path):
+        raise W2WFileError(f"source not found: {path}. Give a folder of LoRAs or an N x d matrix file "
+                           f"({', '.join(MATRIX_SUFFIXES)})")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npy":
+        source = _npy_source(path)
+    elif suffix == ".safetensors":
+        source = _safetensors_source(path)
+    elif suffix in (".pt", ".pth"):
+        source = _torch_source(path)
+    else:
+        raise W2WFileError(f"{path}: unknown matrix format {suffix!r}; use {', '.join(MATRIX_SUFFIXES)} or a LoRA folder")
+    n, d = source.shape
+    if names is not None:
+        if len(names) != n:
+            raise BuildError(f"{len(names):,} row names for a matrix of {n:,} rows")
+        source.names = tuple(names)
+    source.layout = layout if layout is not None else (sd15_layout() if d == sd15_layout().dim else None)
+    if source.layout is None:
+        raise BuildError(f"{path} has {d:,} weights per row, not the {sd15_layout().dim:,} of the SD1.5 w2w layout: "
+                         "give the layout (a LoRA file or folder whose layout the rows follow)")
+    if source.layout.dim != d:
+        raise LayoutError(f"{path} has {d:,} weights per row; the layout given has {source.layout.dim:,}")
+    return source
+
+
+# ---- streaming passes -----------------------------------------------------------------------------------
+class _Rows:
+    """Blocks of standardised rows Z_b = (X_b - mean) / std: read double-buffered, viewed, or from a cache."""
+
+    def __init__(self, source: RowSource, block: int, callback: Callback | None, total_steps: int):
+        self.source, self.block = source, block
+        self.callback, self.total_steps, self.step = callback, total_steps, 0
+        self.buffers: list[np.ndarray] = []
+        self.zbuffer: torch.Tensor | None = None
+        self.cache: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None  # (d,) float32 mean
+        self.scale: torch.Tensor | None = None  # (d,) float32 1/std (0 for constant weights)
+        self.rows_read = 0
+
+    def raw_blocks(self, what: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """Raw rows; they may be views of the source (never modify them)."""
+        n, d = self.source.shape
+        starts = list(range(0, n, self.block))
+        if self.source.view(0, 1) is not None:
+            for start in starts:
+                self._progress(what)
+                x = self.source.view(start, min(n, start + self.block))
+                self.rows_read += x.shape[0]
+                yield start, torch.from_numpy(x)
+            return
+        if not self.buffers:
+            self.buffers = [np.empty((min(self.block, n), d), np.float32) for _ in range(min(2, len(starts)))]
+
+        def load(i: int) -> np.ndarray:
+            buf = self.buffers[i % len(self.buffers)][: min(self.block, n - starts[i])]
+            return self.source.read(starts[i], buf)
+
+        with ThreadPoolExecutor(1) as pool:  # reads block i + 1 while block i is multiplied
+            pending = pool.submit(load, 0)
+            for i, start in enumerate(starts):
+                self._progress(what)
+                x = pending.result()
+                if i + 1 < len(starts):
+                    pending = pool.submit(load, i + 1)
+                self.rows_read += x.shape[0]
+                yield start, torch.from_numpy(x)
+
+    def blocks(self, what: str) -> Iterator[tuple[int, torch.Tensor]]:
+        if self.cache is not None:
+            for start in range(0, self.cache.shape[0], self.block):
+                self._progress(what)
+                yield start, self.cache[start:start + self.block]
+            return
+        for start, x in self.raw_blocks(what):
+            if self.buffers:  # our own buffer: standardise in place
+                yield start, x.sub_(self.shift).mul_(self.scale)
+                continue
+            if self.zbuffer is None:
+                self.zbuffer = torch.empty(min(self.block, self.source.shape[0]), x.shape[1])
+            yield start, torch.sub(x, self.shift, out=self.zbuffer[: x.shape[0]]).mul_(self.scale)
+
+    def _progress(self, what: str) -> None:
+        if self.callback is not None:
+            self.callback(self.step, self.total_steps, what)
+        self.step += 1
+
+
+def _statistics(rows: _Rows, keep: bool, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-weight mean and std (ddof 1) — float32 block statistics merged in float64 (Chan et al.) — and the
+    row-space sketch (X - mean)ᵀ Ω in the same pass. With ``keep`` the centred rows are cached. Rejects NaN/Inf rows."""
+    n_total, d = rows.source.shape
+    mean = torch.zeros(d, dtype=torch.float64)
+    m2 = torch.zeros(d, dtype=torch.float64)
+    sketch = torch.zeros(d, omega.shape[1])
+    count = 0
+    bad: list[int] = []
+    cache = torch.empty(n_total, d) if keep else None
+    block_means: list[tuple[int, int, torch.Tensor]] = []
+    for start, x in rows.raw_blocks("statistics"):
+        b = x.shape[0]
+        block_var, block_mean = torch.var_mean(x, dim=0, correction=0)
+        if not bool(torch.isfinite(block_var).all()):  # NaN/Inf anywhere in a column makes its variance non-finite
+            bad.extend(start + int(i) for i in torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten())
+            continue
+        sketch.addmm_(x.T, omega[start:start + b])
+        if cache is not None:
+            torch.sub(x, block_mean, out=cache[start:start + b])
+            block_means.append((start, b, block_mean))
+        delta = block_mean.double() - mean
+        total = count + b
+        mean += delta * (b / total)
+        m2 += block_var.double() * b + delta.square() * (count * b / total)
+        count = total
+    if bad:
+        names = ", ".join(f"row {i} ({rows.source.row_name(i)})" for i in bad[:10])
+        raise BuildError(f"{len(bad):,} of {n_total:,} models contain NaN or Inf weights: {names}"
+                         f"{', ...' if len(bad) > 10 else ''}. Remove or repair them.")
+    mean32 = mean.float()
+    sketch.addr_(mean32, omega.sum(0, dtype=torch.float64).float(), alpha=-1.0)  # Xᵀ Ω - mean ⊗ Σ Ω
+    for start, b, block_mean in block_means:  # cached rows were centred on their block's mean
+        cache[start:start + b].add_(block_mean - mean32)
+    rows.cache = cache
+    return mean, (m2 / max(1, count - 1)).sqrt(), sketch
+
+
+def _orthonormal(h: torch.Tensor, previous: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """An orthonormal basis of span(h) orthogonal to the orthonormal ``previous`` blocks: block Gram–Schmidt and
+    Cholesky QR (Gram matrix and factor in float64), twice (CholeskyQR2); Householder QR if h is rank-deficient."""
+    for _ in range(2):
+        for q in previous:
+            h = h - q @ (q.T @ h)
+        hd = h.double()
+        chol, info = torch.linalg.cholesky_ex(hd.T @ hd)
+        if int(info) == 0:
+            h = h @ torch.linalg.inv(chol).T.float()
+        else:
+            h = torch.linalg.qr(hd).Q.float()
+    return h
+
+
+def _krylov_step(rows: _Rows, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass: Y = Z G (N, l) and H = Zᵀ Y = ZᵀZ G (d, l), block by block."""
+    y = torch.empty(rows.source.shape[0], g.shape[1])
+    h = torch.zeros_like(g)
+    for start, z in rows.blocks("krylov"):
+        yb = torch.matmul(z, g, out=y[start:start + z.shape[0]])
+        h.addmm_(z.T, yb)
+    return y, h
+
+
+def _project(rows: _Rows, g: torch.Tensor) -> torch.Tensor:
+    """Y = Z G (N, l), one pass."""
+    y = torch.empty(rows.source.shape[0], g.shape[1])
+    for start, z in rows.blocks("projection"):
+        torch.matmul(z, g, out=y[start:start + z.shape[0]])
+    return y
+
+
+def _block_rows(config: BuildConfig, n: int, d: int, l: int) -> int:
+    if config.block_rows is not None:
+        return min(n, config.block_rows)
+    per_row = 4 * (2 * d + 2 * l)  # two read buffers, the block's sketch and projection
+    return max(1, min(n, (config.memory_mb << 20) // per_row))
+
+
+def _rayleigh_ritz(g: torch.Tensor, y: torch.Tensor, k: int, block: int):
+    """Best rank-k approximation within span(G) (G orthonormal, Y = Z G): components (k, d), coefficients (N, k) and
+    the squared singular values, from the eigenvectors of YᵀY (float64)."""
+    gram = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64)
+    for s in range(0, y.shape[0], block):
+        yb = y[s:s + block].double()
+        gram.addmm_(yb.T, yb)
+    evals, w = torch.linalg.eigh(gram)
+    order = torch.argsort(evals, descending=True)[:k]
+    w = w[:, order].float()  # (L, k)
+    components = (g @ w).T  # (k, d)
+    coefs = y @ w  # (N, k)
+    signs = torch.sign(components.gather(1, components.abs().argmax(1, keepdim=True))).squeeze(1)
+    signs[signs == 0] = 1  # the largest entry of each component is positive: deterministic signs
+    return components * signs[:, None], coefs * signs[None, :], evals[order].clamp_min(0)
+
+
+def build_space(source: RowSource, config: BuildConfig = BuildConfig(), *, callback: Callback | None = None,
+                base_model: str = "SD1.5") -> BuildResult:
+    """Standardise the rows of ``source`` and keep their first ``config.pcs`` principal components.
+
+    Block Krylov iteration (Musco & Musco 2015) on the standardised rows Z, started from the row sketch ZᵀΩ that
+    the statistics pass computes: G₁ = orth(ZᵀΩ), G_{j+1} = orth(ZᵀZ G_j ⟂ G_1..G_j), then Rayleigh–Ritz on
+    span(G_1..G_{q+1}) with Y = Z [G_1..G_{q+1}] (see module doc). ``power_iters + 2`` passes over the rows.
+    """
+    t0 = time.perf_counter()
+    n, d = source.shape
+    if source.layout is None or source.layout.dim != d:
+        raise LayoutError(f"{source.description}: a layout with {d:,} weights is needed")
+    if n < 2:
+        raise BuildError(f"{source.description} has {n} model(s); a space needs at least 2")
+    k = config.pcs
+    if k > min(n - 1, d):
+        raise BuildError(f"asked for {k:,} PCs but {n:,} models of {d:,} weights give at most {min(n - 1, d):,}: "
+                         f"lower pcs")
+    l = min(config.columns, d)
+    block = _block_rows(config, n, d, l)
+    keep = n * d * 4 <= (config.memory_mb << 20)
+    rows = _Rows(source, block, callback, math.ceil(n / block) * config.passes)
+    gen = torch.Generator().manual_seed(config.seed)
+    omega = torch.randn(n, l, generator=gen)
+    omega -= omega.mean(0)
+    mean, std, sketch = _statistics(rows, keep, omega)
+    del omega
+    constant = std <= 1e-6 * mean.abs()
+    std = torch.where(constant, torch.zeros_like(std), std)
+    rows.shift = mean.float()
+    rows.scale = torch.where(constant, torch.zeros_like(std), 1.0 / std.clamp_min(1e-300)).float()
+    if rows.cache is not None:  # already centred by _statistics
+        rows.cache.mul_(rows.scale)
+    basis = [_orthonormal(sketch.mul_(rows.scale[:, None]))]
+    del sketch
+    ys = []
+    for _ in range(config.power_iters):
+        y, h = _krylov_step(rows, basis[-1])
+        ys.append(y)
+        basis.append(_orthonormal(h, basis))
+    ys.append(_project(rows, basis[-1]))
+    components, coefs, eigenvalues = _rayleigh_ritz(torch.cat(basis, 1), torch.cat(ys, 1), k, block)
+    del basis, ys
+    variance = eigenvalues / (n - 1)
+    total = float((~constant).sum())
+    if callback is not None:
+        callback(rows.step, rows.total_steps, "done")
+    coefs32 = coefs.float()
+    space = Space(components.float().contiguous(), mean.float(), std.float(), source.layout,
+                  coef_mean=coefs32.mean(0), coef_std=coefs32.std(0), train_coefs=coefs32,
+                  train_names=tuple(source.names), base_model=base_model, source=f"built from {source.description}")
+    return BuildResult(space, variance, variance / max(total, 1.0), total, rows.rows_read, time.perf_counter() - t0)
+
+
+# ---- labels ---------------------------------------------------------------------------------------------
+_KEY_COLUMNS = ("file", "name", "filename", "model")
+
+
+def read_labels_csv(path: str, names: Sequence[str]) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Labels (N, A) float32 and attribute names from a CSV: one row per training model, in build order, or keyed
+    by a file-name column (``file``, ``name``, ``filename`` or ``model``; extensions are ignored)."""
+    try:
+        import pandas as pd
+    except ImportError as exc:
+        raise ImportError("reading a labels CSV needs pandas: pip install pandas") from exc
+    from .space import labels_from_dataframe
+
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise W2WFileError(f"labels file {path} could not be read as CSV: {exc}") from None
+    key = next((c for c in df.columns if str(c).strip().lower() in _KEY_COLUMNS), None)
+    if key is None and len(df.columns) and not _is_number_column(df[df.columns[0]]):
+        key = df.columns[0]
+    n = len(names)
+    if key is None:
+        if len(df) != n:
+            raise BuildError(f"{path} has {len(df):,} label rows but the space has {n:,} training models; give one "
+                             "row per model in build order, or add a 'file' column with the model file names")
+    else:
+        keys = [_strip_ext(str(v)) for v in df[key]]
+        dupes = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) != len(keys) else []
+        if dupes:
+            raise BuildError(f"{path}: models listed twice in column {key!r}: {', '.join(dupes[:10])}")
+        known = set(names)
+        missing = [m for m in names if m not in set(keys)]
+        extra = [k for k in keys if k not in known]
+        if missing or extra:
+            msg = []
+            if missing:
+                msg.append(f"{len(missing):,} training models have no label row (e.g. {', '.join(missing[:5])})")
+            if extra:
+                msg.append(f"{len(extra):,} label rows name no training model (e.g. {', '.join(extra[:5])})")
+            raise BuildError(f"{path}: " + "; ".join(msg) + f". Column {key!r} must list each model's file name once.")
+        df = df.assign(**{str(key): keys}).set_index(str(key)).loc[list(names)].reset_index(drop=True)
+    if key is not None and key in df.columns:
+        df = df.drop(columns=[key])
+    non_numeric = [str(c) for c in df.columns if not _is_number_column(df[c])]
+    if non_numeric:
+        raise BuildError(f"{path}: columns {', '.join(non_numeric)} are not numeric; labels are numbers (0/1, -1/1, "
+                         "or real values) and only one file-name column is allowed")
+    _, labels, attributes = labels_from_dataframe(df, path)
+    return labels, attributes
+
+
+def _is_number_column(column) -> bool:
+    import pandas as pd
+
+    return bool(pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column))
+
+
+def _strip_ext(name: str) -> str:
+    base = os.path.basename(name.rstrip("/"))
+    for ext in (".safetensors", ".bin", ".pt", ".ckpt"):
+        if base.endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+def attach_labels(space: Space, labels: torch.Tensor, attributes: Sequence[str]) -> Space:
+    """A copy of ``space`` carrying training labels (N rows, same order as its training coefficients)."""
+    if space.train_coefs is None:
+        raise BuildError("this space has no training coefficients; labels can only be attached to a built space")
+    return replace_space(space, labels=labels, attribute_names=tuple(attributes), directions={})
+
+
+def load_for_labels(path: str) -> Space:
+    """A space with only the PCs its fingerprint needs (the rest is streamed back when saving)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        total = f.get_slice("components").get_shape()[0] if "components" in f.keys() else 1
+    return load_space(path, pcs=min(8, total))
+
+
+def save_streaming(space: Space, source_path: str, out: str) -> None:
+    """Save ``space`` (loaded with few PCs) with every PC of ``source_path`` streamed across, keeping its metadata."""
+    from safetensors import safe_open
+
+    from .space import FORMAT
+    from .stfile import TensorSource
+
+    with safe_open(source_path, framework="pt") as f:
+        meta = f.metadata() or {}
+        comp = f.get_slice("components")
+        shape = tuple(comp.get_shape())
+        dtype = {"F32": torch.float32, "F16": torch.float16}[comp.get_dtype()]
+    own = {"format", "format_version", "base_model", "layout", "fingerprint", "source", "attributes", "train_names",
+           "directions"}
+    extra = {k: v for k, v in meta.items() if k not in own}
+
+    def blocks() -> Iterator[torch.Tensor]:
+        with safe_open(source_path, framework="pt") as f:
+            sl = f.get_slice("components")
+            for start in range(0, shape[0], 256):
+                yield sl[start:min(shape[0], start + 256)]
+
+    if meta.get("format") != FORMAT:
+        raise W2WFileError(f"{source_path} is not a w2w space file")
+    save_space(space, out, dtype=dtype, components=TensorSource(dtype, shape, blocks), extra_metadata=extra)

@@ -104,3 +104,32 @@ def test_schema_has_tooltips_and_description(idscore_host):
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     assert [i.id for i in schema.inputs] == ["reference", "generated", "facenet_weights"]
     assert "w2w_idscore" not in sys.modules  # nothing leaked under a bare name
+
+
+def test_evaluation_graphs_match_the_pack_nodes(idscore_host, tmp_path_factory):
+    """benchmarks/eval_inversion.py builds its graphs by hand: they must validate against the nodes as they are."""
+    from comfyhost import SD15_STANDIN_NAME
+
+    from w2w.synthetic import write_release
+
+    spec = importlib.util.spec_from_file_location("eval_inversion_graphs", idscore_host.pack_dir / "benchmarks" / "eval_inversion.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.modules.pop(spec.name, None)
+    space_dir = tmp_path_factory.mktemp("eval-space") / "eval-space"
+    write_release(str(space_dir), pcs=8, models=16)
+    idscore_host.stage_model("w2w", space_dir, "eval-space")
+    cfg = bench.GraphSettings(checkpoint=SD15_STANDIN_NAME, space="eval-space/", space_pcs=8, preset="custom", pcs=8,
+                              invert_steps=1, resolution=64, size=64, sampler_steps=1)
+    jobs = [("sks person", 0), ("a photo of sks person", 1)]
+    graphs = [bench.invert_graph(cfg, "w2w_idscore_face.png", "eval/x"),
+              bench.generate_graph(cfg, "w2w_idscore_face.png", jobs, "eval/x"),
+              bench.generate_graph(cfg, None, jobs, "eval/mean")]
+    for graph in graphs:
+        valid, error, outputs, node_errors = idscore_host.validate(graph)
+        assert valid, (error, node_errors)
+    assert graphs[0]["invert"] == graphs[1]["invert"]  # the same node and inputs: ComfyUI reuses the inversion
+    assert {f"save_{j}" for j in range(len(jobs))} <= set(outputs)

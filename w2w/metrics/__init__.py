@@ -2,11 +2,11 @@
 
 facenet-pytorch is imported only when a scorer is built (``pip install --no-deps facenet-pytorch==2.6.0``).
 """
-from w2w.metrics.faces import (
+from .faces import (
     FACENET_FILENAME, FACENET_URL, DetectorConfig, Face, FaceNetWeightsMissing, find_facenet_weights,
     require_facenet, torch_hub_checkpoints_dir,
 )
-from w2w.metrics.idscore import IDScorer, IDScoreResult, PairScore, get_scorer, id_score, pair_indices, preview_crops
+from .idscore import IDScorer, IDScoreResult, PairScore, get_scorer, id_score, pair_indices, preview_crops
 
 __all__ = [
     "FACENET_FILENAME", "FACENET_URL", "DetectorConfig", "Face", "FaceNetWeightsMissing", "find_facenet_weights",

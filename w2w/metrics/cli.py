@@ -65,7 +65,7 @@ def load_image(path: str):
 
 
 def _idscore(args: argparse.Namespace) -> int:
-    from w2w.metrics.idscore import get_scorer, id_score, preview_crops
+    from .idscore import get_scorer, id_score, preview_crops
 
     ref_files, gen_files = list_images(args.ref_dir), list_images(args.gen_dir)
     pairs = pair_files(ref_files, gen_files)

@@ -162,7 +162,7 @@ class FaceDetector:
     """MTCNN cascade with the weights shipped in the facenet-pytorch wheel."""
 
     def __init__(self, config: DetectorConfig = DetectorConfig(), device: str | torch.device = "cpu"):
-        from w2w.safeload import load_object
+        from ..safeload import load_object
         fn = require_facenet()
         self.config = config
         self.device = torch.device(device)
@@ -248,7 +248,7 @@ class FaceEmbedder:
 
 def _facenet_state_dict(path: str, model: torch.nn.Module) -> dict:
     """Read and check a FaceNet state dict; the classifier head (``logits.*``) of the released file is dropped."""
-    from w2w.safeload import W2WFileError, load_object
+    from ..safeload import W2WFileError, load_object
     state = load_object(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise W2WFileError(f"{path} should hold a FaceNet state dict (names -> tensors), holds a {type(state).__name__}")

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from w2w.metrics.faces import DetectorConfig, Face, FaceDetector, FaceEmbedder, find_facenet_weights, to_uint8_images
+from .faces import DetectorConfig, Face, FaceDetector, FaceEmbedder, find_facenet_weights, to_uint8_images
 
 __all__ = ["PairScore", "IDScoreResult", "IDScorer", "get_scorer", "pair_indices", "id_score", "preview_crops"]
 

@@ -47,7 +47,7 @@ def save_random_facenet(path: str, seed: int = 0, *, logits_classes: int = 16) -
     BatchNorm statistics are set from a few random batches so that embeddings of different inputs differ
     (with the default statistics every input maps to nearly the same vector). Written atomically.
     """
-    from w2w.metrics.faces import require_facenet
+    from .faces import require_facenet
     fn = require_facenet()
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):

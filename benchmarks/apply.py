@@ -1,0 +1,121 @@
+"""Apply w2w LoRA against the stock LoraLoader on the same identity exported as a LoRA, in a real ComfyUI (CPU).
+
+    python benchmarks/apply.py [--comfyui PATH] [--pcs 1000] [--repeats 5] [--steps 2] [--size 64]
+
+1. Time to a patched, loaded model: (Apply w2w LoRA | LoraLoaderModelOnly on the exported file) + the load that bakes
+   the patches (`load_models_gpu`), median over interleaved repeats. Target ratio ≤ 1.0.
+2. Time per sampling step (KSampler, Euler) on the base model, the w2w-patched model and, for information, the
+   delayed-injection model. Target overhead of the patched model: 0 % (patches are baked at load).
+Both sides run side by side in the same process on the same random-weight full-size SD1.5 stand-in.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests" / "comfy"), str(ROOT)]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def make_space(pcs: int):
+    """An in-memory space in the released layout (random, not orthonormalised: cheap to build at 1000 PCs)."""
+    import torch
+
+    from w2w.layout import sd15_layout
+    from w2w.space import Space
+
+    layout = sd15_layout()
+    gen = torch.Generator().manual_seed(0)
+    d = layout.dim
+    return Space(torch.randn(pcs, d, generator=gen) / d ** 0.5, torch.randn(d, generator=gen) * 0.02,
+                 torch.rand(d, generator=gen) * 0.02 + 0.002, layout,
+                 coef_mean=torch.zeros(pcs), coef_std=torch.linspace(3.0, 0.5, pcs))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", type=Path)
+    parser.add_argument("--pcs", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    from comfyhost import SD15_STANDIN_NAME, ComfyHost
+    from demo import standins
+    from demo.locate import PACK_DIRNAME, find_comfyui, pack_root
+
+    comfyui = args.comfyui or find_comfyui()
+    if comfyui is None:
+        parser.error("ComfyUI not found (set COMFYUI_PATH)")
+    host = ComfyHost.start(comfyui, Path(tempfile.mkdtemp(prefix="w2w-bench-")), pack_root(), PACK_DIRNAME)
+    host.stage_model("checkpoints", standins.ensure_sd15_standin(comfyui), SD15_STANDIN_NAME)
+
+    import torch
+    import comfy.model_management as mm
+    import folder_paths
+
+    node = host.node_class
+    with torch.inference_mode():
+        base, clip, _ = node("CheckpointLoaderSimple")().load_checkpoint(SD15_STANDIN_NAME)
+        space = make_space(args.pcs)
+        identity = node("W2WSampleIdentity").execute(space, 5, args.pcs, 1.0).result[0]
+        edited = node("W2WSampleIdentity").execute(space, 6, args.pcs, 1.0).result[0]
+        node("W2WSaveLoRA").execute(space, identity, "bench/identity", "float32")
+        lora = next(n for n in folder_paths.get_filename_list("loras") if n.startswith("bench/identity_"))
+
+        def w2w():
+            mm.load_models_gpu([node("W2WApplyLoRA").execute(base, space, identity, 1.0).result[0]], force_full_load=True)
+
+        def stock():
+            mm.load_models_gpu([node("LoraLoaderModelOnly")().load_lora_model_only(base, lora, 1.0)[0]], force_full_load=True)
+
+        w2w(), stock()  # warm-up: first load, file cache
+        times = {"w2w": [], "stock": []}
+        for _ in range(args.repeats):
+            for name, fn in (("w2w", w2w), ("stock", stock)):
+                mm.unload_all_models()
+                times[name].append(timed(fn))
+        t_w2w, t_stock = statistics.median(times["w2w"]), statistics.median(times["stock"])
+
+        positive = node("CLIPTextEncode")().encode(clip, "sks person")[0]
+        negative = node("CLIPTextEncode")().encode(clip, "low quality, blurry, unfinished")[0]
+        latent = node("EmptyLatentImage")().generate(args.size, args.size, 1)[0]
+        models = {"base": base, "w2w": node("W2WApplyLoRA").execute(base, space, identity, 1.0).result[0],
+                  "delayed": node("W2WApplyLoRA").execute(base, space, identity, 1.0, edited, 0.3).result[0]}
+
+        def sample(model):
+            node("KSampler")().sample(model, 5, args.steps, 3.0, "euler", "simple", positive, negative, latent)
+
+        for model in models.values():
+            sample(model)  # warm-up and load
+        steps = {name: [] for name in models}
+        for _ in range(max(2, args.repeats // 2)):
+            for name, model in models.items():
+                mm.load_models_gpu([model], force_full_load=True)  # load outside the timing, as in a long run
+                steps[name].append(timed(lambda: sample(model)) / args.steps)
+    per_step = {name: statistics.median(v) for name, v in steps.items()}
+
+    print(f"ComfyUI {comfyui}; torch {torch.__version__}; {torch.get_num_threads()} threads; space {args.pcs} PCs; "
+          f"{args.repeats} repeats")
+    print(f"time to patched, loaded model: Apply w2w LoRA {t_w2w * 1000:.0f} ms, stock LoraLoader {t_stock * 1000:.0f} ms"
+          f" -> ratio {t_w2w / t_stock:.2f} (target <= 1.0)")
+    for name in ("w2w", "delayed"):
+        overhead = 100 * (per_step[name] / per_step["base"] - 1)
+        print(f"per step at {args.size}x{args.size}: base {per_step['base']:.2f} s, {name} {per_step[name]:.2f} s "
+              f"-> overhead {overhead:+.1f} %" + (" (target 0 %)" if name == "w2w" else " (delayed injection)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

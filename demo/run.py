@@ -160,7 +160,7 @@ class ComfyServer:
     """`python main.py --cpu` on loopback with a given base directory; a context manager that always stops it."""
 
     def __init__(self, comfyui: Path, base: Path, python: str = sys.executable, port: int | None = None,
-                 startup_timeout: float = 300.0, extra_args: tuple = ()):
+                 startup_timeout: float = 900.0, extra_args: tuple = ()):
         self.comfyui, self.base, self.python = Path(comfyui), Path(base), python
         self._auto_port = port is None
         self.port = port or free_port()
@@ -245,7 +245,7 @@ class ComfyServer:
         body = json.dumps({"prompt": graph, "client_id": uuid.uuid4().hex}).encode()
         request = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
+            with urllib.request.urlopen(request, timeout=300) as response:
                 return json.loads(response.read())["prompt_id"]
         except urllib.error.HTTPError as error:
             payload = error.read().decode("utf-8", errors="replace")
@@ -257,13 +257,18 @@ class ComfyServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise DemoError(f"ComfyUI exited (code {self.process.returncode}) while running:\n{self.log_tail()}")
-            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            try:
+                entry = self.get_json(f"/history/{prompt_id}", timeout=30).get(prompt_id)
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+                say(f"no answer from /history yet ({error}); still waiting")  # a busy CPU delays the reply
+                time.sleep(2)
+                continue
             if entry and entry.get("status", {}).get("completed") is not None and (
                     entry["status"]["completed"] or entry["status"].get("status_str") == "error"):
                 if entry["status"].get("status_str") == "error":
                     raise DemoError("the graph failed while running:\n" + format_execution_error(entry))
                 return entry
-            time.sleep(0.5)
+            time.sleep(1.0)
         raise DemoError(f"the graph did not finish within {timeout:.0f} s (raise --timeout); log tail:\n{self.log_tail()}")
 
 
@@ -315,7 +320,8 @@ def collect_images(entry: dict, base: Path, out: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------ the run
 def run_demo(graph: dict, comfyui: Path, out: Path, models: Path | None = None,
              stage: list[tuple[str, Path]] = (), extra_standins: list[Standin] = (),
-             python: str = sys.executable, timeout: float = 1200.0, keep: bool = False) -> DemoResult:
+             python: str = sys.executable, timeout: float = 1200.0, keep: bool = False,
+             startup_timeout: float = 900.0) -> DemoResult:
     """Stage models, start the server, run `graph` (modified in place for stand-ins), copy images to `out`."""
     graph = json.loads(json.dumps(graph))  # never mutate the caller's graph
     base = Path(tempfile.mkdtemp(prefix="w2w-demo-"))
@@ -328,7 +334,7 @@ def run_demo(graph: dict, comfyui: Path, out: Path, models: Path | None = None,
             wanted += [Standin("checkpoints", name, ckpt, "random-weight SD1.5 stand-in") for name in missing_ckpts]
         used = apply_standins(graph, base, wanted)
         loud(used)
-        with ComfyServer(comfyui, base, python=python) as server:
+        with ComfyServer(comfyui, base, python=python, startup_timeout=startup_timeout) as server:
             errors = pack_import_errors(server.log_tail(100000), str(base / "custom_nodes" / PACK_DIRNAME))
             for line in errors:
                 say(f"WARNING: the pack failed to import: {line}")
@@ -377,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "containing this pack, then ~/ComfyUI)")
     parser.add_argument("--python", default=sys.executable, help="Python interpreter that has ComfyUI's requirements")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds allowed for the graph to run")
+    parser.add_argument("--startup-timeout", type=float, default=900.0,
+                        help="seconds allowed for ComfyUI to start (importing every node is slow on a busy CPU)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary base directory (for debugging)")
     return parser
 
@@ -394,7 +402,7 @@ def main(argv=None) -> int:
             raise DemoError(f"--models {models}: not a directory")
         graph = load_graph(args.graph)
         result = run_demo(graph, Path(comfyui), args.out, models, args.stage, args.standin, args.python,
-                          args.timeout, args.keep)
+                          args.timeout, args.keep, args.startup_timeout)
     except (DemoError, ValueError, OSError) as error:
         say(f"FAILED: {error}")
         return 1

@@ -44,6 +44,16 @@ def load_stock_graph(ckpt_name: str = SD15_STANDIN_NAME) -> dict:
     return graph
 
 
+def png_pixels(path: str | os.PathLike):
+    """(H, W, 3) uint8 tensor of a saved PNG (Pillow ships with ComfyUI)."""
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+        return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
+
+
 class GraphError(RuntimeError):
     """A graph that failed validation or execution; `.details` holds ComfyUI's error payload."""
 

@@ -1,13 +1,10 @@
-"""The real ComfyUI as a host: the stand-in checkpoint, the ldm keys we patch, in-process and server runs."""
+"""The real ComfyUI as an in-process host: the stand-in checkpoint, the ldm keys we patch, graph runs."""
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from comfyhost import SD15_STANDIN_NAME, GraphError, load_stock_graph
-from demo import run as demo_run
+from comfyhost import SD15_STANDIN_NAME, GraphError, load_stock_graph, png_pixels
 from demo import standins
 
 # The 16 SD1.5 transformer blocks (ldm names) and their channel width C, per ../shared/COMFYUI.md.
@@ -32,19 +29,13 @@ def sd15_target_keys() -> dict[str, tuple[int, int]]:
     return keys
 
 
-def _png_pixels(path) -> torch.Tensor:
-    """(H, W, C) uint8 pixels of a saved PNG (Pillow ships with ComfyUI)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8).view(
-            image.height, image.width, 3)
-
-
 @pytest.fixture(scope="module")
 def stock_loaded(comfy_host):
-    """(MODEL, CLIP, VAE) from the stock CheckpointLoaderSimple on the stand-in."""
-    return comfy_host.node_class("CheckpointLoaderSimple")().load_checkpoint(SD15_STANDIN_NAME)
+    """(MODEL, CLIP, VAE) from the stock CheckpointLoaderSimple on the stand-in; freed after this module."""
+    loaded = comfy_host.node_class("CheckpointLoaderSimple")().load_checkpoint(SD15_STANDIN_NAME)
+    yield loaded
+    del loaded
+    comfy_host.unload_models()
 
 
 def test_standin_loads_with_stock_loader_as_sd15(stock_loaded, sd15_standin):
@@ -122,7 +113,8 @@ def probed_run(comfy_host):
     comfy_host.register_node("W2WTestInferenceModeProbe", InferenceModeProbe)
     InferenceModeProbe.seen.clear()
     result = comfy_host.run_graph(probed_stock_graph(), executor=comfy_host.shared_executor)
-    return result, list(InferenceModeProbe.seen)
+    yield result, list(InferenceModeProbe.seen)
+    comfy_host.unload_models()  # drops the shared executor's cached outputs too
 
 
 def test_stock_graph_runs_in_process_under_inference_mode(probed_run):
@@ -134,7 +126,7 @@ def test_stock_graph_runs_in_process_under_inference_mode(probed_run):
     assert image.std() > 0.01  # random weights give noise, not a constant image
     files = result.image_files()
     assert len(files) == 1 and files[0].is_file()
-    assert _png_pixels(files[0]).shape == (64, 64, 3)
+    assert png_pixels(files[0]).shape == (64, 64, 3)
 
 
 def test_shared_executor_caches_unchanged_nodes_like_the_server(comfy_host, probed_run):
@@ -162,30 +154,3 @@ def test_invalid_graph_reports_the_node(comfy_host, stock_graph):
     with pytest.raises(GraphError) as caught:
         comfy_host.run_graph(stock_graph)
     assert "3" in caught.value.details["node_errors"]
-
-
-@pytest.mark.slow
-def test_server_rejects_an_invalid_graph_with_per_node_errors(comfyui_path, sd15_standin, tmp_path):
-    graph = load_stock_graph(sd15_standin.name)
-    graph["3"]["inputs"]["steps"] = 0
-    with pytest.raises(demo_run.DemoError, match=r"node 3 \(KSampler\).*steps"):
-        demo_run.run_demo(graph, comfyui_path, tmp_path / "out", stage=[("checkpoints", sd15_standin)], timeout=120)
-
-
-@pytest.mark.slow
-def test_demo_cli_runs_the_stock_graph_on_the_server_with_the_standin(comfyui_path, sd15_standin, tmp_path, capsys):
-    models = tmp_path / "models"  # no real files: the graph's checkpoint must be replaced, loudly
-    (models / "checkpoints").mkdir(parents=True)
-    graph = tmp_path / "graph.json"
-    graph.write_text(json.dumps(load_stock_graph("not-here.safetensors")))
-
-    code = demo_run.main(["--graph", str(graph), "--models", str(models), "--out", str(tmp_path / "out"),
-                          "--comfyui", str(comfyui_path), "--timeout", "600"])
-
-    printed = capsys.readouterr().out
-    assert code == 0, printed
-    assert "STAND-INS IN USE" in printed and "not-here.safetensors not found" in printed
-    images = sorted((tmp_path / "out").glob("*.png"))
-    assert len(images) == 1
-    pixels = _png_pixels(images[0])
-    assert pixels.shape == (64, 64, 3) and pixels.float().std() > 1.0

@@ -285,3 +285,13 @@ def test_denoiser_that_ignores_the_factors_is_reported(space):
 
     with pytest.raises(RuntimeError, match="not patched"):
         invert(space, unpatched, make_latents(), make_cond(), InvertSettings(pcs=4, steps=1))
+
+
+def test_space_made_under_inference_mode_can_be_inverted():
+    """Inside ComfyUI a loaded space holds inference tensors; the map must not save them for backward."""
+    with torch.inference_mode():
+        space = tiny_space()
+    assert space.components.is_inference()
+    result = invert(space, TinyDenoiser(space.layout.scale), make_latents(), make_cond(),
+                    InvertSettings(pcs=space.pcs, steps=3, lr=0.05))
+    assert len(result.losses) == 3 and torch.isfinite(result.identity.coefficients).all()

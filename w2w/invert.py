@@ -58,6 +58,24 @@ PRESETS: dict[str, InvertSettings] = {
 }
 
 
+class _Unproject(torch.autograd.Function):
+    """w = (β @ basis) * std + mean, differentiable in β only; one matmul forward, one backward.
+
+    The basis, std and mean are kept as plain attributes, not saved tensors: they may be inference tensors (a space
+    loaded inside ComfyUI's executor), which autograd refuses to save, and copying a 4 GB basis to avoid that would
+    double its memory.
+    """
+
+    @staticmethod
+    def forward(ctx, beta, basis, std, mean):
+        ctx.basis, ctx.std = basis, std
+        return torch.addcmul(mean, beta @ basis, std)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad * ctx.std) @ ctx.basis.T, None, None, None
+
+
 class FactorMap:
     """Differentiable β (k,) -> per-module LoRA factors (A, B), with one matmul: w = (β @ basis[:k]) * std + mean."""
 
@@ -87,7 +105,7 @@ class FactorMap:
 
     def weights(self, beta: torch.Tensor) -> torch.Tensor:
         """β (k,) -> flat weight vector (d,) in the compute dtype."""
-        return torch.addcmul(self.mean, beta.to(self.device, self.dtype) @ self.basis, self.std)
+        return _Unproject.apply(beta.to(self.device, self.dtype), self.basis, self.std, self.mean)
 
     def factors(self, beta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """β (k,) -> [(A (rank, in), B (out, rank)) per layout module], views of one weight vector."""

@@ -1,0 +1,299 @@
+"""Invert Image to w2w (paper §3.4, App. C): the identity whose model best denoises photos of one person.
+
+The optimisation is the core's (``w2w.invert``); this file only connects it to ComfyUI. The executor runs every node
+under ``torch.inference_mode()``, where checkpoint weights, latents and conds are inference tensors that autograd
+may not save. So the loop runs in ``torch.inference_mode(False)`` on clones of the upstream tensors, on a clone of
+the MODEL whose every weight and bias has a weight wrapper (``ModelPatcher.add_weight_wrapper``, the
+``comfy_extras/nodes_train.py`` pattern): ComfyUI then hands each layer a fresh copy of its weight, and the 64
+target weights get ``W + 27 · B @ A`` from the current step's factors. Everything done to shared objects (the
+wrappers on the modules, ``requires_grad``, the loaded clone) is undone in ``finally``, also on Cancel.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+from ..w2w.diffusion import alphas_cumprod_from_sigmas
+from ..w2w.invert import PRESETS, FactorBoard, FactorWrapper, InvertSettings, invert
+from .common import CATEGORY, IdentitySocket, SpaceSocket, check_targets
+
+log = logging.getLogger(__name__)
+
+CUSTOM = "custom"
+PRESET_CHOICES = ["reference", "out-of-distribution", CUSTOM]
+DEFAULT_PROMPT = "sks person"
+
+
+# ---- images and masks --------------------------------------------------------------------------------------
+def _resize_short_side_and_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, size, size): shorter side to ``size`` (antialiased bilinear), then a centre crop."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top: top + size, left: left + size]
+
+
+def prepare_images(image: torch.Tensor, size: int) -> torch.Tensor:
+    """ComfyUI IMAGE (N, H, W, C) with C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA) -> (N, size, size, 3) RGB."""
+    if image is None or image.dim() not in (3, 4) or image.shape[0] == 0 or image.numel() == 0:
+        shape = None if image is None else tuple(image.shape)
+        raise ValueError(f"Invert Image to w2w got an empty image batch (shape {shape}): connect Load Image "
+                         "(several photos of the same person can be batched with Batch Images)")
+    x = image.detach().float()
+    if x.dim() == 3:  # (N, H, W): grey
+        x = x[..., None]
+    channels = x.shape[-1]
+    if channels in (2, 4):  # drop alpha, as PIL's convert("RGB") does
+        x = x[..., :-1]
+    if x.shape[-1] == 1:
+        x = x.expand(*x.shape[:-1], 3)
+    if x.shape[-1] != 3:
+        raise ValueError(f"images have {channels} channels; expected 1 (grey), 2, 3 (RGB) or 4 (RGBA)")
+    out = _resize_short_side_and_crop(x.permute(0, 3, 1, 2), size)
+    return out.clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous()
+
+
+def prepare_image_mask(mask: torch.Tensor | None, image: torch.Tensor, size: int) -> torch.Tensor | None:
+    """ComfyUI MASK (H, W) or (N|1, H, W) of the input images -> (N|1, size, size), cropped exactly like them."""
+    if mask is None:
+        return None
+    m = mask.detach().float()
+    if m.dim() == 2:
+        m = m[None]
+    if m.dim() != 3:
+        raise ValueError(f"mask must be (H, W) or (N, H, W), got shape {tuple(mask.shape)}")
+    images, height, width = image.shape[0], image.shape[1], image.shape[2]
+    if float(m.max()) <= 0.0:
+        raise ValueError("the mask is empty (all 0): Load Image gives an empty mask for an image without a painted or "
+                         "transparent area. Paint the region the loss should see (e.g. the face) in the mask editor, "
+                         "or disconnect mask")
+    if tuple(m.shape[-2:]) != (height, width):
+        raise ValueError(f"the mask is {m.shape[-1]}x{m.shape[-2]} but the images are {width}x{height}: use the mask "
+                         "of the same Load Image (or resize both the same way)")
+    if m.shape[0] not in (1, images):
+        raise ValueError(f"{m.shape[0]} masks for {images} images: give one mask for all images or one per image")
+    return _resize_short_side_and_crop(m[:, None], size)[:, 0].clamp(0.0, 1.0)
+
+
+def loss_curve_image(losses, width: int = 384, height: int = 192) -> torch.Tensor:
+    """A small plot of the loss per step (grey) and its running mean (blue) as a ComfyUI IMAGE (1, H, W, 3)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (width, height), (250, 250, 250))
+    draw = ImageDraw.Draw(canvas)
+    values = [v for v in losses if math.isfinite(v)]
+    left, top, right, bottom = 8, 20, width - 8, height - 8
+    draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
+    if values:
+        window = max(1, len(values) // 20)
+        smooth = [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+        lo, hi = min(values), max(values)
+        span = hi - lo if hi > lo else 1.0
+
+        def point(i, v):
+            x = left + (right - left) * (i / max(1, len(values) - 1))
+            return x, bottom - (bottom - top) * (v - lo) / span
+
+        for series, colour in ((values, (170, 170, 170)), (smooth, (30, 90, 200))):
+            draw.line([point(i, v) for i, v in enumerate(series)], fill=colour, width=1 if series is values else 2)
+        draw.text((left, 4), f"loss  first {smooth[0]:.4f}  last {smooth[-1]:.4f}  ({len(values)} steps)",
+                  fill=(40, 40, 40))
+    pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return (pixels.float() / 255.0)[None]
+
+
+# ---- the MODEL -------------------------------------------------------------------------------------------
+class _Copy:
+    """Weight wrapper that changes nothing: its presence makes ComfyUI pass the layer a copy of its weight."""
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
+_COPY = _Copy()
+
+
+def _ours(f) -> bool:
+    return f is _COPY or isinstance(f, FactorWrapper)
+
+
+@contextlib.contextmanager
+def trainable_clone(model, space):
+    """A loaded clone of ``model`` whose target weights read the factors on the yielded board; undone on exit.
+
+    Yields (patcher, board). Every other weight and bias gets a no-op wrapper so that no inference tensor is saved
+    for backward. On exit, whatever happened: the factors are dropped, our wrappers leave the shared modules, the
+    clone is unloaded (weights restored from ComfyUI's backup) and ``requires_grad`` is restored.
+    """
+    import comfy.model_management as mm
+
+    keys = check_targets(model, space)
+    board = FactorBoard(space.layout)
+    index = {slot.comfy_key: i for i, slot in enumerate(space.layout.modules)}
+    patcher = model.clone()
+    modules = list(patcher.model.named_modules())
+    for name, module in modules:
+        if not hasattr(module, "weight_function"):
+            continue
+        if getattr(module, "weight", None) is not None:
+            key = f"{name}.weight"
+            patcher.add_weight_wrapper(key, board.wrappers[index[key]] if key in keys else _COPY)
+        if getattr(module, "bias", None) is not None:
+            patcher.add_weight_wrapper(f"{name}.bias", _COPY)
+    grad_flags = [(p, p.requires_grad) for p in patcher.model.parameters()]
+    try:
+        patcher.model.requires_grad_(False)
+        mm.load_models_gpu([patcher], force_full_load=True)
+        yield patcher, board
+    finally:
+        board.factors = None
+        for _, module in modules:
+            for attr in ("weight_function", "bias_function"):
+                functions = module.__dict__.get(attr)
+                if functions is not None and any(_ours(f) for f in functions):
+                    setattr(module, attr, [f for f in functions if not _ours(f)])
+        for i in reversed(range(len(mm.current_loaded_models))):
+            if mm.current_loaded_models[i].model is patcher:
+                mm.current_loaded_models.pop(i).model_unload(unpatch_weights=True)
+        for p, flag in grad_flags:
+            if p.requires_grad != flag:
+                with torch.inference_mode(p.is_inference()):  # inference tensors only take the flag back inside it
+                    p.requires_grad_(flag)
+
+
+class ComfyDenoiser:
+    """The core's denoiser on a ComfyUI MODEL: DDPM x_t, t -> ε̂ through ``apply_model`` (k-diffusion form)."""
+
+    def __init__(self, patcher, board: FactorBoard, sigmas: torch.Tensor):
+        self.patcher = patcher
+        self.board = board
+        self.sigmas = sigmas  # (1000,) the model's own σ_t
+
+    def __call__(self, x_t, t, cond, factors):
+        self.board.factors = factors
+        sigma = self.sigmas[t].to(x_t.device)
+        s = sigma.view(-1, 1, 1, 1)
+        x = x_t * (1.0 + s ** 2).sqrt()  # = x0 + σ·ε, what ComfyUI's samplers feed the model
+        context = cond.expand(x.shape[0], *cond.shape[1:])
+        denoised = self.patcher.model.apply_model(x, sigma, c_crossattn=context)
+        return (x - denoised) / s
+
+
+def _encode_cond(clip, conditioning, prompt: str) -> torch.Tensor:
+    """The cross-attention context (1, tokens, 768) from CONDITIONING, or from CLIP and the prompt."""
+    if conditioning is not None:
+        if not conditioning:
+            raise ValueError("the conditioning input is empty")
+        return conditioning[0][0][:1]
+    if clip is None:
+        raise ValueError("Invert Image to w2w needs a text encoder: connect clip (it encodes the prompt, "
+                         f"default '{DEFAULT_PROMPT}') or a conditioning")
+    return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0][:1]
+
+
+def _settings(preset: str, pcs: int, steps: int, lr: float, seed: int) -> InvertSettings:
+    if preset == CUSTOM:
+        return InvertSettings(pcs=pcs, steps=steps, lr=lr, weight_decay=PRESETS["reference"].weight_decay, seed=seed)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESET_CHOICES}")
+    base = PRESETS[preset]
+    return InvertSettings(pcs=base.pcs, steps=base.steps, lr=base.lr, weight_decay=base.weight_decay, seed=seed)
+
+
+class W2WInvertImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="W2WInvertImage",
+            display_name="Invert Image to w2w",
+            category=CATEGORY,
+            description="Finds the identity in the w2w space whose model best reconstructs the photo(s) (paper §3.4): "
+                        "optimises the PCA coefficients with the diffusion loss while UNet, VAE and text encoder stay "
+                        "frozen. Batch several photos of one person for a multi-image inversion. The input MODEL is "
+                        "left unchanged; Cancel stops at the next step.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 MODEL the space was trained on (Realistic Vision v5.1 for the "
+                                                "released space)."),
+                io.Vae.Input("vae", tooltip="The VAE of the checkpoint: encodes the photos to latents."),
+                io.Image.Input("image", tooltip="One photo, or a batch of photos of the same person. Any size and aspect, "
+                                                "RGB, RGBA or grey: resized (shorter side = resolution) and centre-cropped."),
+                SpaceSocket.Input("space", tooltip="The w2w space (load it with pcs >= the PCs optimised here: 10,000 "
+                                                   "for the reference preset)."),
+                io.Combo.Input("preset", options=PRESET_CHOICES, default="reference",
+                               tooltip="reference: 10,000 PCs, lr 0.1, 400 steps (paper, photos). out-of-distribution: "
+                                       "1000 PCs, lr 1, 800 steps (paintings, cartoons). custom: use pcs, steps and lr "
+                                       "below (they are ignored by the other presets)."),
+                io.Int.Input("pcs", default=10_000, min=1, max=100_000,
+                             tooltip="custom preset: number of PCs (coefficients) optimised."),
+                io.Int.Input("steps", default=400, min=1, max=10_000, tooltip="custom preset: optimisation steps."),
+                io.Float.Input("lr", default=0.1, min=1e-5, max=10.0, step=0.001,
+                               tooltip="custom preset: Adam learning rate (weight decay 1e-10 as the paper)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF_FFFF_FFFF,
+                             tooltip="Seed of the timesteps and noise; the same inputs and seed give the same identity."),
+                io.Clip.Input("clip", optional=True, tooltip="Text encoder for the prompt (or connect conditioning)."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Instead of clip + prompt: the conditioning to invert with."),
+                io.String.Input("prompt", default=DEFAULT_PROMPT, optional=True,
+                                tooltip="Prompt encoded with clip during inversion (paper: 'sks person')."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: the loss only sees where the mask is 1 (e.g. the face); same size as "
+                                      "the images, one mask for all or one per image."),
+                IdentitySocket.Input("init_identity", optional=True,
+                                     tooltip="Optional start point (default: the mean identity, all coefficients 0)."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8, optional=True,
+                             tooltip="Side of the square crop the photos are resized to (paper: 512)."),
+            ],
+            outputs=[
+                IdentitySocket.Output(display_name="identity", tooltip="The inverted identity."),
+                io.Image.Output(display_name="loss_curve", tooltip="The loss per step (grey) and its running mean."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, image, space, preset: str, pcs: int, steps: int, lr: float, seed: int, clip=None,
+                conditioning=None, prompt: str = DEFAULT_PROMPT, mask=None, init_identity=None,
+                resolution: int = 512) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        settings = _settings(preset, pcs, steps, lr, seed)
+        if settings.pcs > space.pcs:
+            raise ValueError(f"the {preset} preset optimises {settings.pcs:,} PCs but the space is loaded with "
+                             f"{space.pcs:,}: raise pcs in Load w2w Space to {settings.pcs:,}, or use the custom preset "
+                             f"with pcs <= {space.pcs:,}")
+        check_targets(model, space)
+        pixels = prepare_images(image, resolution)
+        masks = prepare_image_mask(mask, image, resolution)
+        context = _encode_cond(clip, conditioning, prompt)
+        latents = model.model.process_latent_in(vae.encode(pixels))
+        pbar = comfy.utils.ProgressBar(settings.steps, node_id=cls.hidden.unique_id)
+
+        def progress(step: int, total: int, info: dict) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(step, total)
+            if step == total or step % 50 == 0:
+                log.info("w2w inversion: step %d/%d, loss %.5f", step, total, info["loss"])
+
+        with torch.inference_mode(False), torch.enable_grad():
+            with trainable_clone(model, space) as (patcher, board):
+                device = mm.get_torch_device()
+                dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+                sigmas = patcher.model.model_sampling.sigmas.detach().clone().float()
+                result = invert(space, ComfyDenoiser(patcher, board, sigmas.to(device)),
+                                latents.detach().clone().to(device, torch.float32), context.detach().clone().to(device),
+                                settings, mask=None if masks is None else masks.clone(), init=init_identity,
+                                alphas_cumprod=alphas_cumprod_from_sigmas(sigmas), device=device, dtype=dtype,
+                                callback=progress)
+        return io.NodeOutput(result.identity, loss_curve_image(result.losses))
+
+
+NODES = [W2WInvertImage]

@@ -1,0 +1,277 @@
+"""Invert Image to w2w inside the real ComfyUI, on the full-size random-weight SD1.5 stand-in at 64x64.
+
+Graphs run through `execution.PromptExecutor` (under `torch.inference_mode()`, as in a real run). The space is a
+synthetic one in the released 64-module layout with 16 PCs. Steps are few: one UNet forward+backward of the
+full-size UNet costs about a second here.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from comfyhost import SD15_STANDIN_NAME
+from w2w.space import convert_release
+from w2w.synthetic import write_release
+
+PCS = 16
+SPACE_FILE = "w2w-invert-test-space.safetensors"
+RES = 64
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def space_file(comfy_host, tmp_path_factory):
+    root = tmp_path_factory.mktemp("w2w-invert-space")
+    write_release(str(root / "release"), pcs=PCS, models=200, seed=11, weight_scale=0.02)
+    convert_release(str(root / "release"), str(root / SPACE_FILE))
+    comfy_host.stage_model("w2w", root / SPACE_FILE, SPACE_FILE)
+    return root / SPACE_FILE
+
+
+@pytest.fixture(scope="module")
+def photos(comfy_host):
+    """Input files: an 80x64 RGB 'photo', a 48x72 one, and an RGBA one whose transparent centre is the mask."""
+    gen = np.random.default_rng(0)
+    names = {}
+    for name, (w, h) in (("invert-a.png", (80, 64)), ("invert-b.png", (48, 72))):
+        yy, xx = np.mgrid[0:h, 0:w]
+        rgb = np.stack([xx / w, yy / h, 0.5 + 0.3 * np.sin(xx / 5.0)], -1) * 200 + gen.integers(0, 40, (h, w, 3))
+        Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(comfy_host.base_dir / "input" / name)
+        names[name] = name
+    rgba = np.array(Image.open(comfy_host.base_dir / "input" / "invert-a.png").convert("RGBA"))
+    rgba[16:48, 24:56, 3] = 0  # LoadImage: mask = 1 - alpha, so the centre is the region the loss sees
+    Image.fromarray(rgba).save(comfy_host.base_dir / "input" / "invert-masked.png")
+    return names
+
+
+@pytest.fixture(scope="module")
+def executor(comfy_host):
+    """One executor for the module: the checkpoint is loaded once and cached between graphs."""
+    return comfy_host.new_executor()
+
+
+def invert_graph(image: str = "invert-a.png", steps: int = 4, lr: float = 1.0, seed: int = 3, preset: str = "custom",
+                 pcs: int = PCS) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_STANDIN_NAME}},
+        "2": {"class_type": "W2WLoadSpace", "inputs": {"space": SPACE_FILE, "pcs": PCS}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "4": {"class_type": "W2WInvertImage", "inputs": {
+            "model": ["1", 0], "vae": ["1", 2], "image": ["3", 0], "space": ["2", 0], "preset": preset,
+            "pcs": pcs, "steps": steps, "lr": lr, "seed": seed, "clip": ["1", 1], "prompt": "sks person",
+            "resolution": RES}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+    }
+
+
+def full_graph() -> dict:
+    """Load Image → Invert → Edit → Apply → KSampler → VAEDecode → SaveImage (+ the loss curve preview)."""
+    graph = invert_graph(steps=3)
+    graph.update({
+        "6": {"class_type": "W2WApplyEditDirection", "inputs": {"space": ["2", 0], "identity": ["4", 0],
+                                                               "attribute": "Male", "strength": 1.0, "debias": "",
+                                                               "attribute_override": ""}},
+        "7": {"class_type": "W2WApplyLoRA", "inputs": {"model": ["1", 0], "space": ["2", 0], "identity": ["6", 0],
+                                                      "strength": 1.0}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "sks person", "clip": ["1", 1]}},
+        "9": {"class_type": "CLIPTextEncode", "inputs": {"text": "low quality, blurry", "clip": ["1", 1]}},
+        "10": {"class_type": "EmptyLatentImage", "inputs": {"width": RES, "height": RES, "batch_size": 1}},
+        "11": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 1, "cfg": 2.5, "sampler_name": "euler",
+                                                   "scheduler": "normal", "denoise": 1.0, "model": ["7", 0],
+                                                   "positive": ["8", 0], "negative": ["9", 0],
+                                                   "latent_image": ["10", 0]}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
+        "13": {"class_type": "SaveImage", "inputs": {"filename_prefix": "w2w-invert-test", "images": ["12", 0]}},
+    })
+    return graph
+
+
+def pack_modules(comfy_host):
+    """The pack's own nodes.invert and w2w.invert modules, as ComfyUI imported them."""
+    node_module = sys.modules[comfy_host.node_class("W2WInvertImage").__module__]
+    root = node_module.__name__.rsplit(".nodes.", 1)[0]
+    return node_module, sys.modules[f"{root}.w2w.invert"], sys.modules[f"{root}.w2w.diffusion"]
+
+
+def unet_weights_from_file(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.diffusion_model.")}
+
+
+def assert_model_untouched(model, checkpoint, ours) -> None:
+    """Every UNet weight equals the checkpoint's; no wrapper of ours is left; requires_grad is uniform again."""
+    state = model.model.state_dict()
+    expected = unet_weights_from_file(checkpoint)
+    assert set(expected) <= set(state)
+    changed = [k for k, v in expected.items() if not torch.equal(state[k].to(v.dtype), v)]
+    assert changed == [], f"{len(changed)} weights changed, e.g. {changed[:3]}"
+    assert len({p.requires_grad for p in model.model.parameters()}) == 1  # exact restore: test_trainable_clone_...
+    leftovers = [n for n, m in model.model.named_modules()
+                 for f in list(getattr(m, "weight_function", [])) + list(getattr(m, "bias_function", [])) if ours(f)]
+    assert leftovers == [], f"weight wrappers left on {leftovers[:3]}"
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("shape", [(2, 64, 80, 3), (1, 90, 40, 4), (1, 50, 50, 1), (3, 33, 47), (1, 40, 64, 2)])
+def test_images_of_any_size_and_channels_become_square_rgb(comfy_host, shape):
+    node_module, _, _ = pack_modules(comfy_host)
+    image = torch.rand(shape)
+    out = node_module.prepare_images(image, 32)
+    assert out.shape == (shape[0], 32, 32, 3)
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    if len(shape) == 3 or shape[-1] <= 2:  # grey in, grey out
+        assert torch.equal(out[..., 0], out[..., 1]) and torch.equal(out[..., 1], out[..., 2])
+
+
+def test_centre_crop_keeps_the_centre_and_the_mask_follows_the_image(comfy_host):
+    node_module, _, _ = pack_modules(comfy_host)
+    image = torch.zeros(1, 40, 80, 3)
+    image[:, :, 20:60] = 1.0  # the central square of a landscape image
+    assert torch.allclose(node_module.prepare_images(image, 40), torch.ones(1, 40, 40, 3))
+    mask = image[..., 0].clone()
+    torch.testing.assert_close(node_module.prepare_image_mask(mask, image, 40), torch.ones(1, 40, 40))
+
+
+def test_image_and_mask_errors(comfy_host):
+    node_module, _, _ = pack_modules(comfy_host)
+    with pytest.raises(ValueError, match="empty image batch"):
+        node_module.prepare_images(torch.zeros(0, 64, 64, 3), 64)
+    image = torch.rand(2, 64, 48, 3)
+    with pytest.raises(ValueError, match="the mask is 64x64 but the images are 48x64"):
+        node_module.prepare_image_mask(torch.ones(1, 64, 64), image, 32)
+    with pytest.raises(ValueError, match="3 masks for 2 images"):
+        node_module.prepare_image_mask(torch.ones(3, 64, 48), image, 32)
+    with pytest.raises(ValueError, match="empty"):
+        node_module.prepare_image_mask(torch.zeros(64, 48), image, 32)
+
+
+def test_invert_then_edit_apply_and_sample(comfy_host, space_file, photos, executor):
+    result = comfy_host.run_graph(full_graph(), executor=executor)
+    identity = result.output("4", 0)
+    curve = result.output("4", 1)
+    space = result.output("2", 0)
+    assert identity.pcs == PCS and identity.space_fingerprint == space.fingerprint
+    assert identity.history[-1].startswith("invert images=1 pcs=16 steps=3")
+    assert torch.isfinite(identity.coefficients).all() and identity.coefficients.abs().max() > 0
+    assert curve.shape == (1, 192, 384, 3) and 0.0 <= float(curve.min()) and float(curve.max()) <= 1.0
+    assert len(result.image_files()) >= 2 and all(f.is_file() for f in result.image_files())
+    node_module, _, _ = pack_modules(comfy_host)
+    comfy_host.unload_models()  # KSampler left the model loaded with Apply's patches; unloading restores the weights
+    assert_model_untouched(result.output("1", 0), comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME,
+                           node_module._ours)
+
+
+def test_loss_at_fixed_timesteps_and_noise_decreases(comfy_host, space_file, photos, executor):
+    result = comfy_host.run_graph(invert_graph(steps=10, lr=1.0, seed=1), executor=executor)
+    identity, space = result.output("4", 0), result.output("2", 0)
+    model, clip, vae = (result.output("1", i) for i in range(3))
+    image = result.output("3", 0)
+    node_module, core, diffusion = pack_modules(comfy_host)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode(False), torch.no_grad():
+        context = clip.encode_from_tokens_scheduled(clip.tokenize("sks person"))[0][0][:1].clone()
+        latents = model.model.process_latent_in(vae.encode(node_module.prepare_images(image, RES))).clone().float()
+        draws = [(torch.tensor([t]), torch.randn(latents.shape, generator=gen)) for t in range(25, 1000, 125)]
+        with node_module.trainable_clone(model, space) as (patcher, board):
+            sigmas = patcher.model.model_sampling.sigmas.clone().float()
+            abar = diffusion.alphas_cumprod_from_sigmas(sigmas)
+            denoiser = node_module.ComfyDenoiser(patcher, board, sigmas)
+            fmap = core.FactorMap(space, PCS)
+
+            def loss(beta):
+                return sum(float(core.step_loss(fmap, denoiser, beta, latents, t, noise, context, abar))
+                           for t, noise in draws) / len(draws)
+
+            before, after = loss(torch.zeros(PCS)), loss(identity.coefficients)
+    assert after < before, (before, after)
+    assert len(set(round(x, 6) for x in [before, after])) == 2
+    assert_model_untouched(model, comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME, node_module._ours)
+
+
+def test_mask_and_multi_image_batch(comfy_host, space_file, photos, executor):
+    graph = invert_graph(image="invert-masked.png", steps=2)
+    graph["4"]["inputs"]["mask"] = ["3", 1]
+    masked = comfy_host.run_graph(graph, executor=executor).output("4", 0)
+    assert masked.history[-1].startswith("invert images=1") and masked.history[-1].endswith("masked")
+
+    graph = invert_graph(steps=2)
+    graph["13"] = {"class_type": "LoadImage", "inputs": {"image": "invert-b.png"}}
+    graph["14"] = {"class_type": "ImageBatch", "inputs": {"image1": ["3", 0], "image2": ["13", 0]}}
+    graph["4"]["inputs"]["image"] = ["14", 0]
+    batch = comfy_host.run_graph(graph, executor=executor).output("4", 0)
+    assert batch.history[-1].startswith("invert images=2")
+    assert not torch.equal(batch.coefficients, masked.coefficients)
+
+
+def test_cancel_leaves_the_model_identical_and_a_rerun_equals_a_fresh_run(comfy_host, space_file, photos):
+    import comfy.model_management
+    import comfy.utils
+
+    node_module, _, _ = pack_modules(comfy_host)
+    checkpoint = comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME
+    seen = []
+
+    def cancel_at_step_3(value, total, preview, node_id=None):
+        seen.append(value)
+        if node_id == "4" and value == 3:
+            comfy.model_management.interrupt_current_processing(True)
+
+    graph = invert_graph(steps=6, seed=7)
+    executor = comfy_host.new_executor()
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(cancel_at_step_3)
+    try:
+        cancelled = comfy_host.run_graph(graph, check=False, executor=executor)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        comfy.model_management.interrupt_current_processing(False)
+    assert not cancelled.success
+    assert any(event == "execution_interrupted" for event, _ in cancelled.messages), cancelled.messages
+    assert 3 in seen and 6 not in seen
+    model = cancelled.output("1", 0)
+    assert_model_untouched(model, checkpoint, node_module._ours)
+
+    after_cancel = comfy_host.run_graph(graph, executor=executor)  # same cached MODEL object as the cancelled run
+    assert after_cancel.output("1", 0) is model
+    fresh = comfy_host.run_graph(graph)  # a new executor: the checkpoint is loaded again
+    assert fresh.output("1", 0) is not model
+    assert torch.equal(after_cancel.output("4", 0).coefficients, fresh.output("4", 0).coefficients)
+    assert_model_untouched(model, checkpoint, node_module._ours)
+
+
+def test_trainable_clone_restores_requires_grad_and_wrappers_exactly(comfy_host, space_file, photos, executor):
+    result = comfy_host.run_graph(invert_graph(steps=1), executor=executor)
+    model, space = result.output("1", 0), result.output("2", 0)
+    node_module, _, _ = pack_modules(comfy_host)
+    params = list(model.model.parameters())
+    with torch.inference_mode():  # a pattern no load would produce: every third parameter frozen
+        for i, p in enumerate(params):
+            p.requires_grad_(i % 3 != 0)
+    before = [p.requires_grad for p in params]
+    with torch.inference_mode(False):
+        with node_module.trainable_clone(model, space) as (patcher, board):
+            assert not any(p.requires_grad for p in params)
+            assert sum(isinstance(f, type(board.wrappers[0])) for _, m in patcher.model.named_modules()
+                       for f in getattr(m, "weight_function", [])) == 64
+    assert [p.requires_grad for p in params] == before
+    with torch.inference_mode():
+        for p in params:
+            p.requires_grad_(True)
+    assert_model_untouched(model, comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME, node_module._ours)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"preset": "reference"}, "raise pcs in Load w2w Space to 10,000"),
+    ({"mask": ["3", 1]}, "the mask is empty"),  # Load Image of an opaque file gives an all-zero mask
+])
+def test_clear_errors(comfy_host, space_file, photos, executor, change, message):
+    graph = invert_graph(steps=1)
+    graph["4"]["inputs"].update(change)
+    result = comfy_host.run_graph(graph, check=False, executor=executor)
+    assert not result.success
+    assert message in result.error()["exception_message"]

@@ -9,9 +9,15 @@ Fixtures (all session-scoped unless noted):
 - `comfyui_path` -> Path of the ComfyUI checkout.
 - `sd15_standin` -> Path of the cached random-weight SD1.5 checkpoint (built once per cache).
 - `comfy_host` -> comfyhost.ComfyHost: ComfyUI imported in-process with `--cpu`, this pack in
-  custom_nodes, the stand-in staged as models/checkpoints/<SD15_STANDIN_NAME>.
-  `comfy_host.run_graph(graph) -> GraphResult`, `comfy_host.stage_model(kind, path)`, ...
+  custom_nodes, the stand-in staged as models/checkpoints/<SD15_STANDIN_NAME>. Main calls:
+  `run_graph(graph, check=True, executor=None) -> GraphResult` (validate + PromptExecutor, i.e.
+  under inference_mode; `executor=comfy_host.shared_executor` keeps the output cache between runs),
+  `validate(graph)`, `stage_model(kind, path, name=None)`, `node_class(id)`, `register_node(id, cls)`,
+  `pack_module("w2w.space")` (the pack's own copy of a core module), `pack_import_errors`,
+  `pack_node_ids`, `unload_models()`.
 - `stock_graph` (function scope) -> a fresh copy of demo/graphs/sd15_stock.json pointing at the stand-in.
+Helpers to import from `comfyhost`: SD15_STANDIN_NAME, load_stock_graph(ckpt_name), png_pixels(path),
+GraphError, GraphResult.
 """
 from __future__ import annotations
 

@@ -1,17 +1,23 @@
-"""VAE-w2w nodes: load a trained VAE, decode a latent (or a seed) to an identity, encode an identity, interpolate.
+"""VAE-w2w nodes: load a trained VAE, decode a latent (or a seed) to an identity, encode an identity, interpolate,
+and invert photos through the decoder.
 
 A decoded identity is an ordinary W2W_IDENTITY of the space, so Apply, Save LoRA and every other identity node take
 it unchanged. VAE files (``python -m w2w vae-train``) live in ``models/w2w_vae``.
 """
 from __future__ import annotations
 
+import logging
 import os
 
+import torch
 from comfy_api.latest import io
 
 from ..w2w.safeload import W2WFileError
-from ..w2w.vae import (VAELatent, decode_identity, encode_identity, interpolate, load_vae, sample_latents)
-from .common import CATEGORY, IdentitySocket, SpaceSocket, file_fingerprint
+from ..w2w.vae import (LatentParam, VAELatent, decode_identity, encode_identity, interpolate, load_vae,
+                       sample_latents)
+from .common import CATEGORY, IdentitySocket, SpaceSocket, check_targets, file_fingerprint
+
+log = logging.getLogger(__name__)
 
 VAE_FOLDER = "w2w_vae"  # folder_paths name: models/w2w_vae
 
@@ -171,4 +177,97 @@ class W2WVAEInterpolate(io.ComfyNode):
         return io.NodeOutput(VAELatent(z, w2w_vae.fingerprint, (f"vae {mode} t={t:g}",)))
 
 
-NODES = [W2WVAELoad, W2WVAEDecode, W2WVAEEncode, W2WVAEInterpolate]
+class W2WVAEInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .invert import DEFAULT_PROMPT
+
+        return io.Schema(
+            node_id="W2WVAEInvert",
+            display_name="Invert Image to VAE-w2w",
+            category=CATEGORY,
+            description="Inversion through the VAE decoder (w2w++): optimises a latent z (or a Gaussian N(μ, σ²) over "
+                        "it) with the diffusion loss plus the prior term, so the result stays where the VAE puts "
+                        "identities. Same loop as Invert Image to w2w; UNet, VAE and text encoder stay frozen.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 MODEL the space was trained on."),
+                io.Vae.Input("vae", tooltip="The VAE of the checkpoint: encodes the photos to latents."),
+                io.Image.Input("image", tooltip="One photo, or a batch of photos of the same person."),
+                SpaceSocket.Input("space", tooltip=SPACE_TIP),
+                VAESocket.Input("w2w_vae", tooltip=VAE_TIP),
+                io.Int.Input("steps", default=400, min=1, max=10_000, tooltip="Optimisation steps (paper: 400)."),
+                io.Float.Input("lr", default=0.05, min=1e-5, max=10.0, step=0.001,
+                               tooltip="Adam learning rate on the latent (latent units are ~N(0, 1))."),
+                io.Float.Input("prior_weight", default=1e-3, min=0.0, max=10.0, step=1e-4,
+                               tooltip="Weight of the prior term (½|z|², or the KL with gaussian) against the "
+                                       "diffusion loss (a per-pixel mean, ~0.1): higher keeps the identity typical."),
+                io.Boolean.Input("gaussian", default=False,
+                                 tooltip="Optimise a Gaussian N(μ, σ²) over the latent with a KL prior (w2w++ eq. 7) "
+                                         "instead of a single latent; the result decodes μ."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF_FFFF_FFFF,
+                             tooltip="Seed of timesteps and noise; the same inputs and seed give the same identity."),
+                io.Clip.Input("clip", optional=True, tooltip="Text encoder for the prompt (or connect conditioning)."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Instead of clip + prompt: the conditioning to invert with."),
+                io.String.Input("prompt", default=DEFAULT_PROMPT, optional=True,
+                                tooltip="Prompt encoded with clip during inversion (paper: 'sks person')."),
+                io.Mask.Input("mask", optional=True, tooltip="Optional: the loss only sees where the mask is 1."),
+                LatentSocket.Input("init_latent", optional=True,
+                                   tooltip="Optional start point (default: the latent origin, the VAE's centre)."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8, optional=True,
+                             tooltip="Side of the square crop the photos are resized to (paper: 512)."),
+            ],
+            outputs=[
+                IdentitySocket.Output(display_name="identity", tooltip="The inverted identity (decoded μ)."),
+                LatentSocket.Output(display_name="latent", tooltip="The inverted latent μ."),
+                io.Image.Output(display_name="loss_curve", tooltip="The loss per step and its running mean."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, image, space, w2w_vae, steps: int, lr: float, prior_weight: float, gaussian: bool,
+                seed: int, clip=None, conditioning=None, prompt: str = "sks person", mask=None, init_latent=None,
+                resolution: int = 512) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        from ..w2w.diffusion import alphas_cumprod_from_sigmas
+        from ..w2w.invert import InvertSettings, invert
+        from .invert import (ComfyDenoiser, _encode_cond, loss_curve_image, prepare_image_mask, prepare_images,
+                             trainable_clone)
+
+        check_targets(model, space)
+        if init_latent is not None:
+            init_latent.check_vae(w2w_vae)
+        settings = InvertSettings(steps=steps, lr=lr, weight_decay=0.0, seed=seed)
+        pixels = prepare_images(image, resolution)
+        masks = prepare_image_mask(mask, image, resolution)
+        context = _encode_cond(clip, conditioning, prompt)
+        latents = model.model.process_latent_in(vae.encode(pixels))
+        pbar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
+
+        def progress(step: int, total: int, info: dict) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(step, total)
+            if step == total or step % 50 == 0:
+                log.info("VAE-w2w inversion: step %d/%d, loss %.5f", step, total, info["loss"])
+
+        with torch.inference_mode(False), torch.enable_grad():
+            param = LatentParam(w2w_vae, space, None if init_latent is None else init_latent.values.clone(),
+                                gaussian=gaussian, prior_weight=prior_weight,
+                                generator=torch.Generator().manual_seed(seed))
+            with trainable_clone(model, space) as (patcher, board):
+                device = mm.get_torch_device()
+                dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+                sigmas = patcher.model.model_sampling.sigmas.detach().clone().float()
+                result = invert(space, ComfyDenoiser(patcher, board, sigmas.to(device)),
+                                latents.detach().clone().to(device, torch.float32), context.detach().clone().to(device),
+                                settings, mask=None if masks is None else masks.clone(),
+                                alphas_cumprod=alphas_cumprod_from_sigmas(sigmas), device=device, dtype=dtype,
+                                callback=progress, name="vae-inverted", param=param)
+            latent = VAELatent(param.mu.detach().clone(), w2w_vae.fingerprint, (result.identity.history[-1],))
+        return io.NodeOutput(result.identity, latent, loss_curve_image(result.losses))
+
+
+NODES = [W2WVAELoad, W2WVAEDecode, W2WVAEEncode, W2WVAEInterpolate, W2WVAEInvert]

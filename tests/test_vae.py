@@ -425,3 +425,26 @@ def test_vae_latent_is_tied_to_its_vae(pixel_vaes):
         latent.check_vae(b)
     with pytest.raises(ValueError, match="finite"):
         VAELatent(torch.tensor([float("nan")]), a.fingerprint)
+
+
+def test_cli_vae_train_and_info(space, tmp_path, capsys):
+    import argparse
+
+    from w2w import cli_vae
+    from w2w.space import save_space
+
+    space_file = str(tmp_path / "space.safetensors")
+    save_space(space, space_file)
+    parser = argparse.ArgumentParser()
+    cli_vae.register(parser.add_subparsers(dest="command"))
+    out = str(tmp_path / "cli-vae.safetensors")
+    args = parser.parse_args(["vae-train", space_file, "--out", out, "--latent", "3", "--hidden", "32",
+                              "--epochs", "3", "--seed", "2"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("epoch ") == 3 and "latent units active" in printed
+    vae = load_vae(out)
+    assert vae.config.input_dim == PCS and vae.config.space_fingerprint == space.fingerprint
+    args = parser.parse_args(["vae-info", out])
+    assert args.func(args) == 0
+    assert '"latent": 3' in capsys.readouterr().out

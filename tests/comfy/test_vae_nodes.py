@@ -101,3 +101,34 @@ def test_encode_interpolate_decode_round_trip(comfy_host, vae_files):
     encoded = result.output("8")
     assert encoded.values.shape == (4,) and encoded.vae_fingerprint == vae.fingerprint
     assert result.output("9").history[-1].startswith("vae encode")  # decoded again from the encoded latent
+
+
+def test_invert_through_the_decoder(comfy_host, vae_files):
+    """A few steps of Invert Image to VAE-w2w on the stand-in: the latent moves, the identity is its decoding."""
+    import numpy as np
+    from PIL import Image
+
+    space, vae = vae_files
+    yy, xx = np.mgrid[0:64, 0:64]
+    rgb = np.stack([xx / 64, yy / 64, 0.5 + 0.3 * np.sin(xx / 5.0)], -1) * 255
+    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(comfy_host.base_dir / "input" / "vae-invert.png")
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_STANDIN_NAME}},
+        "2": {"class_type": "W2WLoadSpace", "inputs": {"space": SPACE_FILE, "pcs": PCS}},
+        "3": {"class_type": "W2WVAELoad", "inputs": {"vae_name": VAE_FILE}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "vae-invert.png"}},
+        "5": {"class_type": "W2WVAEInvert", "inputs": {
+            "model": ["1", 0], "vae": ["1", 2], "image": ["4", 0], "space": ["2", 0], "w2w_vae": ["3", 0],
+            "steps": 3, "lr": 0.5, "prior_weight": 1e-3, "gaussian": False, "seed": 1, "clip": ["1", 1],
+            "prompt": "sks person", "resolution": 64}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 2]}},
+        "7": {"class_type": "W2WSaveIdentity", "inputs": {"identity": ["5", 0], "filename_prefix": "w2w-vae-inv"}},
+    }
+    result = comfy_host.run_graph(graph)
+    identity, latent = result.output("5", 0), result.output("5", 1)
+    z = latent.values.clone()
+    assert float(z.abs().max()) > 0.05  # three Adam steps of lr 0.5 moved it off the origin
+    expected = decode_identity(vae, space, z)
+    torch.testing.assert_close(identity.coefficients.clone(), expected.coefficients, rtol=1e-4, atol=1e-5)
+    assert "vae-latent=4 point" in identity.history[-1]
+    assert identity.space_fingerprint == space.fingerprint

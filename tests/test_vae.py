@@ -269,6 +269,18 @@ def test_coefs_input_from_weights_matrix_projects_blocks(weights_space):
     assert torch.allclose(vae.shift, expected.mean(0), atol=1e-4 * float(expected.abs().max()))
 
 
+def test_whitening_or_one_common_scale(space):
+    cfg = TrainConfig(epochs=1)
+    spread = torch.linspace(3.0, 0.5, PCS)
+    scaled = replace_space(space, train_coefs=space.train_coefs * spread)
+    white = train_from_space(scaled, latent=2, hidden=(8,), train=cfg).vae
+    common = train_from_space(scaled, latent=2, hidden=(8,), train=cfg, whiten=False).vae
+    data = scaled.train_coefs
+    torch.testing.assert_close(white.scale, data.std(0, unbiased=False), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(common.scale, common.scale[0].expand(PCS))
+    assert float(common.scale[0]) == pytest.approx(float(data.std(0, unbiased=False).square().mean().sqrt()), rel=1e-4)
+
+
 def test_wrong_input_size_and_missing_data(space):
     with pytest.raises(ValueError, match="expects"):
         train_vae(torch.zeros(50, 5), config=VAEConfig("coefs", 6, 2, (8,), "fp"))

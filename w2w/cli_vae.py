@@ -19,6 +19,8 @@ def register(sub) -> None:
                    help="(rows, d) weights matrix on disk (.npy, .safetensors, torch file such as all_weights.pt), "
                         "streamed in blocks; required for --input weights, optional for coefs (projected)")
     p.add_argument("--key", default=None, help="tensor name inside a .safetensors weights matrix")
+    p.add_argument("--no-whiten", action="store_true",
+                   help="coefs: scale all PCs by one common std instead of whitening each (leading PCs weigh more)")
     p.add_argument("--pcs", type=int, default=None, help="coefficients per model (default: all training PCs)")
     p.add_argument("--latent", type=int, default=64, help="latent units (default 64)")
     p.add_argument("--hidden", default="512,256", help="encoder widths, comma-separated (decoder mirrors)")
@@ -65,7 +67,7 @@ def _train(args) -> int:
             print(_fmt(info), flush=True)
 
     result = train_from_space(space, input=args.input, pcs=args.pcs, latent=args.latent, hidden=hidden,
-                              weights=weights, train=train, callback=progress)
+                              weights=weights, train=train, whiten=not args.no_whiten, callback=progress)
     save_vae(result.vae, args.out)
     final = result.final
     print(f"wrote {args.out}: {final.active}/{result.vae.latent} latent units active"

@@ -359,11 +359,13 @@ def _split(rows: int, holdout: float, gen: torch.Generator) -> tuple[torch.Tenso
 
 def train_vae(data, *, config: VAEConfig, train: TrainConfig = TrainConfig(),
               transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+              shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, whiten: bool = True,
               callback: Callable[[int, int, EpochStats | None], None] | None = None) -> TrainResult:
     """Train a VAE on rows of ``data`` ((N, d) tensor or :class:`WeightsMatrix`), mapped to inputs by ``transform``.
 
-    ``shift``/``scale`` normalise the inputs (default: their mean and std over the data, one streaming pass).
+    ``shift``/``scale`` normalise the inputs (default: their mean and, with ``whiten``, per-input std over the data,
+    one streaming pass; ``whiten=False`` uses one common std, so the loss weighs inputs as the data do: on PCA
+    coefficients with a decaying spectrum the leading PCs then count most).
     ``callback(step, total, info)`` is called after every optimiser step (info None) and every epoch (info an
     :class:`EpochStats`); raising :class:`StopTraining` ends training early with the model so far, any other
     exception aborts. The same data, configs and seed give the same weights (same machine, same thread count).
@@ -377,6 +379,8 @@ def train_vae(data, *, config: VAEConfig, train: TrainConfig = TrainConfig(),
     if shift is None or scale is None:
         mean, std = source.moments()
         shift = mean if shift is None else shift
+        if not whiten:
+            std = torch.full_like(std, float(std.square().mean().sqrt()))
         scale = torch.where(std > 1e-8 * std.max().clamp_min(1e-30), std, torch.ones_like(std)) if scale is None else scale
     monitor = source.gather(monitor_index)
     if monitor.shape[-1] != config.input_dim:
@@ -465,11 +469,12 @@ def _epoch_stats(vae: W2WVAE, epoch: int, beta: float, means: torch.Tensor, moni
 
 def train_from_space(space, *, input: str = "coefs", pcs: int | None = None, latent: int = 64,
                      hidden: tuple[int, ...] = (512, 256), weights: WeightsMatrix | torch.Tensor | None = None,
-                     train: TrainConfig = TrainConfig(), callback=None) -> TrainResult:
+                     train: TrainConfig = TrainConfig(), whiten: bool = True, callback=None) -> TrainResult:
     """Train on a space's data: its training coefficients, or (``weights``) a weights matrix projected or standardised.
 
     ``input="coefs"``: inputs are the first ``pcs`` coefficients, whitened with the training models' per-PC mean and
-    std (from ``space.train_coefs``, or projected from ``weights`` block by block). ``input="weights"``: inputs are
+    std (``whiten=False``: one common std) from ``space.train_coefs``, or projected from ``weights`` block by block.
+    ``input="weights"``: inputs are
     weight vectors from ``weights`` (required), standardised with the space's mean and std (as w2w++).
     """
     if input == "coefs":
@@ -483,7 +488,7 @@ def train_from_space(space, *, input: str = "coefs", pcs: int | None = None, lat
         else:
             data, transform = weights, (lambda w: space.project(w, k))
         config = VAEConfig("coefs", k, latent, hidden, space.fingerprint)
-        return train_vae(data, config=config, train=train, transform=transform, callback=callback)
+        return train_vae(data, config=config, train=train, transform=transform, whiten=whiten, callback=callback)
     if input == "weights":
         if weights is None:
             raise ValueError("input='weights' trains on weight vectors: pass a weights matrix (rows of d weights)")

@@ -8,7 +8,8 @@ Two synthetic data sets in the coefficient space of a released-layout w2w space 
 
 For each k: PCA with k components and a VAE with k latent units are fitted on the same training rows and scored on
 the same held-out rows (relative squared error Σ|x - x̂|² / Σ|x - mean|²; the VAE decodes its posterior mean).
-Also printed: the VAE's active units (variance of the posterior mean > 0.01), its training time, VAE/PCA ratio.
+Also printed: the VAE's active units (variance of the posterior mean > 0.01), its informative units (mean KL above
+0.5 nats: the stricter count), its training time, and the VAE/PCA ratio.
 
     nice -n 10 python benchmarks/vae_vs_pca.py                 # the full table (k = 16 ... 512), ~15 min on 1 core
     python benchmarks/vae_vs_pca.py --ks 16,32 --epochs 10     # a quick look
@@ -24,8 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from w2w.vae import (TrainConfig, VAEConfig, active_units, pca_reconstruction_error, planted_manifold,  # noqa: E402
-                     reconstruction_error, train_vae)
+from w2w.vae import (TrainConfig, VAEConfig, active_units, informative_units,  # noqa: E402
+                     pca_reconstruction_error, planted_manifold, reconstruction_error, train_vae)
 
 
 def data(kind: str, args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
     print(f"dim={args.dim} train={args.train} test={args.test} epochs={args.epochs} hidden={hidden} "
           f"lr={args.lr} threads={args.threads}; manifold: intrinsic={args.intrinsic} features={args.features} "
           f"frequency={args.frequency}")
-    header = f"{'data':<10} {'k':>4} {'PCA err':>8} {'VAE err':>8} {'VAE/PCA':>8} {'active':>9} {'train s':>8}"
+    header = (f"{'data':<10} {'k':>4} {'PCA err':>8} {'VAE err':>8} {'VAE/PCA':>8} {'active':>9} {'informative':>11} "
+              f"{'train s':>8}")
     print(header)
     print("-" * len(header))
     for kind in args.datasets.split(","):
@@ -75,8 +77,9 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t0
             err = reconstruction_error(vae, test, train.mean(0))
             active, _ = active_units(vae, test)
-            print(f"{kind:<10} {k:>4} {pca:>8.4f} {err:>8.4f} {err / pca:>8.3f} {f'{active}/{k}':>9} {seconds:>8.1f}",
-                  flush=True)
+            informative = informative_units(vae, test)
+            print(f"{kind:<10} {k:>4} {pca:>8.4f} {err:>8.4f} {err / pca:>8.3f} {f'{active}/{k}':>9} "
+                  f"{f'{informative}/{k}':>11} {seconds:>8.1f}", flush=True)
     return 0
 
 

@@ -12,7 +12,7 @@ from w2w.layout import Layout, ModuleSlot
 from w2w.safeload import W2WFileError
 from w2w.space import load_space, replace_space
 from w2w.stfile import write_safetensors
-from w2w.vae import (LatentParam, StopTraining, TrainConfig, VAEConfig, WeightsMatrix, active_units, decode_identity,
+from w2w.vae import (LatentParam, informative_units, StopTraining, TrainConfig, VAEConfig, WeightsMatrix, active_units, decode_identity,
                      decode_weights, encode_identity, interpolate, load_vae, pca_reconstruction_error, planted_manifold,
                      reconstruction_error, sample_latents, save_vae, train_from_space, train_vae)
 from w2w_fixtures import make_release
@@ -76,6 +76,8 @@ def test_vae_beats_pca_on_planted_nonlinear_manifold(trained, manifold):
     print(f"held-out relative error at k={INTRINSIC}: VAE {vae_err:.3f}, PCA {pca_err:.3f}; active {active}/{INTRINSIC}")
     assert vae_err < 0.8 * pca_err
     assert active >= math.ceil(0.5 * INTRINSIC), variance
+    assert informative_units(result.vae, test) >= math.ceil(0.5 * INTRINSIC)
+    assert result.final.informative >= 0
 
 
 def test_isotropic_gaussian_gives_pca_no_edge_and_is_reported(space):
@@ -97,9 +99,10 @@ def test_free_bits_and_warmup_keep_units_active_where_plain_elbo_collapses(space
     config = VAEConfig("coefs", PCS, 8, (64, 32), space.fingerprint)
     harsh = TrainConfig(epochs=12, batch_size=64, beta=40.0, warmup_epochs=0, ramp_epochs=0, free_bits=0.0, seed=0)
     guarded = TrainConfig(epochs=12, batch_size=64, beta=40.0, warmup_epochs=3, ramp_epochs=6, free_bits=2.0, seed=0)
-    collapsed = train_vae(train, config=config, train=harsh).final.active
-    kept = train_vae(train, config=config, train=guarded).final.active
-    assert kept >= 4 and kept > collapsed, (kept, collapsed)
+    collapsed = train_vae(train, config=config, train=harsh).final
+    kept = train_vae(train, config=config, train=guarded).final
+    assert kept.active >= 4 and kept.active > collapsed.active, (kept, collapsed)
+    assert kept.informative > collapsed.informative, (kept, collapsed)
 
 
 def test_beta_schedule_warmup_then_ramp():

@@ -44,7 +44,7 @@ def register(sub) -> None:
 def _fmt(stats) -> str:
     err = "   n/a" if math.isnan(stats.heldout_error) else f"{stats.heldout_error:.4f}"
     return (f"epoch {stats.epoch:3d}  beta {stats.beta:.3f}  loss {stats.loss:10.3f}  recon {stats.recon:10.3f}  "
-            f"kl {stats.kl:8.3f}  active {stats.active:4d}  held-out error {err}  {stats.seconds:6.1f}s")
+            f"kl {stats.kl:8.3f}  active {stats.active:4d}  informative {stats.informative:4d}  held-out error {err}  {stats.seconds:6.1f}s")
 
 
 def _train(args) -> int:

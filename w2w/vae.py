@@ -37,12 +37,13 @@ from .stfile import write_safetensors
 __all__ = ["VAEConfig", "TrainConfig", "EpochStats", "TrainResult", "StopTraining", "W2WVAE", "WeightsMatrix",
            "train_vae", "save_vae", "load_vae", "decode_identity", "decode_weights", "encode_identity",
            "sample_latents", "interpolate", "active_units", "reconstruction_error", "pca_reconstruction_error",
-           "LatentParam", "planted_manifold", "VAE_FORMAT", "INPUTS", "VAELatent", "describe_vae",
+           "LatentParam", "planted_manifold", "VAE_FORMAT", "INPUTS", "VAELatent", "describe_vae", "informative_units",
            "train_from_space"]
 
 VAE_FORMAT = "w2w-vae"
 INPUTS = ("coefs", "weights")
 ACTIVE_THRESHOLD = 0.01  # variance over data of a unit's posterior mean above which it counts as active
+INFORMATIVE_NATS = 0.5  # mean KL above which a unit counts as informative (stricter than active)
 _LOGVAR_RANGE = (-14.0, 8.0)
 _MONITOR_ROWS = 2048  # rows held in memory to measure active units and held-out error
 _SMALL_MODEL = 2_000_000  # parameters below which training runs on one thread by default
@@ -119,6 +120,7 @@ class EpochStats:
     active: int  # active latent units on the monitor rows
     heldout_error: float  # relative squared error of held-out rows (posterior mean decoded), input units; nan if none
     seconds: float
+    informative: int = -1  # units carrying > INFORMATIVE_NATS nats (mean KL) on the monitor rows (-1: not measured)
 
 
 @dataclass(frozen=True)
@@ -464,7 +466,15 @@ def _epoch_stats(vae: W2WVAE, epoch: int, beta: float, means: torch.Tensor, moni
     active, _ = active_units(vae, monitor)
     error = reconstruction_error(vae, monitor, vae.shift) if heldout else float("nan")
     loss, recon, kl = (float(v) for v in means)
-    return EpochStats(epoch + 1, beta, loss, recon, kl, active, error, seconds)
+    return EpochStats(epoch + 1, beta, loss, recon, kl, active, error, seconds, informative_units(vae, monitor))
+
+
+def informative_units(vae: W2WVAE, inputs: torch.Tensor, nats: float = INFORMATIVE_NATS) -> int:
+    """Units whose mean KL over ``inputs`` (the information they carry) exceeds ``nats``: a stricter reading than
+    :func:`active_units`, whose variance threshold a unit passes while carrying a small fraction of a nat."""
+    with torch.no_grad():
+        mu, logvar = vae.encode(inputs.float())
+    return int((_kl_per_unit(mu, logvar).mean(0) > nats).sum())
 
 
 def train_from_space(space, *, input: str = "coefs", pcs: int | None = None, latent: int = 64,

@@ -6,7 +6,7 @@ import os
 
 from comfy_api.latest import io, ui
 
-from ..w2w.metrics.faces import FACENET_FILENAME, FACENET_SIZE_TEXT, FACENET_URL, find_facenet_weights
+from ..w2w.metrics.faces import FACENET_FILENAME, FACENET_SIZE_TEXT, FACENET_URL, find_facenet_weights, require_facenet
 from ..w2w.metrics.idscore import get_scorer, id_score, preview_crops
 from .common import CATEGORY, file_fingerprint
 
@@ -78,8 +78,9 @@ class W2WIDScore(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, facenet_weights: str = AUTO) -> bool | str:
         try:
+            require_facenet()
             resolve_weights(facenet_weights)
-        except FileNotFoundError as exc:
+        except (ImportError, FileNotFoundError) as exc:
             return str(exc)
         return True
 

@@ -133,3 +133,13 @@ def test_evaluation_graphs_match_the_pack_nodes(idscore_host, tmp_path_factory):
         assert valid, (error, node_errors)
     assert graphs[0]["invert"] == graphs[1]["invert"]  # the same node and inputs: ComfyUI reuses the inversion
     assert {f"save_{j}" for j in range(len(jobs))} <= set(outputs)
+
+
+def test_missing_facenet_pytorch_fails_validation_with_the_install_command(idscore_host, monkeypatch):
+    for name in [m for m in sys.modules if m == "facenet_pytorch" or m.startswith("facenet_pytorch.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "facenet_pytorch", None)  # import now raises ImportError
+    valid, _error, _outputs, node_errors = idscore_host.validate(_graph())
+    assert not valid
+    details = " ".join(e["details"] for e in node_errors["4"]["errors"])
+    assert "pip install --no-deps facenet-pytorch==2.6.0" in details

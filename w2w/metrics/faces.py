@@ -138,6 +138,7 @@ class DetectorConfig:
     factor: float = 0.709
 
     def __post_init__(self):
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))  # hashable, as documented
         if not 80 <= self.crop_size <= 1024:
             raise ValueError(f"crop_size={self.crop_size}: FaceNet needs crops of 80 to 1024 pixels (default 160)")
         if not 0 <= self.margin < self.crop_size:

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from w2w.build import ArraySource, BuildConfig, build_space, open_source  # noqa: E402
+from w2w.build import ArraySource, BuildConfig, build_space  # noqa: E402
 from w2w.layout import sd15_layout  # noqa: E402
 
 FULL_ROWS, FULL_DIM = 64_974, 99_648
@@ -156,8 +156,6 @@ print("built", result.space.pcs, "PCs from", source.shape, "in", round(time.perf
 
 def out_of_core(cap_gb: float, pcs: int, workdir: str | None, n: int | None = None, d: int = FULL_DIM,
                 memory_mb: int = 256, keep: bool = False) -> None:
-    import resource  # noqa: F401  (Linux/macOS only)
-
     cap = int(cap_gb * 2**30)
     n = n or int(np.ceil(1.5 * cap / (4 * d))) + 1
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

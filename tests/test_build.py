@@ -130,7 +130,7 @@ def test_matrix_file_formats_agree(tmp_path):
 
 def test_matrix_needs_layout_of_its_width(tmp_path):
     np.save(tmp_path / "w.npy", np.zeros((5, 100), np.float32))
-    with pytest.raises(BuildError, match="100 weights per row"):
+    with pytest.raises(BuildError, match="100 weights per row.*--layout"):
         open_source(str(tmp_path / "w.npy"))
     with pytest.raises(ValueError, match="layout given has"):
         open_source(str(tmp_path / "w.npy"), layout=tiny_layout())

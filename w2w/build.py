@@ -1,16 +1,22 @@
 """Build a w2w space from a LoRA collection or an N × d weight matrix that may not fit in memory.
 
-Per-weight standardisation (mean/std in one streaming pass, float64 accumulators merged blockwise: Chan, Golub &
-LeVeque 1979), then a randomized truncated SVD (Halko, Martinsson & Tropp 2011) that streams over blocks of rows.
-Subspace iteration runs on ZᵀZ, which needs a single pass per power step: for every block ``H += Z_bᵀ (Z_b G)``;
-``G = qr(H)``. A last pass computes ``Y = Z G`` and a Rayleigh–Ritz step on ``YᵀY`` (float64) gives the
-components ``G W``, the training coefficients ``Y W`` and the explained variances. Row blocks are read with plain
-positional reads into two reused buffers (the next block is read while the current one is multiplied), so the
-process never maps nor holds the whole matrix; when the matrix fits the memory budget it is read once and cached.
+Per-weight standardisation Z = (X - mean) / std with mean/std from one streaming pass (float32 block statistics
+merged in float64: Chan, Golub & LeVeque 1979), then a randomized truncated SVD of Z (Halko, Martinsson & Tropp
+2011) in its block Krylov form (Musco & Musco 2015), streamed over blocks of rows:
+
+- pass 1 (with the statistics): the row sketch ZᵀΩ, Ω a random (N, l) matrix, l = pcs + oversample;
+- each of ``power_iters`` passes: Y_j = Z G_j and ZᵀY_j together, block by block; the next block G_{j+1} is
+  ZᵀY_j orthonormalised against G_1..G_j (Cholesky QR in float64, twice);
+- last pass: Y = Z G_last; a Rayleigh–Ritz step on [Y_1 .. Y_last]ᵀ[Y_1 .. Y_last] (float64) gives the
+  components G W, the training coefficients Y W and the explained variances.
+
+So ``power_iters + 2`` passes, float32 matrix products, float64 only for statistics and small factorisations. Rows
+are read with plain positional reads into two reused buffers (block i + 1 is read while block i is multiplied), so
+the process never maps nor holds the whole matrix; when the matrix fits the memory budget it is read once and cached.
 
 Sources: a folder of LoRA files (kohya, PEFT or diffusers keys; ``.safetensors`` files and PEFT adapter folders),
 or one matrix file: ``.npy``, ``.safetensors`` (one 2-D tensor) or ``.pt`` (a tensor saved with ``torch.save``,
-such as the released ``all_weights.pt``; read through :func:`w2w.safeload.tensor_file_span`).
+such as the released ``all_weights.pt``; located through :func:`w2w.safeload.tensor_file_span`).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from .space import Space, load_space, replace_space, save_space
 
 __all__ = ["BuildConfig", "BuildResult", "BuildError", "RowSource", "ArraySource", "MatrixFileSource",
            "LoraFolderSource", "open_source", "build_space", "read_labels_csv", "attach_labels", "layout_of_lora",
-           "load_for_labels", "save_streaming",
+           "load_for_labels", "save_streaming", "lora_layout",
            "MATRIX_SUFFIXES"]
 
 MATRIX_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
@@ -420,6 +426,16 @@ class LoraFolderSource(RowSource):
         return out
 
 
+def lora_layout(path: str) -> Layout:
+    """The layout of one LoRA file, or of the first LoRA of a folder (for matrices whose rows follow it)."""
+    if os.path.isdir(path):
+        return LoraFolderSource(path).layout
+    if not os.path.isfile(path):
+        raise W2WFileError(f"layout LoRA not found: {path}")
+    factors, alphas = _read_lora(_LoraFile(os.path.basename(path), path, None), keys_only=True)
+    return layout_of_lora(factors, next(iter(alphas.values())))
+
+
 def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str] | None = None) -> RowSource:
     """A folder of LoRAs, or one matrix file (.npy, .safetensors, .pt) — never loaded whole."""
     path = os.fspath(path)
@@ -447,7 +463,7 @@ def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str]
     source.layout = layout if layout is not None else (sd15_layout() if d == sd15_layout().dim else None)
     if source.layout is None:
         raise BuildError(f"{path} has {d:,} weights per row, not the {sd15_layout().dim:,} of the SD1.5 w2w layout: "
-                         "give the layout (a LoRA file or folder whose layout the rows follow)")
+                         "give the layout (`--layout LORA`: a LoRA file or folder whose layout the rows follow)")
     if source.layout.dim != d:
         raise LayoutError(f"{path} has {d:,} weights per row; the layout given has {source.layout.dim:,}")
     return source
@@ -568,22 +584,20 @@ def _orthonormal(h: torch.Tensor, previous: Sequence[torch.Tensor] = ()) -> torc
     return h
 
 
-def _krylov_step(rows: _Rows, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass: Y = Z G (N, l) and H = Zᵀ Y = ZᵀZ G (d, l), block by block."""
-    y = torch.empty(rows.source.shape[0], g.shape[1])
-    h = torch.zeros_like(g)
+def _krylov_step(rows: _Rows, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One pass: Y = Z G (written into y, (N, l)) and the returned H = Zᵀ Y = ZᵀZ G (d, l), block by block."""
+    h = torch.zeros(g.shape)
     for start, z in rows.blocks("krylov"):
-        yb = torch.matmul(z, g, out=y[start:start + z.shape[0]])
+        yb = y[start:start + z.shape[0]]
+        yb.copy_(z @ g)
         h.addmm_(z.T, yb)
-    return y, h
+    return h
 
 
-def _project(rows: _Rows, g: torch.Tensor) -> torch.Tensor:
-    """Y = Z G (N, l), one pass."""
-    y = torch.empty(rows.source.shape[0], g.shape[1])
+def _project(rows: _Rows, g: torch.Tensor, y: torch.Tensor) -> None:
+    """Y = Z G written into y (N, l), one pass."""
     for start, z in rows.blocks("projection"):
-        torch.matmul(z, g, out=y[start:start + z.shape[0]])
-    return y
+        y[start:start + z.shape[0]].copy_(z @ g)
 
 
 def _block_rows(config: BuildConfig, n: int, d: int, l: int) -> int:
@@ -643,16 +657,19 @@ def build_space(source: RowSource, config: BuildConfig = BuildConfig(), *, callb
     rows.scale = torch.where(constant, torch.zeros_like(std), 1.0 / std.clamp_min(1e-300)).float()
     if rows.cache is not None:  # already centred by _statistics
         rows.cache.mul_(rows.scale)
-    basis = [_orthonormal(sketch.mul_(rows.scale[:, None]))]
+    blocks = config.power_iters + 1
+    g = torch.empty(d, blocks * l)  # Krylov basis [G_1 .. G_{q+1}]
+    y = torch.empty(n, blocks * l)  # Z [G_1 .. G_{q+1}]
+    g[:, :l] = _orthonormal(sketch.mul_(rows.scale[:, None]))
     del sketch
-    ys = []
-    for _ in range(config.power_iters):
-        y, h = _krylov_step(rows, basis[-1])
-        ys.append(y)
-        basis.append(_orthonormal(h, basis))
-    ys.append(_project(rows, basis[-1]))
-    components, coefs, eigenvalues = _rayleigh_ritz(torch.cat(basis, 1), torch.cat(ys, 1), k, block)
-    del basis, ys
+    for j in range(config.power_iters):
+        current = slice(j * l, (j + 1) * l)
+        h = _krylov_step(rows, g[:, current], y[:, current])
+        g[:, (j + 1) * l:(j + 2) * l] = _orthonormal(h, [g[:, :(j + 1) * l]])
+        del h
+    _project(rows, g[:, -l:], y[:, -l:])
+    components, coefs, eigenvalues = _rayleigh_ritz(g, y, k, block)
+    del g, y
     variance = eigenvalues / (n - 1)
     total = float((~constant).sum())
     if callback is not None:

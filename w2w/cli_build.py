@@ -103,14 +103,9 @@ def _build(args) -> int:
 def _layout_from(path: str | None):
     if path is None:
         return None
-    import os
+    from .build import lora_layout
 
-    from .build import LoraFolderSource, _LoraFile, _read_lora, layout_of_lora
-
-    if os.path.isdir(path):
-        return LoraFolderSource(path).layout
-    factors, alphas = _read_lora(_LoraFile(os.path.basename(path), path, None), keys_only=True)
-    return layout_of_lora(factors, next(iter(alphas.values())))
+    return lora_layout(path)
 
 
 def _with_directions(space, labels_path: str, method: str, debias: list[str], only: list[str]):

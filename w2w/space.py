@@ -203,7 +203,10 @@ class Space:
 
 
 def _all_finite(t: torch.Tensor, rows: int = 64) -> bool:
-    """NaN/Inf check in small row blocks (isfinite makes float temporaries the size of its input)."""
+    """NaN/Inf check. NaN and Inf propagate through a sum, so a finite sum (one fast pass) proves every value finite;
+    only if the sum is not finite (NaN/Inf, or an overflow) are the values checked in small blocks."""
+    if bool(torch.isfinite(t.sum())):
+        return True
     return all(bool(torch.isfinite(t[s:s + rows]).all()) for s in range(0, t.shape[0], rows))
 
 

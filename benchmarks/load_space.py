@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     release, ours = ensure_fixture(args.workdir, args.total_pcs, args.models)
-    paths = {"naive torch.load (released dir)": ("naive", release), "w2w, released dir (mmap)": ("w2w", release),
+    paths = {"naive torch.load (released dir)": ("naive", release), "w2w, released dir (streamed)": ("w2w", release),
              "w2w, our .safetensors": ("w2w", ours)}
     results: dict[str, list[dict]] = {k: [] for k in paths}
     for _ in range(args.repeats):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from comfy_api.latest import io
 
 from ..w2w.identity import Identity
@@ -133,14 +134,23 @@ def target_keys(space: Space) -> dict[str, tuple[int, int]]:
     return keys
 
 
+def _parameter_shape(module, key: str) -> tuple[int, ...] | None:
+    """Shape of the parameter at a dotted state-dict key, or None if the module has no such parameter."""
+    for part in key.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return tuple(module.shape) if isinstance(module, torch.Tensor) else None
+
+
 def check_targets(model, space: Space) -> dict[str, tuple[int, int]]:
     """The space's target keys, after checking that ``model`` has each of them with the right shape."""
     keys = target_keys(space)
-    state = model.model.state_dict()  # references, no copies
-    missing = [k for k in keys if k not in state]
-    wrong = [k for k in keys if k in state and tuple(state[k].shape) != keys[k]]
+    shapes = {key: _parameter_shape(model.model, key) for key in keys}
+    missing = [k for k in keys if shapes[k] is None]
+    wrong = [k for k in keys if shapes[k] is not None and shapes[k] != keys[k]]
     if missing or wrong:
-        example = missing[0] if missing else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, not {keys[wrong[0]]}"
+        example = missing[0] if missing else f"{wrong[0]} has shape {shapes[wrong[0]]}, not {keys[wrong[0]]}"
         raise ValueError(f"w2w spaces are for {space.base_model} UNets; this MODEL is {model_type_name(model)}: "
                          f"{len(missing)} of the {len(keys)} target weights are missing and {len(wrong)} have another "
                          f"shape (e.g. {example}). Load an SD1.5 checkpoint (e.g. Realistic Vision v5.1).")

@@ -109,6 +109,17 @@ def test_every_node_has_a_description_category_and_input_tooltips(comfy_host, no
         assert item.tooltip, f"{node_id} output {item.display_name} lacks a tooltip"
 
 
+def test_every_node_of_the_pack_follows_the_conventions(comfy_host):
+    """All W2W* nodes, whichever feature module defines them: prefixed id, category, description, tooltips."""
+    problems = []
+    for node_id in comfy_host.pack_node_ids:
+        schema = comfy_host.node_class(node_id).GET_SCHEMA()
+        if not (node_id.startswith("W2W") and schema.category == "w2w" and schema.description):
+            problems.append(f"{node_id}: id/category/description")
+        problems += [f"{node_id}.{i.id}: no tooltip" for i in schema.inputs if not i.tooltip]
+    assert problems == []
+
+
 def test_model_folders_list_the_converted_space_and_the_released_folder(comfy_host, space_files):
     import folder_paths
 
@@ -166,6 +177,27 @@ def test_stock_lora_loader_on_the_saved_lora_gives_the_same_weights(comfy_host, 
     ours, theirs = loaded_weights(patched, keys), loaded_weights(stock, keys)
     worst = max(float((ours[k].float() - theirs[k].float()).abs().max()) for k in keys)
     assert worst <= 1e-6, f"max difference {worst:.3g}"
+
+
+def test_a_stock_lora_downstream_adds_to_the_w2w_patch(comfy_host, e2e, reference_space, sd15_standin):
+    import folder_paths
+
+    patched = e2e.output("5")
+    name = next(n for n in folder_paths.get_filename_list("loras") if n.startswith("w2w-test/edited_"))
+    (stacked,) = comfy_host.node_class("LoraLoaderModelOnly")().load_lora_model_only(patched, name, 0.5)
+    keys = target_keys(reference_space)
+    weights = loaded_weights(stacked, keys)
+    file_weights = checkpoint_weights(sd15_standin, keys)
+    deltas = reference_space.deltas(e2e.output("4").coefficients.clone())
+    for slot, key in zip(reference_space.layout.modules, keys):
+        dtype = weights[key].dtype
+        base = file_weights[key].to(dtype).float()
+        expected = base + 1.5 * deltas[slot.name]  # w2w at 1.0, then the same identity as a stock LoRA at 0.5
+        err = (weights[key].float() - expected).abs()
+        # two sequential float32 additions: a few ulps of the largest operand
+        bound = tolerance(expected, dtype) + 4 * torch.finfo(torch.float32).eps * (base.abs() + deltas[slot.name].abs())
+        assert bool((err <= bound).all()), f"{key}: max error {float(err.max()):.3g}"
+    assert len(patched.patches[keys[0]]) == 1  # the w2w MODEL itself still has only its own patch
 
 
 def test_input_model_is_bit_identical_after_apply(e2e, reference_space, sd15_standin):

@@ -1,21 +1,26 @@
 """Inversion evaluation protocol (paper Table 3): invert N face photos, generate each inverted identity with a fixed
 set of prompts x seeds, ID-score every generated image against its input photo, and time every inversion.
 
-Baseline, measured side by side in the same process: the mean identity (beta = 0, no inversion) generated with the
-same prompts and seeds and scored against the same photos. The ratio inverted / baseline says how much of the
-identity the inversion recovers beyond "a face made by the base model".
+Baseline, measured side by side in the same process: the mean identity (all coefficients at the training mean)
+generated with the same prompts and seeds and scored against the same photos. The ratio inverted / baseline says how
+much of the identity the inversion recovers beyond "a face made by the base model".
 
-    nice -n 10 python benchmarks/eval_inversion.py --smoke            # CPU, stand-ins, about a minute
-    nice -n 10 python benchmarks/eval_inversion.py --smoke --json-out smoke.json
+    nice -n 10 python benchmarks/eval_inversion.py --smoke            # CPU, ~1 min: core stand-ins only
+    nice -n 10 python benchmarks/eval_inversion.py --miniature        # CPU, ~5 min: the real node graphs on stand-ins
+    python benchmarks/eval_inversion.py --server http://127.0.0.1:8188 --photos faces/ \
+        --checkpoint realisticVisionV51_v51VAE.safetensors --space weights2weights/ --json-out eval.json
 
---smoke checks the plumbing only: drawn faces as "photos", a tiny random space and a toy denoiser for the inversion
-(the real engine, w2w.invert, on a toy model), a stand-in renderer instead of Stable Diffusion, and random FaceNet
-weights. Its numbers say nothing about w2w's quality, and it says so in its output.
+--smoke: drawn faces as "photos", a tiny random space and a toy denoiser for the inversion (the real engine,
+w2w.invert, on a toy model), a stand-in renderer instead of Stable Diffusion, random FaceNet weights.
+--miniature: the same graphs as a real run (Load w2w Space, Invert Image to w2w, Apply w2w LoRA, KSampler) in a
+ComfyUI started here on the CPU, with the random-weight SD1.5 stand-in, a synthetic space, 64 px and 2 inversion
+steps. Both say so in their output: their numbers say nothing about w2w's quality.
 
-The real protocol (a GPU, an SD1.5 checkpoint such as Realistic Vision v5.1, the released 10,000-PC space, the
-FaceNet weights 20180402-114759-vggface2.pt, a folder of face photos, e.g. 100 FFHQ faces as in w2w++) plugs an
-inverter and a generator built on ComfyUI into :func:`evaluate`; see ``real_backends``. Reference figures: paper
-Table 3, w2w inversion 0.64 ID score; w2w++ reports 0.557 over 100 FFHQ faces at ~66 s per inversion.
+A real run (GPU, the paper's settings: 10,000 PCs, 400 steps, 50 sampling steps, cfg 3.0) talks to a running ComfyUI
+that has this pack, the SD1.5 checkpoint (Realistic Vision v5.1) and the released space; FaceNet's weights
+(20180402-114759-vggface2.pt) are read here (--facenet, default TORCH_HOME's cache). Reference figures: paper
+Table 3, w2w inversion 0.64 ID score; w2w++ reports 0.557 over 100 FFHQ faces at ~66 s per inversion (A100).
+Inversion time is measured from queueing the inversion graph to its completion.
 """
 from __future__ import annotations
 

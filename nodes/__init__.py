@@ -11,7 +11,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .common import register_model_folders
 
-FEATURES = ("space", "apply", "invert", "vae")
+FEATURES = ("space", "apply", "invert", "vae", "idscore")
 
 
 def collect_nodes() -> list[type[io.ComfyNode]]:

@@ -9,7 +9,7 @@ import sys
 __all__ = ["main", "COMMAND_MODULES"]
 
 # Each module exposes register(subparsers); its parsers set `func(args) -> int`.
-COMMAND_MODULES = ("w2w.cli_space", "w2w.cli_vae", "w2w.download", "w2w.cli_demo", "w2w.cli_build")
+COMMAND_MODULES = ("w2w.cli_space", "w2w.cli_build", "w2w.cli_vae", "w2w.metrics.cli", "w2w.download", "w2w.cli_demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,7 @@ import os
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -531,6 +532,9 @@ class _Rows:
         self.step += 1
 
 
+_CHUNK_ROWS = 256  # rows squared at a time in the statistics pass
+
+
 def _statistics(rows: _Rows, keep: bool, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-weight mean and std (ddof 1) — float32 block statistics merged in float64 (Chan et al.) — and the
     row-space sketch (X - mean)ᵀ Ω in the same pass. With ``keep`` the centred rows are cached. Rejects NaN/Inf rows."""
@@ -542,21 +546,31 @@ def _statistics(rows: _Rows, keep: bool, omega: torch.Tensor) -> tuple[torch.Ten
     bad: list[int] = []
     cache = torch.empty(n_total, d) if keep else None
     block_means: list[tuple[int, int, torch.Tensor]] = []
+    chunk = min(_CHUNK_ROWS, n_total)
+    centred_chunk, square_chunk = torch.empty(chunk, d), torch.empty(chunk, d)
+    ones = torch.ones(1, max(chunk, min(rows.block, n_total)))
     for start, x in rows.raw_blocks("statistics"):
         b = x.shape[0]
-        block_var, block_mean = torch.var_mean(x, dim=0, correction=0)
-        if not bool(torch.isfinite(block_var).all()):  # NaN/Inf anywhere in a column makes its variance non-finite
+        block_mean = (ones[:, :b] @ x).squeeze(0).div_(b)  # column sums as a matrix product: fast on any CPU
+        block_m2 = torch.zeros(d)
+        for c in range(0, b, chunk):
+            stop = min(b, c + chunk)
+            target = cache[start + c:start + stop] if cache is not None else centred_chunk[: stop - c]
+            centred = torch.sub(x[c:stop], block_mean, out=target)
+            square = torch.mul(centred, centred, out=square_chunk[: stop - c])
+            block_m2 += (ones[:, : stop - c] @ square).squeeze(0)
+        if not bool(torch.isfinite(block_m2).all()):  # NaN/Inf anywhere in a column makes its sum non-finite
             bad.extend(start + int(i) for i in torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten())
             continue
         sketch.addmm_(x.T, omega[start:start + b])
         if cache is not None:
-            torch.sub(x, block_mean, out=cache[start:start + b])
             block_means.append((start, b, block_mean))
         delta = block_mean.double() - mean
         total = count + b
         mean += delta * (b / total)
-        m2 += block_var.double() * b + delta.square() * (count * b / total)
+        m2 += block_m2.double() + delta.square() * (count * b / total)
         count = total
+    del centred_chunk, square_chunk
     if bad:
         names = ", ".join(f"row {i} ({rows.source.row_name(i)})" for i in bad[:10])
         raise BuildError(f"{len(bad):,} of {n_total:,} models contain NaN or Inf weights: {names}"
@@ -569,16 +583,30 @@ def _statistics(rows: _Rows, keep: bool, omega: torch.Tensor) -> tuple[torch.Ten
     return mean, (m2 / max(1, count - 1)).sqrt(), sketch
 
 
+@contextmanager
+def _one_thread():
+    """Small LAPACK factorisations run single-threaded: on a busy CPU, threaded ones can be 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _orthonormal(h: torch.Tensor, previous: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """An orthonormal basis of span(h) orthogonal to the orthonormal ``previous`` blocks: block Gram–Schmidt and
-    Cholesky QR (Gram matrix and factor in float64), twice (CholeskyQR2); Householder QR if h is rank-deficient."""
-    for _ in range(2):
+    Cholesky QR (factor in float64), twice (CholeskyQR2); Householder QR if h is rank-deficient."""
+    for sweep in range(2):
         for q in previous:
             h = h - q @ (q.T @ h)
         hd = h.double()
-        chol, info = torch.linalg.cholesky_ex(hd.T @ hd)
-        if int(info) == 0:
-            h = h @ torch.linalg.inv(chol).T.float()
+        gram = hd.T @ hd if sweep == 0 else (h.T @ h).double()  # the second sweep sees a well-conditioned h
+        with _one_thread():
+            chol, info = torch.linalg.cholesky_ex(gram)
+            inverse = torch.linalg.inv(chol).T.float() if int(info) == 0 else None
+        if inverse is not None:
+            h = h @ inverse
         else:
             h = torch.linalg.qr(hd).Q.float()
     return h
@@ -614,7 +642,8 @@ def _rayleigh_ritz(g: torch.Tensor, y: torch.Tensor, k: int, block: int):
     for s in range(0, y.shape[0], block):
         yb = y[s:s + block].double()
         gram.addmm_(yb.T, yb)
-    evals, w = torch.linalg.eigh(gram)
+    with _one_thread():
+        evals, w = torch.linalg.eigh(gram)
     order = torch.argsort(evals, descending=True)[:k]
     w = w[:, order].float()  # (L, k)
     components = (g @ w).T  # (k, d)

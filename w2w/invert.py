@@ -21,8 +21,9 @@ from .identity import Identity
 from .layout import Layout
 from .space import Space
 
-__all__ = ["InvertSettings", "PRESETS", "FactorMap", "Factors", "FactorBoard", "FactorWrapper", "Denoiser", "InversionResult", "invert",
-           "prepare_mask", "diffusion_loss", "step_loss", "initial_coefficients", "Parametrisation"]
+__all__ = ["InvertSettings", "PRESETS", "FactorMap", "Factors", "FactorBoard", "FactorWrapper", "Denoiser",
+           "InversionResult", "invert", "prepare_mask", "diffusion_loss", "step_loss", "initial_coefficients",
+           "Parametrisation"]
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layout module: (A (rank, in), B (out, rank))
 

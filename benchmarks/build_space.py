@@ -9,7 +9,7 @@
     nice -n 10 python benchmarks/build_space.py                       # ~1 min on 2 cores
     nice -n 10 python benchmarks/build_space.py --rows 8000 --dim 40000 --pcs 200
     nice -n 10 python benchmarks/build_space.py --out-of-core --cap-gb 4
-Full size (not run in CI; ~26 GB of disk, hours on a small CPU):
+Full size (not run in CI; ~26 GB of disk, an estimated 30-60 min on 2 cores):
     python benchmarks/build_space.py --full-size --workdir /big/disk
 """
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main() -> None:
                    help=f"only the out-of-core build on a {FULL_ROWS:,} x {FULL_DIM:,} synthetic matrix (25.9 GB)")
     args = p.parse_args()
     if args.full_size:
-        out_of_core(cap_gb=8.0, pcs=1000, workdir=args.workdir, n=FULL_ROWS, d=FULL_DIM, memory_mb=2048)
+        out_of_core(cap_gb=12.0, pcs=1000, workdir=args.workdir, n=FULL_ROWS, d=FULL_DIM, memory_mb=1024)
         return
     compare(args.rows, args.dim, args.pcs, args.power_iters, args.oversample, args.seed, args.repeats)
     if args.out_of_core:

@@ -354,3 +354,29 @@ def test_out_of_core_build_under_an_address_space_cap(tmp_path):
     assert float(explained) > 0.5
     print(f"matrix {size / 2**20:.0f} MiB, address-space allowance {extra / 2**20:.0f} MiB, "
           f"peak RSS increase {int(peak_extra) / 2**20:.0f} MiB")
+
+
+def test_cli_matrix_with_layout_names_and_labels(tmp_path, capsys):
+    layout = tiny_layout()
+    write_lora_folder(tmp_path / "loras", generating_space(layout), 2)
+    x = planted_matrix(n=40, d=layout.dim, seed=4)
+    torch.save(x, tmp_path / "all_weights.pt")
+    (tmp_path / "names.txt").write_text("\n".join(f"m{i}" for i in range(40)))
+    (tmp_path / "labels.csv").write_text("file,Male\n" + "\n".join(f"m{i},{int(x[i, 0] > 0)}" for i in reversed(range(40))))
+    out = tmp_path / "space.safetensors"
+    assert cli_main(["build", str(out), "--from", str(tmp_path / "all_weights.pt"), "--layout", str(tmp_path / "loras"),
+                     "--names", str(tmp_path / "names.txt"), "--labels", str(tmp_path / "labels.csv"),
+                     "--pcs", "6", "--power-iters", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    space = load_space(str(out))
+    assert space.layout.modules == layout.modules and space.train_names[:2] == ("m0", "m1")
+    assert space.labels[:, 0].tolist() == [float(x[i, 0] > 0) for i in range(40)]
+    ref = build_space(ArraySource(x, layout=layout), BuildConfig(pcs=6, power_iters=2)).space
+    assert torch.equal(space.components, ref.components)
+
+
+@pytest.mark.parametrize("kw", [{"pcs": 0}, {"power_iters": -1}, {"oversample": -2}, {"memory_mb": 0},
+                                {"block_rows": 0}])
+def test_config_is_validated(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        BuildConfig(**kw)

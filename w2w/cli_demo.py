@@ -57,6 +57,17 @@ def ensure_standin_space(cache: Path) -> Path:
     return out
 
 
+def _space_pcs(path: Path, wanted: int = 1000) -> int:
+    """``wanted`` PCs, or all of a smaller .safetensors space (read from its header only)."""
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if "components" in f.keys():
+                return min(wanted, f.get_slice("components").get_shape()[0])
+    return wanted
+
+
 def _demo_modules():
     """``demo.run`` and ``demo.locate`` from the pack root (the folder above this package)."""
     root = str(Path(__file__).resolve().parent.parent)
@@ -101,7 +112,7 @@ def _demo(args) -> int:
         standins.append(run.Standin("w2w", args.space, ensure_standin_space(locate.cache_dir()), STANDIN_SPACE_LABEL))
     size = args.size or (512 if real else 64)
     steps = args.steps or (25 if real else 1)
-    pcs = 1000 if real_space else STANDIN_SPACE_PCS
+    pcs = _space_pcs(models / "w2w" / args.space) if real_space else STANDIN_SPACE_PCS
     graph = demo_graph(args.checkpoint, args.space, pcs, size=size, steps=steps, seed=args.seed,
                        attribute=args.attribute, strength=args.strength)
     run.say(f"graph: {args.checkpoint} + {args.space} → sample seed {args.seed} → {args.attribute} {args.strength:+g} → "

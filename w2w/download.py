@@ -48,8 +48,8 @@ def download_release(dest: str | os.PathLike, *, revision: str | None = None) ->
 def default_models_dir(env: dict | None = None) -> Path | None:
     """``<ComfyUI>/models/w2w`` for the ComfyUI containing this pack, else ``$COMFYUI_PATH``; None if neither."""
     env = os.environ if env is None else env
-    pack = Path(__file__).resolve().parent.parent
-    for candidate in (Path(__file__).parent.parent.absolute(), pack):
+    here = Path(__file__).parent.parent
+    for candidate in (here.absolute(), here.resolve()):  # the pack folder, as linked and as resolved
         if candidate.parent.name == "custom_nodes":
             return candidate.parent.parent / "models" / "w2w"
     if env.get("COMFYUI_PATH", "").strip():

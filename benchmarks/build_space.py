@@ -142,9 +142,12 @@ cap = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 sys.path.insert(0, sys.argv[5])
 from w2w.build import BuildConfig, build_space, open_source
+from w2w.layout import Layout, ModuleSlot, sd15_layout
 from w2w.space import save_space
 t0 = time.perf_counter()
-source = open_source(sys.argv[2])
+d = int(sys.argv[7])
+layout = sd15_layout() if d == sd15_layout().dim else Layout((ModuleSlot("flat", d - 1, 1, 0, d - 1),))
+source = open_source(sys.argv[2], layout=layout)
 result = build_space(source, BuildConfig(pcs=int(sys.argv[4]), memory_mb=int(sys.argv[6])))
 save_space(result.space, sys.argv[3], extra_metadata=result.metadata())
 status = open("/proc/self/status").read()
@@ -168,7 +171,7 @@ def out_of_core(cap_gb: float, pcs: int, workdir: str | None, n: int | None = No
         repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
         env = dict(os.environ, MALLOC_ARENA_MAX="2")
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(cap), path, os.path.join(tmp, "space.safetensors"),
-                               str(pcs), repo, str(memory_mb)], capture_output=True, text=True, env=env)
+                               str(pcs), repo, str(memory_mb), str(d)], capture_output=True, text=True, env=env)
         print(proc.stdout.strip() or proc.stderr.strip()[-2000:])
         print("out-of-core build", "succeeded" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})")
         if keep:

@@ -532,7 +532,7 @@ class _Rows:
         self.step += 1
 
 
-_CHUNK_ROWS = 256  # rows squared at a time in the statistics pass
+_CHUNK_ROWS = 256  # at most this many rows squared at a time in the statistics pass
 
 
 def _statistics(rows: _Rows, keep: bool, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -546,7 +546,7 @@ def _statistics(rows: _Rows, keep: bool, omega: torch.Tensor) -> tuple[torch.Ten
     bad: list[int] = []
     cache = torch.empty(n_total, d) if keep else None
     block_means: list[tuple[int, int, torch.Tensor]] = []
-    chunk = min(_CHUNK_ROWS, n_total)
+    chunk = max(1, min(_CHUNK_ROWS, rows.block // 4, n_total))  # two chunks: half a block of scratch
     centred_chunk, square_chunk = torch.empty(chunk, d), torch.empty(chunk, d)
     ones = torch.ones(1, max(chunk, min(rows.block, n_total)))
     for start, x in rows.raw_blocks("statistics"):
@@ -631,7 +631,7 @@ def _project(rows: _Rows, g: torch.Tensor, y: torch.Tensor) -> None:
 def _block_rows(config: BuildConfig, n: int, d: int, l: int) -> int:
     if config.block_rows is not None:
         return min(n, config.block_rows)
-    per_row = 4 * (2 * d + 2 * l)  # two read buffers, the block's sketch and projection
+    per_row = 4 * (5 * d // 2 + 2 * l)  # two read buffers, statistics scratch, the block's sketch and projection
     return max(1, min(n, (config.memory_mb << 20) // per_row))
 
 

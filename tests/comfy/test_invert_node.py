@@ -245,7 +245,7 @@ def test_cancel_leaves_the_model_identical_and_a_rerun_equals_a_fresh_run(comfy_
             comfy.model_management.interrupt_current_processing(True)
 
     graph = invert_graph(steps=6, seed=7)
-    executor = executors.current
+    executor = executors.fresh()  # a model no other test has patched
     previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(cancel_at_step_3)
     try:

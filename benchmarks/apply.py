@@ -87,6 +87,12 @@ def main(argv=None) -> int:
                 mm.unload_all_models()
                 times[name].append(timed(fn))
         t_w2w, t_stock = statistics.median(times["w2w"]), statistics.median(times["stock"])
+        # the node alone (no load): reconstruction from the space vs reading the LoRA file and mapping its keys
+        node_only = {"w2w": [], "stock": []}
+        for _ in range(args.repeats):
+            node_only["w2w"].append(timed(lambda: node("W2WApplyLoRA").execute(base, space, identity, 1.0)))
+            node_only["stock"].append(timed(lambda: node("LoraLoaderModelOnly")().load_lora_model_only(base, lora, 1.0)))
+        n_w2w, n_stock = statistics.median(node_only["w2w"]), statistics.median(node_only["stock"])
         best_w2w, best_stock = min(times["w2w"]), min(times["stock"])
 
         positive = node("CLIPTextEncode")().encode(clip, "sks person")[0]
@@ -101,9 +107,11 @@ def main(argv=None) -> int:
         for model in models.values():
             sample(model)  # warm-up and load
         steps = {name: [] for name in models}
-        for _ in range(max(2, args.repeats // 2)):
+        wrapped = {}
+        for _ in range(args.repeats):
             for name, model in models.items():
                 mm.load_models_gpu([model], force_full_load=True)  # load outside the timing, as in a long run
+                wrapped[name] = sum(1 for m in model.model.modules() if getattr(m, "weight_function", None))
                 steps[name].append(timed(lambda: sample(model)) / args.steps)
     per_step = {name: statistics.median(v) for name, v in steps.items()}
     best_step = {name: min(v) for name, v in steps.items()}
@@ -113,6 +121,10 @@ def main(argv=None) -> int:
     print(f"time to patched, loaded model (median | best of {args.repeats}): Apply w2w LoRA {t_w2w * 1000:.0f} | "
           f"{best_w2w * 1000:.0f} ms, stock LoraLoader {t_stock * 1000:.0f} | {best_stock * 1000:.0f} ms "
           f"-> ratio {t_w2w / t_stock:.2f} | {best_w2w / best_stock:.2f} (target <= 1.0)")
+    print(f"  of which the node alone (median): Apply w2w LoRA {n_w2w * 1000:.0f} ms (weights from {args.pcs} PCs), "
+          f"LoraLoaderModelOnly {n_stock * 1000:.0f} ms")
+    print("modules whose weight is recomputed at every call (the only per-step cost a patch can add): "
+          + ", ".join(f"{name} {count}" for name, count in wrapped.items()))
     for name in ("w2w", "delayed"):
         overhead = 100 * (per_step[name] / per_step["base"] - 1)
         best = 100 * (best_step[name] / best_step["base"] - 1)

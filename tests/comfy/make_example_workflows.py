@@ -15,12 +15,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(ROOT)]
 
 CKPT = "realisticVisionV51_v51VAE.safetensors"
 SPACE = "weights2weights.safetensors"
 CONTROLNET = "control_v11p_sd15_openpose.pth"
 POSE_IMAGE = "w2w_pose.png"
+PHOTO = "example.png"  # ComfyUI ships input/example.png; replace it with your photo(s)
 FILES_NOTE = ("w2w needs two downloads (see the pack's README):\n"
               f"- models/checkpoints/{CKPT} (Realistic Vision v5.1, the base the space was trained on)\n"
               f"- models/w2w/{SPACE}: run `python -m w2w download` (or put the released files/ folder there)\n"
@@ -108,6 +108,23 @@ def save_lora_graph() -> dict:
     return g
 
 
+def invert_graph() -> dict:
+    g = _base()
+    del g["3"]
+    g["2"]["inputs"]["pcs"] = 10_000
+    g["3"] = {"class_type": "LoadImage", "inputs": {"image": PHOTO}}
+    g["4"] = {"class_type": "W2WInvertImage", "inputs": {
+        "model": ["1", 0], "vae": ["1", 2], "image": ["3", 0], "space": ["2", 0], "preset": "reference", "pcs": 10_000,
+        "steps": 400, "lr": 0.1, "seed": 0, "clip": ["1", 1], "prompt": "sks person", "resolution": 512}}
+    g["5"] = {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}}
+    g["12"] = _edit(("4", 0), "Male", 1.0)
+    g["13"] = {"class_type": "W2WSaveIdentity", "inputs": {"identity": ["4", 0], "filename_prefix": "w2w_inverted"}}
+    g["14"] = _apply(("4", 0), edited=("12", 0), edit_start=0.3)
+    g["9"] = _sampler(("14", 0))
+    g.update(_decode_save(10, "9", "w2w/inverted"))
+    return g
+
+
 def _grid(graph: dict, columns: dict[str, int], rows: dict[str, int]) -> dict[str, tuple[int, int]]:
     return {nid: (40 + 380 * columns[nid], 40 + 260 * rows[nid]) for nid in graph}
 
@@ -133,6 +150,15 @@ WORKFLOWS = {
     "w2w_save_lora": (save_lora_graph, {"2": 0, "3": 1, "4": 2, "5": 3, "6": 3}, {"2": 0, "3": 0, "4": 0, "5": 0, "6": 1},
                       "Save w2w LoRA writes a standard kohya LoRA into models/loras (load it with LoraLoader, "
                       "A1111/Forge, ...); Save w2w Identity writes the coefficients into models/w2w/identities."),
+    "invert_image": (invert_graph, {"1": 0, "2": 0, "3": 0, "4": 1, "5": 2, "6": 2, "7": 2, "8": 3, "9": 4, "10": 5,
+                                    "11": 5, "12": 2, "13": 3, "14": 3},
+                     {"1": 1, "2": 3, "3": 0, "4": 1, "5": 0, "6": 3, "7": 4, "8": 5, "9": 1, "10": 1, "11": 2,
+                      "12": 2, "13": 0, "14": 2},
+                     "Invert Image to w2w finds the identity whose model best reconstructs the photo (paper §3.4): "
+                     "load the space with pcs >= 10,000 for the reference preset (1,000 for out-of-distribution: "
+                     "paintings, cartoons). Batch several photos of one person (Batch Images) for a multi-image "
+                     "inversion; paint the face in Load Image's mask editor and connect its MASK to restrict the "
+                     "loss. The identity is then saved, edited (Male +1) and sampled with delayed injection."),
 }
 
 
@@ -168,4 +194,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path[:0] = [str(HERE), str(ROOT)]  # comfyhost, workflow_convert, demo
     sys.exit(main())

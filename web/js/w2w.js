@@ -74,10 +74,19 @@ function spaceSource(node) {
   return source && source.type === LOAD_SPACE ? source : null;
 }
 
+// Known names only (the widget's choices): a workflow may name a space this server does not have.
+function knownSpace(loadNode) {
+  const space = widget(loadNode, "space");
+  return space && space.options.values?.includes(space.value) ? space.value : null;
+}
+
 async function refreshLoadSpace(node) {
-  const name = widget(node, "space")?.value;
+  const name = knownSpace(node);
+  const chosen = widget(node, "space")?.value;
   node.w2wSummary = null;
-  node.w2wLines = name ? summaryLines(null) : ["no space in models/w2w"];
+  node.w2wLines = name
+    ? summaryLines(null)
+    : [chosen ? `${chosen}: not in models/w2w (see the README)` : "no space in models/w2w"];
   if (name) {
     const summary = await fetchSummary(name);
     if (widget(node, "space")?.value !== name) return; // changed meanwhile
@@ -91,7 +100,7 @@ async function refreshLoadSpace(node) {
 async function refreshEdit(node) {
   const attribute = widget(node, "attribute");
   const source = spaceSource(node);
-  const name = source && widget(source, "space")?.value;
+  const name = source && knownSpace(source);
   if (!attribute || !name) return;
   const summary = await fetchSummary(name);
   if (summary.error || !summary.attributes.length) return; // keep the list; execution reports the problem
@@ -159,7 +168,15 @@ app.registerExtension({
   name: "w2w.frontend",
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name === LOAD_SPACE) extendLoadSpace(nodeType);
+    if (nodeData.name === LOAD_SPACE) {
+      extendLoadSpace(nodeType);
+      const onWidgetChanged = nodeType.prototype.onWidgetChanged;
+      nodeType.prototype.onWidgetChanged = function (name, ...rest) {
+        const result = onWidgetChanged?.call(this, name, ...rest);
+        if (name === "space") refreshAll(); // the space changed: its info and every Apply Edit Direction list
+        return result;
+      };
+    }
     if (nodeData.name === INVERT) extendInvert(nodeType);
     if (nodeData.name === EDIT || nodeData.name === LOAD_SPACE) {
       const onConnectionsChange = nodeType.prototype.onConnectionsChange;
@@ -172,16 +189,7 @@ app.registerExtension({
   },
 
   nodeCreated(node) {
-    if (node.type !== LOAD_SPACE) return;
-    const space = widget(node, "space");
-    if (!space) return;
-    const callback = space.callback;
-    space.callback = function (...args) {
-      const result = callback?.apply(this, args);
-      refreshAll();
-      return result;
-    };
-    refreshLoadSpace(node);
+    if (node.type === LOAD_SPACE) refreshLoadSpace(node);
   },
 
   async afterConfigureGraph() {

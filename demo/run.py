@@ -160,8 +160,9 @@ class ComfyServer:
     """`python main.py --cpu` on loopback with a given base directory; a context manager that always stops it."""
 
     def __init__(self, comfyui: Path, base: Path, python: str = sys.executable, port: int | None = None,
-                 startup_timeout: float = 900.0, extra_args: tuple = ()):
+                 startup_timeout: float = 900.0, extra_args: tuple = (), installed_frontend: bool = False):
         self.comfyui, self.base, self.python = Path(comfyui), Path(base), python
+        self.installed_frontend = installed_frontend  # True: serve the comfyui-frontend-package UI, not an empty root
         self._auto_port = port is None
         self.port = port or free_port()
         self.startup_timeout = startup_timeout
@@ -198,7 +199,8 @@ class ComfyServer:
         """True when the server answers; False if it exited because the port was in use."""
         self.stop()
         cmd = [self.python, "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
-               "--base-directory", str(self.base), "--front-end-root", str(self.base / "frontend"),
+               "--base-directory", str(self.base),
+               *([] if self.installed_frontend else ["--front-end-root", str(self.base / "frontend")]),
                "--disable-api-nodes", *self.extra_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "w", encoding="utf-8")

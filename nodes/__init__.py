@@ -27,6 +27,9 @@ class W2WExtension(ComfyExtension):
 
 
 def extension() -> W2WExtension:
-    """Register the model folders, then hand ComfyUI the extension."""
+    """Register the model folders and the web routes, then hand ComfyUI the extension."""
+    from .routes import register_routes
+
     register_model_folders()
+    register_routes()
     return W2WExtension()

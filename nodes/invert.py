@@ -21,12 +21,16 @@ from comfy_api.latest import io
 from ..w2w.diffusion import alphas_cumprod_from_sigmas
 from ..w2w.invert import PRESETS, FactorBoard, FactorWrapper, InvertSettings, invert
 from .common import CATEGORY, IdentitySocket, SpaceSocket, check_targets
+from .routes import send_event
 
 log = logging.getLogger(__name__)
 
 CUSTOM = "custom"
 PRESET_CHOICES = ["reference", "out-of-distribution", CUSTOM]
 DEFAULT_PROMPT = "sks person"
+PREVIEW_EVERY = 10  # steps between two previews of the current identity's reconstruction
+PREVIEW_MIN_SIDE = 128  # previews are enlarged (nearest) to at least this side to stay readable on the node
+PROGRESS_EVENT = "w2w.invert.progress"  # {node, step, total, loss}: shown on the node by web/js/w2w.js
 
 
 # ---- images and masks --------------------------------------------------------------------------------------
@@ -176,6 +180,7 @@ class ComfyDenoiser:
         self.patcher = patcher
         self.board = board
         self.sigmas = sigmas  # (1000,) the model's own σ_t
+        self.last_x0 = None
 
     def __call__(self, x_t, t, cond, factors):
         self.board.factors = factors
@@ -184,7 +189,26 @@ class ComfyDenoiser:
         x = x_t * (1.0 + s ** 2).sqrt()  # = x0 + σ·ε, what ComfyUI's samplers feed the model
         context = cond.expand(x.shape[0], *cond.shape[1:])
         denoised = self.patcher.model.apply_model(x, sigma, c_crossattn=context)
+        self.last_x0 = denoised.detach()  # the current identity's reconstruction, for the progress preview
         return (x - denoised) / s
+
+
+def preview_image(model, x0: torch.Tensor | None):
+    """ProgressBar preview ("JPEG", PIL image, max side) of a predicted latent: linear latent->RGB, no VAE decode."""
+    from PIL import Image
+
+    fmt = getattr(model.model, "latent_format", None)
+    if x0 is None or getattr(fmt, "latent_rgb_factors", None) is None:
+        return None
+    import latent_preview
+
+    previewer = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
+    with torch.no_grad():
+        kind, image, max_side = previewer.decode_latent_to_preview_image("JPEG", x0[:1].detach().float().cpu())
+    scale = max(1, -(-PREVIEW_MIN_SIDE // max(1, min(image.size))))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return kind, image, max_side
 
 
 def _encode_cond(clip, conditioning, prompt: str) -> torch.Tensor:
@@ -275,11 +299,15 @@ class W2WInvertImage(io.ComfyNode):
         masks = prepare_image_mask(mask, image, resolution)
         context = _encode_cond(clip, conditioning, prompt)
         latents = model.model.process_latent_in(vae.encode(pixels))
-        pbar = comfy.utils.ProgressBar(settings.steps, node_id=cls.hidden.unique_id)
+        node_id = cls.hidden.unique_id
+        pbar = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
+        denoiser = None
 
         def progress(step: int, total: int, info: dict) -> None:
             mm.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(step, total)
+            show = step == total or step % PREVIEW_EVERY == 0
+            pbar.update_absolute(step, total, preview_image(model, denoiser.last_x0) if show else None)
+            send_event(PROGRESS_EVENT, {"node": node_id, "step": step, "total": total, "loss": float(info["loss"])})
             if step == total or step % 50 == 0:
                 log.info("w2w inversion: step %d/%d, loss %.5f", step, total, info["loss"])
 
@@ -288,7 +316,8 @@ class W2WInvertImage(io.ComfyNode):
                 device = mm.get_torch_device()
                 dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
                 sigmas = patcher.model.model_sampling.sigmas.detach().clone().float()
-                result = invert(space, ComfyDenoiser(patcher, board, sigmas.to(device)),
+                denoiser = ComfyDenoiser(patcher, board, sigmas.to(device))
+                result = invert(space, denoiser,
                                 latents.detach().clone().to(device, torch.float32), context.detach().clone().to(device),
                                 settings, mask=None if masks is None else masks.clone(), init=init_identity,
                                 alphas_cumprod=alphas_cumprod_from_sigmas(sigmas), device=device, dtype=dtype,

@@ -102,8 +102,8 @@ class W2WApplyEditDirection(io.ComfyNode):
                 io.Combo.Input("attribute", options=list(CELEBA_ATTRIBUTES), default="Male",
                                tooltip="The CelebA attribute to move along (the released space labels these 33)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="How far to move, in standard deviations of the training identities along this "
-                                       "direction (1.0 = one spread; negative removes the attribute)."),
+                               tooltip="How far to move, in training-spread units: 1.0 = one standard deviation of "
+                                       "training identities along the direction (negative removes the attribute)."),
                 io.String.Input("debias", default="", optional=True,
                                 tooltip="Comma-separated attributes to keep unchanged, e.g. 'Male, Young' (their "
                                         "directions are projected out one after another, paper §3.3)."),
@@ -113,6 +113,11 @@ class W2WApplyEditDirection(io.ComfyNode):
             ],
             outputs=[IdentitySocket.Output(display_name="identity", tooltip="The edited identity.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, attribute: str) -> bool | str:
+        # The UI lists the attributes of the space chosen upstream (web/js); execute checks the name against it.
+        return bool(attribute.strip()) or "attribute is empty: pick one of the space's attributes"
 
     @classmethod
     def execute(cls, space, identity, attribute: str, strength: float, debias: str = "",

@@ -34,6 +34,7 @@ def staged(comfy_host, tmp_path_factory):
     (root / examples.CONTROLNET).write_bytes(b"")  # only its name is checked by validation
     comfy_host.stage_model("controlnet", root / examples.CONTROLNET)
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(comfy_host.base_dir / "input" / examples.POSE_IMAGE)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(comfy_host.base_dir / "input" / examples.PHOTO)
     return root
 
 

@@ -61,6 +61,9 @@ def ui_server(browser_api, comfyui_path, sd15_standin, tmp_path_factory):
         stage.append(("w2w", root / name))
     base = root / "base"
     prepare_base_dir(base, None, stage)
+    from PIL import Image  # a 64x64 photo stand-in for Load Image in invert_image.json
+
+    Image.radial_gradient("L").resize((64, 64)).convert("RGB").save(base / "input" / "example.png")
     # a returning user: no first-run template browser over the canvas
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
@@ -269,3 +272,53 @@ def test_edit_workflow_in_browser(browser_api, ui_server, tmp_path):
     queue = get(ui_server, "/history?max_items=5")[1]
     outputs = [o for entry in queue.values() for o in entry.get("outputs", {}).values() if "images" in o]
     assert len(outputs) >= 2, f"history lists {len(outputs)} image outputs"
+
+
+INVERT_WORKFLOW = REPO / "example_workflows" / "invert_image.json"
+INVERT_ID, INVERT_STEPS = 4, 20
+JS_WATCH_PREVIEWS = """() => {
+  window.__w2wPreviews = [];
+  const api = window.comfyAPI.api.api;
+  for (const event of ["b_preview_with_metadata", "b_preview"]) {
+    api.addEventListener(event, ({ detail }) => window.__w2wPreviews.push(String(detail?.nodeId ?? detail?.displayNodeId ?? "")));
+  }
+}"""
+
+
+def test_live_inversion_in_browser(browser_api, ui_server, tmp_path):
+    """Invert Image to w2w shows step and loss on the node while it runs, and sends progress previews."""
+    sync_api, executable = browser_api
+    workflow = json.loads(INVERT_WORKFLOW.read_text(encoding="utf-8"))
+    errors: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        context = launch(playwright, executable, tmp_path / "profile")
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.on("pageerror", lambda e: errors.append(f"page error: {e} {e.stack}"))
+            page.goto(ui_server.url, wait_until="load", timeout=180_000)
+            page.wait_for_function("() => window.w2w && window.comfyAPI?.app?.app?.graph", timeout=180_000)
+            page.wait_for_load_state("networkidle", timeout=180_000)
+            page.wait_for_timeout(1000)
+            page.evaluate("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf); }", workflow)
+            page.wait_for_timeout(2000)
+            standin = next(p.name for p in (ui_server.base / "models" / "checkpoints").iterdir())
+            for node_id, name, value in ((1, "ckpt_name", standin), (2, "space", SPACE_B), (2, "pcs", PCS),
+                                         (INVERT_ID, "preset", "custom"), (INVERT_ID, "pcs", PCS),
+                                         (INVERT_ID, "steps", INVERT_STEPS), (INVERT_ID, "lr", 0.1),
+                                         (INVERT_ID, "resolution", 64), (8, "width", 64), (8, "height", 64),
+                                         (9, "steps", 1)):
+                page.evaluate(JS_SET, [node_id, name, value])
+            page.evaluate("() => window.w2w.refreshAll()")
+            page.evaluate(JS_WATCH_PREVIEWS)
+            page.evaluate("async () => { await window.comfyAPI.app.app.queuePrompt(0, 1); }")
+            page.wait_for_function(f"() => window.comfyAPI.app.app.graph.getNodeById({INVERT_ID}).w2wProgress?.step "
+                                   f"=== {INVERT_STEPS}", timeout=RUN_TIMEOUT_S * 1000, polling=500)
+            progress = page.evaluate(f"() => window.comfyAPI.app.app.graph.getNodeById({INVERT_ID}).w2wProgress")
+            previews = page.evaluate("() => window.__w2wPreviews")
+            save_screenshot(page, tmp_path, "w2w-browser-invert.png")
+        finally:
+            context.close()
+    assert progress["total"] == INVERT_STEPS and progress["loss"] == progress["loss"] and progress["loss"] > 0
+    # one preview every PREVIEW_EVERY (10) steps: at least 2 for 20 steps, all from the Invert node
+    assert previews.count(str(INVERT_ID)) >= INVERT_STEPS // 10, previews
+    assert not [e for e in errors if "/assets/" not in e.split("\n", 1)[-1]], errors

@@ -166,10 +166,12 @@ def main(argv=None) -> int:
     print(f"  of which basis product + its gradient alone: {coef_s:.3f} s")
     ratio = w2w_s / lora_s
     pairs = statistics.median(w / lo for w, lo in zip(w2w_times, lora_times))
+    spread = max(lora_times) / min(lora_times)
+    verdict = "met" if ratio <= 1.05 else "NOT met"
+    if spread > 1.25:
+        verdict = f"UNRELIABLE: LoRA step times varied x{spread:.1f} (busy machine), rerun when it is quiet"
     print(f"ratio w2w / LoRA = {ratio:.3f} (medians), {pairs:.3f} (median of back-to-back pairs), "
-          f"{1 + coef_s / lora_s:.3f} (1 + basis part / LoRA step); target <= 1.05: "
-          f"{'met' if min(ratio, pairs) <= 1.05 else 'NOT met'}")
-    print("On a shared or busy machine the step times drift between runs; the basis part is the only extra work.")
+          f"{1 + coef_s / lora_s:.3f} (1 + basis part / LoRA step); target <= 1.05: {verdict}")
     return 0
 
 

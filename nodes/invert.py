@@ -260,7 +260,7 @@ class W2WInvertImage(io.ComfyNode):
                 io.Int.Input("steps", default=400, min=1, max=10_000, tooltip="custom preset: optimisation steps."),
                 io.Float.Input("lr", default=0.1, min=1e-5, max=10.0, step=0.001,
                                tooltip="custom preset: Adam learning rate (weight decay 1e-10 as the paper)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF_FFFF_FFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF_FFFF_FFFF, control_after_generate=True,
                              tooltip="Seed of the timesteps and noise; the same inputs and seed give the same identity."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder for the prompt (or connect conditioning)."),
                 io.Conditioning.Input("conditioning", optional=True,

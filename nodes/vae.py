@@ -204,7 +204,7 @@ class W2WVAEInvert(io.ComfyNode):
                 io.Boolean.Input("gaussian", default=False,
                                  tooltip="Optimise a Gaussian N(μ, σ²) over the latent with a KL prior (w2w++ eq. 7) "
                                          "instead of a single latent; the result decodes μ."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF_FFFF_FFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF_FFFF_FFFF, control_after_generate=True,
                              tooltip="Seed of timesteps and noise; the same inputs and seed give the same identity."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder for the prompt (or connect conditioning)."),
                 io.Conditioning.Input("conditioning", optional=True,

@@ -1,0 +1,187 @@
+"""Training stages of the miniature world: base model, per-identity rank-1 LoRAs, and the judge network.
+
+Every stage checkpoints to its work folder (atomic ``torch.save`` of plain state dicts, read back with
+``weights_only=True``) and resumes from there, so a stopped run continues where it was.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .faces import ATTRIBUTES, caption_words, identity_params, attributes, render_batch
+from .model import MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize
+
+__all__ = ["BaseConfig", "train_base", "LoraConfig", "train_loras", "view_seeds", "identity_images",
+           "atomic_save", "load_checkpoint", "Log"]
+
+Log = Callable[[str], None]
+
+# Identity seed ranges of the world (disjoint): model dataset, held-out people, base-model pool, judge pool.
+MODEL_SEEDS = 0
+HELDOUT_SEEDS = 500_000
+BASE_SEEDS = 1_000_000
+JUDGE_SEEDS = 2_000_000
+
+
+def view_seeds(identity_seed: int, count: int, start: int = 0) -> list[int]:
+    """The photo seeds of an identity: ``count`` of them from ``start`` (the same identity always gets the same)."""
+    return [int(identity_seed) * 1_000 + 7 + k for k in range(start, start + count)]
+
+
+def identity_images(identity_seed: int, count: int, start: int = 0, size: int = 32) -> torch.Tensor:
+    p = identity_params(identity_seed)
+    return torch.from_numpy(render_batch([p] * count, view_seeds(identity_seed, count, start), size))
+
+
+def atomic_save(obj, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str):
+    return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+
+
+def _noised(x0: torch.Tensor, gen: torch.Generator, abar: torch.Tensor):
+    t = torch.randint(0, len(abar), (x0.shape[0],), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    a = abar[t].float().view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+
+
+# ---- base model ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BaseConfig:
+    steps: int = 1800
+    batch: int = 48
+    lr: float = 1e-3
+    pool: int = 20_000  # random identities the base model sees
+    drop_caption: float = 0.1  # empty caption (classifier-free guidance)
+    ema: float = 0.995
+    seed: int = 0
+    model: MicroConfig = MicroConfig()
+    checkpoint_every: int = 200
+
+
+def train_base(workdir: str, config: BaseConfig = BaseConfig(), log: Log = print) -> tuple[MicroUNet, TextEncoder]:
+    """Train (or resume) the text-conditioned base model on many random identities; returns the EMA weights."""
+    path = os.path.join(workdir, "base.ckpt")
+    torch.manual_seed(config.seed)
+    unet, text = MicroUNet(config.model), TextEncoder(config.model.context)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-4)
+    ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
+    step = 0
+    state = load_checkpoint(path)
+    if state is not None:
+        unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"]), ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        log(f"base model: resuming at step {step}/{config.steps}")
+    abar = alphas_cumprod()
+    rng = np.random.default_rng([config.seed, step])
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    t0 = time.perf_counter()
+    running = None
+    while step < config.steps:
+        ids = rng.integers(0, config.pool, config.batch) + BASE_SEEDS
+        faces = [identity_params(int(i)) for i in ids]
+        x0 = torch.from_numpy(render_batch(faces, [int(v) for v in rng.integers(0, 2**31, config.batch)],
+                                           config.model.image))
+        words = [caption_words(p, rng) if rng.random() >= config.drop_caption else [] for p in faces]
+        x_t, t, noise = _noised(x0, gen, abar)
+        lr = config.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * min(1.0, 2 * (1 - step / config.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = F.mse_loss(unet(x_t, t, text(tokenize(words))), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - config.ema)
+        step += 1
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if step % 50 == 0:
+            log(f"base model: step {step}/{config.steps} loss {running:.4f} ({time.perf_counter() - t0:.0f} s)")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            atomic_save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
+                         "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+    ema_unet.eval(), ema_text.eval()
+    for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
+        p.requires_grad_(False)
+    return ema_unet, ema_text
+
+
+# ---- per-identity LoRAs -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoraConfig:
+    images: int = 8  # photos per identity
+    steps: int = 150
+    per_step: int = 4  # photos of each identity per step
+    lr: float = 1e-2
+    parallel: int = 12  # identities trained side by side in one batch
+    init_seed: int = 1234  # the same A initialisation for every identity (see train_loras)
+    prompt: str = "photo sks person"
+
+
+def initial_factors(layout, seed: int) -> torch.Tensor:
+    """w0: A ~ Kaiming-uniform (fixed seed), B = 0 (PEFT's LoRA init), as one flat vector."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.zeros(layout.dim)
+    for m in layout.modules:
+        bound = 1.0 / m.in_features ** 0.5
+        n = layout.rank * m.in_features
+        w[m.a_offset:m.a_offset + n] = (torch.rand(n, generator=gen) * 2 - 1) * bound
+    return w
+
+
+def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], config: LoraConfig = LoraConfig(),
+                *, seed: int = 0, log: Log | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
+    """DreamBooth-style rank-1 LoRAs (to_q/to_v of attn1 and attn2), one per image set -> (len(images), dim).
+
+    Every identity starts from the same A (fixed seed) and B = 0, so the flat factor vectors of different people
+    live in one consistent chart — PCA over them is meaningful (a rank-1 LoRA is only defined up to the rescaling
+    (A, B) -> (cA, B/c), which shared initialisation and equal training keep aligned). The identities of one call
+    train side by side in one batch with per-item factors; each has its own parameters and its own Adam state, so
+    the result equals training them one by one, up to the random draws.
+    """
+    layout = micro_layout(unet)
+    n = len(images)
+    w = (initial_factors(layout, config.init_seed) if init is None else init).repeat(n, 1).contiguous()
+    w.requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=config.lr)
+    gen = torch.Generator().manual_seed(seed)
+    abar = alphas_cumprod()
+    with torch.no_grad():
+        ctx = text(tokenize([config.prompt]))
+    per = [min(config.per_step, x.shape[0]) for x in images]
+    owner = torch.cat([torch.full((k,), i) for i, k in enumerate(per)])
+    for step in range(config.steps):
+        x0 = torch.cat([x[torch.randperm(x.shape[0], generator=gen)[:k]] for x, k in zip(images, per)])
+        x_t, t, noise = _noised(x0, gen, abar)
+        factors = [(a[owner], b[owner]) for a, b in layout.factors(w)]
+        with unet.patched(factors, layout.scale):
+            pred = unet(x_t, t, ctx.expand(x0.shape[0], -1, -1))
+        # sum of per-identity mean losses: identity i's gradient is that of its own loss
+        err = (pred - noise).square().flatten(1).mean(1)
+        loss = torch.zeros(n).index_add_(0, owner, err) / torch.tensor(per, dtype=torch.float32)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        if log is not None and (step + 1) % 50 == 0:
+            log(f"  LoRA step {step + 1}/{config.steps}: mean loss {float(loss.mean()):.4f}")
+    return w.detach()

@@ -167,7 +167,8 @@ def make_space(unet: MicroUNet, weights: torch.Tensor, seeds: list[int], pcs: in
                          base_model="w2w-micro")
     labels = torch.from_numpy(np.stack([attributes(identity_params(s)) for s in seeds]))
     space = attach_labels(result.space, labels, ATTRIBUTES)
-    return fit_directions(space, method="lstsq")
+    varied = [a for a, col in zip(ATTRIBUTES, labels.T) if 0 < float(col.sum()) < n]  # both classes present
+    return fit_directions(space, varied, method="lstsq")
 
 
 def make_vae(space: Space, config: WorldConfig) -> W2WVAE:

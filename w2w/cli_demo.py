@@ -95,10 +95,21 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default 25 with real files, 1 with stand-ins)")
     p.add_argument("--out", type=Path, default=Path("w2w-demo-output"), help="where the image is copied")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed for the graph")
+    p.add_argument("--micro", action="store_true",
+                   help="no ComfyUI needed: sample, edit and invert in the shipped miniature w2w world (models/micro) "
+                        "and write a contact sheet PNG to --out")
+    p.add_argument("--micro-dir", type=Path, default=None, help="micro-world artifacts (default: the pack's models/micro)")
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> int:
+    if args.micro:
+        from .micro.demo import contact_sheet
+        from .micro.world import DEFAULT_DIR
+
+        out = args.out / "w2w-micro-contact-sheet.png"
+        contact_sheet(str(out), str(args.micro_dir or DEFAULT_DIR))
+        return 0
     run, locate = _demo_modules()
     comfyui = args.comfyui or locate.find_comfyui()
     if comfyui is None:

@@ -12,8 +12,9 @@ instead of the raw weights. Target: <= 1.05.
     nice -n 10 python benchmarks/invert_step.py --size 128 --pcs 1000
 
 Needs a ComfyUI checkout ($COMFYUI_PATH, the checkout containing this pack, or ~/ComfyUI). On a CPU the w2w
-overhead is two passes over the basis per step (forward product and its gradient), memory-bandwidth bound:
-4 GB of float32 at 10,000 PCs. On a GPU the same two products take milliseconds.
+overhead is one pass over the basis per step (w2w.invert.FusedAdam: gradient, Adam and the next weights block by
+block), memory-bandwidth bound: 4 GB of float32 at 10,000 PCs; the unfused form reads it twice. On a GPU these
+products take milliseconds.
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="images per step")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps of each kind (after one warm-up each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unfused", action="store_true", help="also time the unfused step (two basis passes)")
     args = parser.parse_args(argv)
 
     comfyui = find_comfyui()
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     import torch
 
     from w2w.diffusion import ddpm_noise, sd15_alphas_cumprod
-    from w2w.invert import FactorBoard, FactorMap, diffusion_loss
+    from w2w.invert import FactorBoard, FactorMap, FusedAdam, diffusion_loss
 
     t0 = time.perf_counter()
     model = build_unet(comfy, args.seed)
@@ -125,17 +127,22 @@ def main(argv=None) -> int:
         return diffusion_loss(eps, noise)
 
     fmap = FactorMap(space, args.pcs)
+    fused = FusedAdam(fmap, torch.zeros(args.pcs), lr=0.1, weight_decay=1e-10)  # what w2w.invert.invert runs
     beta = torch.zeros(args.pcs, requires_grad=True)
-    w2w_opt = torch.optim.Adam([beta], lr=0.1, weight_decay=1e-10)
+    unfused_opt = torch.optim.Adam([beta], lr=0.1, weight_decay=1e-10)
     lora = [(a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True))
             for a, b in fmap.factors(torch.zeros(args.pcs))]
     lora_opt = torch.optim.Adam([p for pair in lora for p in pair], lr=1e-4)
 
     def w2w_step():
+        unet_loss(fused.factors()).backward()
+        fused.step()
+
+    def unfused_step():  # autograd through w(β) and torch.optim.Adam: two passes over the basis
         loss = unet_loss(fmap.factors(beta))
-        w2w_opt.zero_grad(set_to_none=True)
+        unfused_opt.zero_grad(set_to_none=True)
         loss.backward()
-        w2w_opt.step()
+        unfused_opt.step()
 
     def lora_step():
         loss = unet_loss(lora)
@@ -143,7 +150,11 @@ def main(argv=None) -> int:
         loss.backward()
         lora_opt.step()
 
-    def coefficient_part():  # the part of a w2w step that a LoRA step does not have
+    def coefficient_part():  # the part of a w2w step that a LoRA step does not have (one fused pass)
+        fused.w.grad = torch.ones_like(fused.w)
+        fused.step()
+
+    def unfused_part():  # the same, unfused: forward product, then its gradient
         w = fmap.weights(beta)
         w.backward(torch.ones_like(w))
 
@@ -152,18 +163,25 @@ def main(argv=None) -> int:
         fn()
         return time.perf_counter() - start
 
-    w2w_step(), lora_step()  # warm-up
-    w2w_times, lora_times, coef_times = [], [], []
+    w2w_step(), lora_step(), unfused_step()  # warm-up
+    w2w_times, lora_times, coef_times, unfused_times, unfused_part_times = [], [], [], [], []
     for _ in range(args.repeats):
         w2w_times.append(timed(w2w_step))
         lora_times.append(timed(lora_step))
         coef_times.append(timed(coefficient_part))
-    w2w_s, lora_s, coef_s = (statistics.median(x) for x in (w2w_times, lora_times, coef_times))
+        if args.unfused:
+            unfused_times.append(timed(unfused_step))
+        unfused_part_times.append(timed(unfused_part))
+    w2w_s, lora_s, coef_s, unfused_part_s = (statistics.median(x) for x in (w2w_times, lora_times, coef_times,
+                                                                             unfused_part_times))
     print(f"image {args.size}x{args.size} (latent {side}x{side}), batch {args.batch}, {args.repeats} steps each "
           f"(medians; all: w2w {[round(x, 3) for x in w2w_times]}, LoRA {[round(x, 3) for x in lora_times]})")
     print(f"w2w inversion step ({args.pcs:,} coefficients -> {space.dim:,} weights -> UNet fwd+bwd): {w2w_s:.3f} s")
     print(f"plain rank-1 LoRA step ({space.dim:,} parameters -> UNet fwd+bwd):                 {lora_s:.3f} s")
-    print(f"  of which basis product + its gradient alone: {coef_s:.3f} s")
+    print(f"  of which the basis pass alone (gradient + Adam + next weights, fused): {coef_s:.3f} s "
+          f"(unfused: product + its gradient {unfused_part_s:.3f} s)")
+    if unfused_times:
+        print(f"unfused w2w step (autograd through w(β) + torch.optim.Adam): {statistics.median(unfused_times):.3f} s")
     ratio = w2w_s / lora_s
     pairs = statistics.median(w / lo for w, lo in zip(w2w_times, lora_times))
     spread = max(lora_times) / min(lora_times)

@@ -295,3 +295,36 @@ def test_space_made_under_inference_mode_can_be_inverted():
     result = invert(space, TinyDenoiser(space.layout.scale), make_latents(), make_cond(),
                     InvertSettings(pcs=space.pcs, steps=3, lr=0.05))
     assert len(result.losses) == 3 and torch.isfinite(result.identity.coefficients).all()
+
+
+@pytest.mark.parametrize("block_bytes", [1, 200, 1 << 30])  # one PC per block, a few, all at once
+def test_fused_adam_follows_torch_adam(space, block_bytes):
+    """One pass over the basis per step gives the trajectory of autograd through w(β) + torch.optim.Adam."""
+    from w2w.invert import FusedAdam
+
+    denoiser = TinyDenoiser(space.layout.scale)
+    latents, cond = make_latents(), make_cond()
+    abar = sd15_alphas_cumprod()
+    fmap = FactorMap(space, space.pcs)
+    beta0 = 0.1 * torch.randn(space.pcs, generator=torch.Generator().manual_seed(4))
+    beta = beta0.clone().requires_grad_(True)
+    reference = torch.optim.Adam([beta], lr=0.05, weight_decay=0.01)
+    fused = FusedAdam(fmap, beta0, lr=0.05, weight_decay=0.01, block_bytes=block_bytes)
+    if block_bytes == 1:
+        assert len(fused.blocks) == space.pcs
+    elif block_bytes == 1 << 30:
+        assert len(fused.blocks) == 1
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(6):
+        t = torch.randint(0, 1000, (1,), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        x_t = ddpm_noise(latents, t, noise, abar)
+        reference.zero_grad()
+        diffusion_loss(denoiser(x_t, t, cond, fmap.factors(beta)), noise).backward()
+        reference.step()
+        diffusion_loss(denoiser(x_t, t, cond, fused.factors()), noise).backward()
+        fused.step()
+    assert (beta.detach() - beta0).abs().max() > 1e-3  # it moved
+    torch.testing.assert_close(fused.beta, beta.detach(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.w.detach(), fmap.weights(beta), rtol=1e-4, atol=1e-5)

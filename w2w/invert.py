@@ -4,8 +4,10 @@ Only the PCA coefficients β (pcs,) are optimised, with Adam on the diffusion lo
 x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε, x0 the VAE latent, t ~ U{0..999}); UNet, VAE and text encoder stay frozen.
 The model is reached through a :class:`Denoiser`, so the engine runs the same on a ComfyUI MODEL and on a toy net.
 
-Speed: every step computes all LoRA factors with one matmul, ``w = (β @ basis[:pcs]) * std + mean``, on the
-compute device in the compute dtype, then splits ``w`` into per-module (A, B) views (:class:`FactorMap`).
+Speed: all LoRA factors come from one weight vector ``w = (β @ basis[:pcs]) * std + mean``, on the compute device
+in the compute dtype, split into per-module (A, B) views (:class:`FactorMap`). The gradient ∂L/∂β, the Adam
+update and the next ``w`` share one pass over the basis per step (:class:`FusedAdam`), which halves the memory
+traffic that bounds a CPU step.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .identity import Identity
 from .layout import Layout
 from .space import Space
 
-__all__ = ["InvertSettings", "PRESETS", "FactorMap", "Factors", "FactorBoard", "FactorWrapper", "Denoiser",
+__all__ = ["InvertSettings", "PRESETS", "FactorMap", "FusedAdam", "Factors", "FactorBoard", "FactorWrapper", "Denoiser",
            "InversionResult", "invert", "prepare_mask", "diffusion_loss", "step_loss", "initial_coefficients",
            "Parametrisation"]
 
@@ -110,11 +112,67 @@ class FactorMap:
 
     def factors(self, beta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """β (k,) -> [(A (rank, in), B (out, rank)) per layout module], views of one weight vector."""
-        pieces = torch.split(self.weights(beta), self._sizes)
+        return self.split(self.weights(beta))
+
+    def split(self, w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A flat weight vector (d,) -> [(A, B) per layout module], views of it."""
+        pieces = torch.split(w, self._sizes)
         out: list[list[torch.Tensor | None]] = [[None, None] for _ in self.layout.modules]
         for piece, (index, which, shape) in zip(pieces, self._targets):
             out[index][0 if which == "A" else 1] = piece.view(shape)
         return [(a, b) for a, b in out]
+
+
+class FusedAdam:
+    """Adam on β with one pass over the basis per step instead of two (the CPU bottleneck of inversion).
+
+    An unfused step reads the (k, d) basis twice: ∂L/∂β = basis @ (∂L/∂w · std) after the backward pass, and
+    w = (β @ basis) · std + mean before the next forward pass. Adam is elementwise in β, so both can run block by
+    block: for each block of PCs, its gradient, its Adam update (PyTorch's Adam with L2 weight decay, same formula)
+    and its contribution to the next w, while the block is still in cache. ``w`` is the leaf the denoiser
+    differentiates; :meth:`step` consumes ``w.grad`` and replaces ``w``.
+    """
+
+    def __init__(self, fmap: FactorMap, beta0: torch.Tensor, lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, block_bytes: int = 16 << 20):
+        self.fmap = fmap
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.beta = beta0.detach().to(fmap.device, torch.float32).clone()
+        self.exp_avg = torch.zeros_like(self.beta)
+        self.exp_avg_sq = torch.zeros_like(self.beta)
+        self.t = 0
+        k, d = fmap.basis.shape
+        rows = max(1, block_bytes // max(1, d * fmap.basis.element_size()))
+        self.blocks = [(i, min(k, i + rows)) for i in range(0, k, rows)]
+        with torch.no_grad():
+            self.w = fmap.weights(self.beta).detach().requires_grad_(True)
+
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.fmap.split(self.w)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.w.grad is None:
+            raise RuntimeError("no gradient on the weights: call backward() on the loss first")
+        fmap = self.fmap
+        g = self.w.grad.to(fmap.dtype) * fmap.std
+        b1, b2 = self.betas
+        self.t += 1
+        step_size = self.lr / (1 - b1 ** self.t)
+        bc2_sqrt = (1 - b2 ** self.t) ** 0.5
+        acc = torch.zeros_like(fmap.mean)
+        for i, j in self.blocks:
+            block = fmap.basis[i:j]
+            grad = (block @ g).float()
+            beta = self.beta[i:j]
+            if self.weight_decay:
+                grad.add_(beta, alpha=self.weight_decay)
+            m, v = self.exp_avg[i:j], self.exp_avg_sq[i:j]
+            m.lerp_(grad, 1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            beta.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(self.eps), value=-step_size)
+            acc.addmv_(block.T, beta.to(fmap.dtype))
+        self.w = torch.addcmul(fmap.mean, acc, fmap.std).requires_grad_(True)
 
 
 class FactorBoard:
@@ -253,17 +311,19 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     masks = prepare_mask(mask, images, tuple(latents.shape[-2:]))
     masks = None if masks is None else masks.to(device)
     if param is None:
-        beta = initial_coefficients(space, pcs, init).to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([beta] if param is None else list(param.parameters()), lr=settings.lr,
-                                 weight_decay=settings.weight_decay)
+        fused = FusedAdam(fmap, initial_coefficients(space, pcs, init), settings.lr, settings.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(list(param.parameters()), lr=settings.lr, weight_decay=settings.weight_decay)
     gen = torch.Generator(device="cpu").manual_seed(int(settings.seed) & 0xFFFF_FFFF_FFFF_FFFF)
     losses: list[float] = []
     for step in range(settings.steps):
         index = torch.arange(images) if per_step == images else torch.randperm(images, generator=gen)[:per_step]
         t = torch.randint(0, abar.shape[0], (per_step,), generator=gen)
         noise = torch.randn((per_step, *latents.shape[1:]), generator=gen).to(device, latents.dtype)
-        loss = step_loss(fmap, denoiser, beta if param is None else param.coefficients(), latents[index.to(device)],
-                         t.to(device), noise, cond, abar, None if masks is None else masks[index.to(device)])
+        x_t = ddpm_noise(latents[index.to(device)], t.to(device), noise, abar)
+        factors = fused.factors() if param is None else fmap.factors(param.coefficients())
+        loss = diffusion_loss(denoiser(x_t, t.to(device), cond, factors), noise,
+                              None if masks is None else masks[index.to(device)])
         if param is not None:
             loss = loss + param.prior_loss()
         value = float(loss.detach())
@@ -273,9 +333,13 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
         if not loss.requires_grad:
             raise RuntimeError("the denoiser's prediction does not depend on the LoRA factors it was given: "
                                "the model is not patched with them")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if param is None:
+            loss.backward()
+            fused.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         losses.append(value)
         if callback is not None:
             callback(step + 1, settings.steps, {"loss": value})
@@ -283,7 +347,7 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
               f"wd={settings.weight_decay:g} seed={settings.seed}" + (" masked" if mask is not None else "") + \
               ("" if param is None else f" {param.describe()}")
     base = init.history if init is not None else ()
-    final = beta.detach() if param is None else param.result()
+    final = fused.beta.clone() if param is None else param.result()
     identity = Identity(final.float().cpu(), space.fingerprint, name, base + (history,))
     return InversionResult(identity, tuple(losses))
 

@@ -211,7 +211,7 @@ def preview_image(model, x0: torch.Tensor | None):
     return kind, image, max_side
 
 
-def _encode_cond(clip, conditioning, prompt: str) -> torch.Tensor:
+def encode_cond(clip, conditioning, prompt: str) -> torch.Tensor:
     """The cross-attention context (1, tokens, 768) from CONDITIONING, or from CLIP and the prompt."""
     if conditioning is not None:
         if not conditioning:
@@ -297,7 +297,7 @@ class W2WInvertImage(io.ComfyNode):
         check_targets(model, space)
         pixels = prepare_images(image, resolution)
         masks = prepare_image_mask(mask, image, resolution)
-        context = _encode_cond(clip, conditioning, prompt)
+        context = encode_cond(clip, conditioning, prompt)
         latents = model.model.process_latent_in(vae.encode(pixels))
         node_id = cls.hidden.unique_id
         pbar = comfy.utils.ProgressBar(settings.steps, node_id=node_id)

@@ -234,7 +234,7 @@ class W2WVAEInvert(io.ComfyNode):
 
         from ..w2w.diffusion import alphas_cumprod_from_sigmas
         from ..w2w.invert import InvertSettings, invert
-        from .invert import (ComfyDenoiser, _encode_cond, loss_curve_image, prepare_image_mask, prepare_images,
+        from .invert import (ComfyDenoiser, encode_cond, loss_curve_image, prepare_image_mask, prepare_images,
                              trainable_clone)
 
         check_targets(model, space)
@@ -243,7 +243,7 @@ class W2WVAEInvert(io.ComfyNode):
         settings = InvertSettings(steps=steps, lr=lr, weight_decay=0.0, seed=seed)
         pixels = prepare_images(image, resolution)
         masks = prepare_image_mask(mask, image, resolution)
-        context = _encode_cond(clip, conditioning, prompt)
+        context = encode_cond(clip, conditioning, prompt)
         latents = model.model.process_latent_in(vae.encode(pixels))
         pbar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
 

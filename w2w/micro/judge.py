@@ -122,8 +122,8 @@ def train_judge(workdir: str, config: JudgeConfig = JudgeConfig(), log: Log = pr
         opt.step()
         step += 1
         if step % 100 == 0:
-            log(f"judge: step {step}/{config.steps} id loss {float(loss_id):.3f} attribute loss "
-                f"{float(loss_attr):.3f} ({time.perf_counter() - t0:.0f} s)")
+            log(f"judge: step {step}/{config.steps} id loss {float(loss_id.detach()):.3f} attribute loss "
+                f"{float(loss_attr.detach()):.3f} ({time.perf_counter() - t0:.0f} s)")
         if step % config.checkpoint_every == 0 or step == config.steps:
             atomic_save({"net": net.state_dict(), "classes": classes.detach(), "opt": opt.state_dict(), "step": step},
                         path)

@@ -105,10 +105,11 @@ def render(p: FaceParams, view_seed: int, size: int = 32) -> np.ndarray:
     """One photo of ``p`` (uint8 (size, size, 3)); ``view_seed`` picks position, scale, lighting and background."""
     r = np.random.default_rng([int(view_seed) & 0xFFFF_FFFF, 0xFACE])
     s = _CANVAS
-    scale = r.uniform(0.9, 1.1) * s
-    cx, cy = s / 2 + r.uniform(-3, 3), s / 2 + 2 + r.uniform(-3, 3)
-    light = r.uniform(0.8, 1.15)
-    bg = tuple(int(v) for v in r.integers(60, 200, 3))
+    scale = r.uniform(0.93, 1.07) * s
+    cx, cy = s / 2 + r.uniform(-2, 2), s / 2 + 2 + r.uniform(-2, 2)
+    light = r.uniform(0.85, 1.15)
+    grey = int(r.integers(90, 200))  # a plain backdrop: its grey level and a slight tint vary
+    bg = tuple(int(np.clip(grey + t, 0, 255)) for t in r.integers(-12, 13, 3))
     img = Image.new("RGB", (s, s), bg)
     d = ImageDraw.Draw(img)
 

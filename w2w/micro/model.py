@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..layout import Layout, ModuleSlot
 
 __all__ = ["VOCAB", "MicroConfig", "TextEncoder", "MicroUNet", "LoRALinear", "micro_layout", "tokenize",
-           "alphas_cumprod", "ddim_sample", "MicroDenoiser"]
+           "alphas_cumprod", "ddim_sample", "MicroDenoiser", "v_target", "eps_from_v"]
 
 VOCAB = ("<pad>", "photo", "person", "man", "woman", "sks", "beard", "glasses", "blond", "chubby", "young", "old")
 TOKENS = 8
@@ -154,7 +154,11 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class MicroUNet(nn.Module):
-    """ε-prediction UNet over (N, 3, 32, 32) pixels: 32 → 16 → 8 → 16 → 32, transformer blocks at 16 and 8 px."""
+    """v-prediction UNet over (N, 3, 32, 32) pixels: 32 → 16 → 8 → 16 → 32, transformer blocks at 16 and 8 px.
+
+    It predicts v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0 (Salimans & Ho 2022), which trains faster and samples better in few
+    steps than ε; :func:`eps_from_v` gives ε for the inversion engine's ε loss.
+    """
 
     def __init__(self, config: MicroConfig = MicroConfig()):
         super().__init__()
@@ -238,6 +242,16 @@ def micro_layout(unet: MicroUNet, rank: int = 1, alpha: float = 1.0) -> Layout:
     return Layout(tuple(modules), rank=rank, alpha=alpha)
 
 
+def v_target(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    a = abar_t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    a = abar_t.view(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
+    return (1 - a).sqrt() * x_t + a.sqrt() * v
+
+
 def alphas_cumprod(steps: int = TIMESTEPS) -> torch.Tensor:
     """ᾱ_t (float64) of the cosine schedule (Nichol & Dhariwal 2021), used in pixel space."""
     s = 0.008
@@ -265,26 +279,27 @@ def ddim_sample(unet: MicroUNet, context: torch.Tensor, *, seeds: list[int], ste
     with unet.patched(factors, scale):
         for i, t in enumerate(ts):
             tt = t.repeat(n)
-            eps = unet(x, tt, ctx)
+            v = unet(x, tt, ctx)
             if uncond is not None and cfg != 1.0:
-                eps_u = unet(x, tt, uncond.expand(n, -1, -1))
-                eps = eps_u + cfg * (eps - eps_u)
+                v_u = unet(x, tt, uncond.expand(n, -1, -1))
+                v = v_u + cfg * (v - v_u)
             a = abar[t]
             a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            x0 = (a.sqrt() * x - (1 - a).sqrt() * v).clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return x.clamp(-1, 1)
 
 
 class MicroDenoiser:
-    """A :class:`w2w.invert.Denoiser` over a frozen micro UNet: ε̂ = unet_{W + scale·B@A}(x_t, t, context)."""
+    """A :class:`w2w.invert.Denoiser` over a frozen micro UNet: ε̂ from the v that unet_{W + scale·B@A} predicts."""
 
-    def __init__(self, unet: MicroUNet, scale: float = 1.0):
+    def __init__(self, unet: MicroUNet, scale: float = 1.0, abar: torch.Tensor | None = None):
         self.unet = unet
         self.scale = scale
+        self.abar = (alphas_cumprod() if abar is None else abar).float()
 
     def __call__(self, x_t, t, cond, factors):
         ctx = cond.expand(x_t.shape[0], -1, -1) if cond.shape[0] == 1 else cond
         with self.unet.patched(factors, self.scale):
-            return self.unet(x_t, t, ctx)
+            return eps_from_v(x_t, self.unet(x_t, t, ctx), self.abar.to(x_t.device)[t])

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .faces import ATTRIBUTES, caption_words, identity_params, attributes, render_batch
-from .model import MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize
+from .model import MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize, v_target
 
-__all__ = ["BaseConfig", "train_base", "LoraConfig", "train_loras", "view_seeds", "identity_images",
+__all__ = ["BaseConfig", "train_base", "LoraConfig", "train_loras", "initial_factors", "view_seeds", "identity_images",
            "atomic_save", "load_checkpoint", "Log"]
 
 Log = Callable[[str], None]
@@ -52,18 +52,19 @@ def load_checkpoint(path: str):
 
 
 def _noised(x0: torch.Tensor, gen: torch.Generator, abar: torch.Tensor):
+    """x_t, t and the v-prediction target."""
     t = torch.randint(0, len(abar), (x0.shape[0],), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     a = abar[t].float().view(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, v_target(x0, noise, abar[t].float())
 
 
 # ---- base model ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BaseConfig:
-    steps: int = 1800
-    batch: int = 48
-    lr: float = 1e-3
+    steps: int = 2400
+    batch: int = 32
+    lr: float = 2e-3
     pool: int = 20_000  # random identities the base model sees
     drop_caption: float = 0.1  # empty caption (classifier-free guidance)
     ema: float = 0.995
@@ -99,11 +100,11 @@ def train_base(workdir: str, config: BaseConfig = BaseConfig(), log: Log = print
         x0 = torch.from_numpy(render_batch(faces, [int(v) for v in rng.integers(0, 2**31, config.batch)],
                                            config.model.image))
         words = [caption_words(p, rng) if rng.random() >= config.drop_caption else [] for p in faces]
-        x_t, t, noise = _noised(x0, gen, abar)
+        x_t, t, target = _noised(x0, gen, abar)
         lr = config.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * min(1.0, 2 * (1 - step / config.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = F.mse_loss(unet(x_t, t, text(tokenize(words))), noise)
+        loss = F.mse_loss(unet(x_t, t, text(tokenize(words))), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -172,12 +173,12 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
     owner = torch.cat([torch.full((k,), i) for i, k in enumerate(per)])
     for step in range(config.steps):
         x0 = torch.cat([x[torch.randperm(x.shape[0], generator=gen)[:k]] for x, k in zip(images, per)])
-        x_t, t, noise = _noised(x0, gen, abar)
+        x_t, t, target = _noised(x0, gen, abar)
         factors = [(a[owner], b[owner]) for a, b in layout.factors(w)]
         with unet.patched(factors, layout.scale):
             pred = unet(x_t, t, ctx.expand(x0.shape[0], -1, -1))
         # sum of per-identity mean losses: identity i's gradient is that of its own loss
-        err = (pred - noise).square().flatten(1).mean(1)
+        err = (pred - target).square().flatten(1).mean(1)
         loss = torch.zeros(n).index_add_(0, owner, err) / torch.tensor(per, dtype=torch.float32)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()

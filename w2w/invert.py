@@ -134,7 +134,7 @@ class FusedAdam:
     """
 
     def __init__(self, fmap: FactorMap, beta0: torch.Tensor, lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, block_bytes: int = 16 << 20):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, block_bytes: int = 6 << 20):
         self.fmap = fmap
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
         self.beta = beta0.detach().to(fmap.device, torch.float32).clone()

@@ -137,7 +137,7 @@ def test_toy_tables_and_demo(toy_world, tmp_path):
     assert all(np.isfinite(r["ID score"]) and -1 <= r["ID score"] <= 1 for r in tables["inversion"])
     assert [r["models in the space"] for r in tables["models_curve"]] == [5, 10]
     md = to_markdown(tables)
-    assert "Editing vs prompting" in md and "| w2w edit |" in md
+    assert "Editing vs prompting" in md and "| w2w edit |" in md and "| w2w edit, strength 4 |" in md
     out = tmp_path / "demo"
     assert main(["demo", "--micro", "--micro-dir", str(root / "out"), "--out", str(out)]) == 0
     from PIL import Image

@@ -35,7 +35,8 @@ class EvalConfig:
     ddim_steps: int = 25
     cfg: float = 1.0
     edit_people: int = 24
-    edit_strength: float = 2.0  # training-spread units
+    edit_strength: float = 2.0  # training-spread units (also the demo's)
+    edit_sweep: tuple[float, ...] = (4.0,)  # further w2w strengths in the editing table (identity vs success)
     invert_steps: int = 300
     invert_lr: float = 0.1
     references: int = 8  # unseen photos per held-out person
@@ -145,16 +146,19 @@ def editing_table(world: World, gen: Generator, cfg: EvalConfig) -> tuple[list[d
     people = [sample_identity(space, 20_000 + i, pcs=space.pcs) for i in range(cfg.edit_people)]
     w0 = torch.stack([space.weights(p.coefficients) for p in people])
     emb0, prob0 = gen.read(gen.images(w0, seeds))
-    totals = {"w2w edit": [], "prompt": []}
+    strengths = (cfg.edit_strength,) + tuple(x for x in cfg.edit_sweep if x != cfg.edit_strength)
+    labels = {x: "w2w edit" if x == cfg.edit_strength else f"w2w edit, strength {x:g}" for x in strengths}
+    totals: dict[str, list] = {**{labels[x]: [] for x in strengths}, "prompt": []}
     per_attr = []
     for a, name in enumerate(ATTRIBUTES):
         lacking = [i for i in range(len(people)) if float(prob0[i, :, a].mean()) < 0.5]
         if not lacking:
             continue
-        edited = torch.stack([space.weights(apply_edit(space, people[i], name, cfg.edit_strength).coefficients)
-                              for i in lacking])
-        results = {"w2w edit": gen.read(gen.images(edited, seeds)),
-                   "prompt": gen.read(gen.images(w0[lacking], seeds, prompt=f"{world.config.lora.prompt} {WORDS[name]}"))}
+        results = {}
+        for x in strengths:
+            edited = torch.stack([space.weights(apply_edit(space, people[i], name, x).coefficients) for i in lacking])
+            results[labels[x]] = gen.read(gen.images(edited, seeds))
+        results["prompt"] = gen.read(gen.images(w0[lacking], seeds, prompt=f"{world.config.lora.prompt} {WORDS[name]}"))
         row = {"attribute": name, "people": len(lacking)}
         for method, (emb1, prob1) in results.items():
             ident = float((emb0[lacking] * emb1).sum(-1).mean())  # same seed, before vs after
@@ -162,8 +166,9 @@ def editing_table(world: World, gen: Generator, cfg: EvalConfig) -> tuple[list[d
             others = [b for b in range(len(ATTRIBUTES)) if b != a]
             change = float((prob1[:, :, others] - prob0[lacking][:, :, others]).abs().mean())
             totals[method].append((len(lacking), ident, success, change))
-            row[f"{method}: success"] = success
-            row[f"{method}: ID kept"] = ident
+            if method in ("w2w edit", "prompt"):
+                row[f"{method}: success"] = success
+                row[f"{method}: ID kept"] = ident
         per_attr.append(row)
     summary = []
     for method, vals in totals.items():

@@ -211,6 +211,17 @@ def preview_image(model, x0: torch.Tensor | None):
     return kind, image, max_side
 
 
+def text_condition_inputs() -> list:
+    """The optional text-condition inputs of the inversion nodes: clip + prompt, or conditioning."""
+    return [
+        io.Clip.Input("clip", optional=True, tooltip="Text encoder for the prompt (or connect conditioning)."),
+        io.Conditioning.Input("conditioning", optional=True,
+                              tooltip="Instead of clip + prompt: the conditioning to invert with."),
+        io.String.Input("prompt", default=DEFAULT_PROMPT, optional=True,
+                        tooltip="Prompt encoded with clip during inversion (paper: 'sks person')."),
+    ]
+
+
 def encode_cond(clip, conditioning, prompt: str) -> torch.Tensor:
     """The cross-attention context (1, tokens, 768) from CONDITIONING, or from CLIP and the prompt."""
     if conditioning is not None:
@@ -262,11 +273,7 @@ class W2WInvertImage(io.ComfyNode):
                                tooltip="custom preset: Adam learning rate (weight decay 1e-10 as the paper)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF_FFFF_FFFF, control_after_generate=True,
                              tooltip="Seed of the timesteps and noise; the same inputs and seed give the same identity."),
-                io.Clip.Input("clip", optional=True, tooltip="Text encoder for the prompt (or connect conditioning)."),
-                io.Conditioning.Input("conditioning", optional=True,
-                                      tooltip="Instead of clip + prompt: the conditioning to invert with."),
-                io.String.Input("prompt", default=DEFAULT_PROMPT, optional=True,
-                                tooltip="Prompt encoded with clip during inversion (paper: 'sks person')."),
+                *text_condition_inputs(),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional: the loss only sees where the mask is 1 (e.g. the face); same size as "
                                       "the images, one mask for all or one per image."),

@@ -180,7 +180,7 @@ class W2WVAEInterpolate(io.ComfyNode):
 class W2WVAEInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .invert import DEFAULT_PROMPT
+        from .invert import text_condition_inputs
 
         return io.Schema(
             node_id="W2WVAEInvert",
@@ -206,11 +206,7 @@ class W2WVAEInvert(io.ComfyNode):
                                          "instead of a single latent; the result decodes μ."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF_FFFF_FFFF, control_after_generate=True,
                              tooltip="Seed of timesteps and noise; the same inputs and seed give the same identity."),
-                io.Clip.Input("clip", optional=True, tooltip="Text encoder for the prompt (or connect conditioning)."),
-                io.Conditioning.Input("conditioning", optional=True,
-                                      tooltip="Instead of clip + prompt: the conditioning to invert with."),
-                io.String.Input("prompt", default=DEFAULT_PROMPT, optional=True,
-                                tooltip="Prompt encoded with clip during inversion (paper: 'sks person')."),
+                *text_condition_inputs(),
                 io.Mask.Input("mask", optional=True, tooltip="Optional: the loss only sees where the mask is 1."),
                 LatentSocket.Input("init_latent", optional=True,
                                    tooltip="Optional start point (default: the latent origin, the VAE's centre)."),

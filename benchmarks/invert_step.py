@@ -1,7 +1,8 @@
 """One w2w inversion step vs one plain rank-1 LoRA training step, side by side on the same UNet and batch.
 
 w2w step:  β (pcs,) -> w = (β @ basis) * std + mean (99,648 values) -> 64 rank-1 deltas 27·B@A as weight wrappers
-           -> UNet forward + backward -> Adam on β.
+           -> UNet forward + backward -> Adam on β, exactly as w2w.invert.invert runs it (its "auto" precision:
+           the basis products in float16 on a CPU where that is fast, β and Adam in float32).
 LoRA step: the same 64 rank-1 factors (99,648 values) as free parameters -> the same wrappers, forward, backward
            -> Adam on the factors.
 Same full-size SD1.5 UNet (ComfyUI's own classes, random weights, float32), same latents, timestep, noise and
@@ -12,9 +13,9 @@ instead of the raw weights. Target: <= 1.05.
     nice -n 10 python benchmarks/invert_step.py --size 128 --pcs 1000
 
 Needs a ComfyUI checkout ($COMFYUI_PATH, the checkout containing this pack, or ~/ComfyUI). On a CPU the w2w
-overhead is one pass over the basis per step (w2w.invert.FusedAdam: gradient, Adam and the next weights block by
-block), memory-bandwidth bound: 4 GB of float32 at 10,000 PCs; the unfused form reads it twice. On a GPU these
-products take milliseconds.
+overhead is reading the basis, memory-bandwidth bound: in float32 one fused pass over 4 GB at 10,000 PCs
+(w2w.invert.FusedAdam: gradient, Adam and the next weights block by block; the unfused form reads it twice); in
+mixed precision two passes over 2 GB half-precision copies. On a GPU these products take milliseconds.
 """
 from __future__ import annotations
 
@@ -77,16 +78,38 @@ def synthetic_space(pcs: int, seed: int):
     return Space(basis, mean, std, layout)
 
 
+def steady_heap() -> None:
+    """Ask glibc to serve large blocks from the heap and never give freed memory back (Linux only)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        print("--steady-heap: glibc not found, ignored", file=sys.stderr)
+        return
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    ok = all(libc.mallopt(ctypes.c_int(option), ctypes.c_int(value)) == 1
+             for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2 ** 31 - 1), (m_top_pad, 256 << 20)))
+    print(f"steady heap: {'on' if ok else 'mallopt refused, off'}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--pcs", type=int, default=10_000, help="coefficients optimised (paper: 10,000)")
     parser.add_argument("--batch", type=int, default=1, help="images per step")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps of each kind (after one warm-up each)")
+    parser.add_argument("--repeats", type=int, default=6, help="timed steps of each kind (after one warm-up each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unfused", action="store_true", help="also time the unfused step (two basis passes)")
+    parser.add_argument("--steady-heap", action="store_true",
+                        help="keep freed memory in the process (glibc mallopt): without it every step's large "
+                             "activations are fresh pages, and page faults add ~1 s and most of the noise on some VMs")
+    parser.add_argument("--precision", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="precision of the basis products in the w2w step (default: what invert() picks)")
     args = parser.parse_args(argv)
 
+    if args.steady_heap:
+        steady_heap()
     comfyui = find_comfyui()
     if comfyui is None:
         print("ComfyUI not found: " + HOW_TO_PROVIDE, file=sys.stderr)
@@ -95,7 +118,7 @@ def main(argv=None) -> int:
     import torch
 
     from w2w.diffusion import ddpm_noise, sd15_alphas_cumprod
-    from w2w.invert import FactorBoard, FactorMap, FusedAdam, diffusion_loss
+    from w2w.invert import FactorBoard, FactorMap, FusedAdam, basis_dtype_for, diffusion_loss
 
     t0 = time.perf_counter()
     model = build_unet(comfy, args.seed)
@@ -126,8 +149,15 @@ def main(argv=None) -> int:
         eps = (x - patcher.model.apply_model(x, sigma, c_crossattn=context)) / s
         return diffusion_loss(eps, noise)
 
-    fmap = FactorMap(space, args.pcs)
-    fused = FusedAdam(fmap, torch.zeros(args.pcs), lr=0.1, weight_decay=1e-10)  # what w2w.invert.invert runs
+    fmap = FactorMap(space, args.pcs)  # float32 products: the unfused and the full-precision fused forms
+    basis_dtype = basis_dtype_for(args.precision, "cpu", torch.float32, args.pcs, space.dim)
+    t0 = time.perf_counter()
+    fmap_run = FactorMap(space, args.pcs, basis_dtype=basis_dtype)
+    print(f"basis products in {str(basis_dtype)[6:]} ({fmap_run.products.nbytes / 2**30:.2f} GiB on the device, "
+          f"prepared in {time.perf_counter() - t0:.1f} s once per inversion)")
+    fused = FusedAdam(fmap_run, torch.zeros(args.pcs), lr=0.1, weight_decay=1e-10)  # what w2w.invert.invert runs
+    fused32 = fused if fmap_run.basis_dtype == torch.float32 else FusedAdam(fmap, torch.zeros(args.pcs), lr=0.1,
+                                                                             weight_decay=1e-10)
     beta = torch.zeros(args.pcs, requires_grad=True)
     unfused_opt = torch.optim.Adam([beta], lr=0.1, weight_decay=1e-10)
     lora = [(a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True))
@@ -150,9 +180,9 @@ def main(argv=None) -> int:
         loss.backward()
         lora_opt.step()
 
-    def coefficient_part():  # the part of a w2w step that a LoRA step does not have (one fused pass)
-        fused.w.grad = torch.ones_like(fused.w)
-        fused.step()
+    def coefficient_part(opt=fused):  # the part of a w2w step that a LoRA step does not have
+        opt.w.grad = torch.ones_like(opt.w)
+        opt.step()
 
     def unfused_part():  # the same, unfused: forward product, then its gradient
         w = fmap.weights(beta)
@@ -163,23 +193,31 @@ def main(argv=None) -> int:
         fn()
         return time.perf_counter() - start
 
-    w2w_step(), lora_step(), unfused_step()  # warm-up
-    w2w_times, lora_times, coef_times, unfused_times, unfused_part_times = [], [], [], [], []
-    for _ in range(args.repeats):
-        w2w_times.append(timed(w2w_step))
-        lora_times.append(timed(lora_step))
+    w2w_step(), lora_step()  # warm-up
+    if args.unfused:
+        unfused_step()
+    w2w_times, lora_times, coef_times, unfused_times, unfused_part_times, coef32_times = [], [], [], [], [], []
+    for r in range(args.repeats):  # back-to-back pairs, order alternating so drift cancels
+        if r % 2 == 0:
+            w2w_times.append(timed(w2w_step))
+            lora_times.append(timed(lora_step))
+        else:
+            lora_times.append(timed(lora_step))
+            w2w_times.append(timed(w2w_step))
+    for _ in range(args.repeats):  # the parts, after the pairs (the float32 forms read 4-8 GB each)
         coef_times.append(timed(coefficient_part))
+        coef32_times.append(timed(lambda: coefficient_part(fused32)))
+        unfused_part_times.append(timed(unfused_part))
         if args.unfused:
             unfused_times.append(timed(unfused_step))
-        unfused_part_times.append(timed(unfused_part))
-    w2w_s, lora_s, coef_s, unfused_part_s = (statistics.median(x) for x in (w2w_times, lora_times, coef_times,
-                                                                             unfused_part_times))
+    w2w_s, lora_s, coef_s, unfused_part_s, coef32_s = (statistics.median(x) for x in (
+        w2w_times, lora_times, coef_times, unfused_part_times, coef32_times))
     print(f"image {args.size}x{args.size} (latent {side}x{side}), batch {args.batch}, {args.repeats} steps each "
           f"(medians; all: w2w {[round(x, 3) for x in w2w_times]}, LoRA {[round(x, 3) for x in lora_times]})")
     print(f"w2w inversion step ({args.pcs:,} coefficients -> {space.dim:,} weights -> UNet fwd+bwd): {w2w_s:.3f} s")
     print(f"plain rank-1 LoRA step ({space.dim:,} parameters -> UNet fwd+bwd):                 {lora_s:.3f} s")
-    print(f"  of which the basis pass alone (gradient + Adam + next weights, fused): {coef_s:.3f} s "
-          f"(unfused: product + its gradient {unfused_part_s:.3f} s)")
+    print(f"  of which the basis part alone (gradient + Adam + next weights, {str(basis_dtype)[6:]}): {coef_s:.3f} s "
+          f"(float32 fused pass {coef32_s:.3f} s; float32 unfused, product + its gradient {unfused_part_s:.3f} s)")
     if unfused_times:
         print(f"unfused w2w step (autograd through w(β) + torch.optim.Adam): {statistics.median(unfused_times):.3f} s")
     ratio = w2w_s / lora_s

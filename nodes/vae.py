@@ -180,7 +180,7 @@ class W2WVAEInterpolate(io.ComfyNode):
 class W2WVAEInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .invert import text_condition_inputs
+        from .invert import precision_input, text_condition_inputs
 
         return io.Schema(
             node_id="W2WVAEInvert",
@@ -212,6 +212,7 @@ class W2WVAEInvert(io.ComfyNode):
                                    tooltip="Optional start point (default: the latent origin, the VAE's centre)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8, optional=True,
                              tooltip="Side of the square crop the photos are resized to (paper: 512)."),
+                precision_input(),
             ],
             outputs=[
                 IdentitySocket.Output(display_name="identity", tooltip="The inverted identity (decoded μ)."),
@@ -224,7 +225,7 @@ class W2WVAEInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, image, space, w2w_vae, steps: int, lr: float, prior_weight: float, gaussian: bool,
                 seed: int, clip=None, conditioning=None, prompt: str = "sks person", mask=None, init_latent=None,
-                resolution: int = 512) -> io.NodeOutput:
+                resolution: int = 512, precision: str = "auto") -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -261,7 +262,7 @@ class W2WVAEInvert(io.ComfyNode):
                                 latents.detach().clone().to(device, torch.float32), context.detach().clone().to(device),
                                 settings, mask=None if masks is None else masks.clone(),
                                 alphas_cumprod=alphas_cumprod_from_sigmas(sigmas), device=device, dtype=dtype,
-                                callback=progress, name="vae-inverted", param=param)
+                                callback=progress, name="vae-inverted", param=param, precision=precision)
             latent = VAELatent(param.mu.detach().clone(), w2w_vae.fingerprint, (result.identity.history[-1],))
         return io.NodeOutput(result.identity, latent, loss_curve_image(result.losses))
 

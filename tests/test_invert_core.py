@@ -328,3 +328,51 @@ def test_fused_adam_follows_torch_adam(space, block_bytes):
     torch.testing.assert_close(fused.beta, beta.detach(), rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(fused.w.detach(), fmap.weights(beta), rtol=1e-4, atol=1e-5)
+
+
+# ---- mixed precision (the products themselves: tests/test_products.py) -----------------------------------
+LOW_PRECISION_DRIFT = {torch.float16: 0.02, torch.bfloat16: 0.1}  # |β_low − β_fp32| / |β moved| after 6 steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_adam_in_low_precision_stays_close_to_float32(space, dtype):
+    """Mixed precision: β and Adam in float32, the two products in half precision; the trajectory barely moves."""
+    from w2w.invert import FusedAdam
+
+    denoiser = TinyDenoiser(space.layout.scale)
+    latents, cond = make_latents(), make_cond()
+    abar = sd15_alphas_cumprod()
+    beta0 = 0.1 * torch.randn(space.pcs, generator=torch.Generator().manual_seed(4))
+    full = FusedAdam(FactorMap(space, space.pcs), beta0, lr=0.05, weight_decay=0.01)
+    low = FusedAdam(FactorMap(space, space.pcs, basis_dtype=dtype), beta0, lr=0.05, weight_decay=0.01)
+    assert full.fused and not low.fused and low.fmap.basis_dtype == dtype
+    assert low.w.dtype == torch.float32 and low.beta.dtype == torch.float32
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(6):
+        t = torch.randint(0, 1000, (1,), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        x_t = ddpm_noise(latents, t, noise, abar)
+        for opt in (full, low):
+            diffusion_loss(denoiser(x_t, t, cond, opt.factors()), noise).backward()
+            opt.step()
+    moved = float((full.beta - beta0).norm())
+    assert moved > 1e-2
+    assert float((low.beta - full.beta).norm()) < LOW_PRECISION_DRIFT[dtype] * moved
+    delta = full.w.detach() - FactorMap(space, space.pcs).weights(torch.zeros(space.pcs))
+    assert float((low.w.detach() - full.w.detach()).norm()) < LOW_PRECISION_DRIFT[dtype] * float(delta.norm())
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_invert_in_low_precision_notes_it_and_lands_near_float32(space, precision):
+    settings = InvertSettings(pcs=space.pcs, steps=20, lr=0.05, seed=3)
+    denoiser = TinyDenoiser(space.layout.scale)
+    full = invert(space, denoiser, make_latents(), make_cond(), settings, precision="float32")
+    low = invert(space, denoiser, make_latents(), make_cond(), settings, precision=precision)
+    assert f"basis={precision}" in low.identity.history[-1] and "basis=" not in full.identity.history[-1]
+    a, b = full.identity.coefficients, low.identity.coefficients
+    assert float(a.norm()) > 0.1
+    assert float((a - b).norm()) < {"float16": 0.05, "bfloat16": 0.15}[precision] * float(a.norm())
+    again = invert(space, denoiser, make_latents(), make_cond(), settings, precision=precision)
+    assert torch.equal(again.identity.coefficients, b)  # reproducible in low precision too
+    with pytest.raises(ValueError, match="unknown precision"):
+        invert(space, denoiser, make_latents(), make_cond(), settings, precision="fp8")

@@ -6,8 +6,8 @@ The model is reached through a :class:`Denoiser`, so the engine runs the same on
 
 Speed: all LoRA factors come from one weight vector ``w = (β @ basis[:pcs]) * std + mean``, on the compute device
 in the compute dtype, split into per-module (A, B) views (:class:`FactorMap`). The gradient ∂L/∂β, the Adam
-update and the next ``w`` share one pass over the basis per step (:class:`FusedAdam`), which halves the memory
-traffic that bounds a CPU step.
+update and the next ``w`` cost one pass over the float32 basis per step (:class:`FusedAdam`), or two over a
+low-precision copy (float16, int8: :mod:`w2w.products`) — reading the basis is what bounds a CPU step.
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from .diffusion import ddpm_noise, sd15_alphas_cumprod
 from .identity import Identity
 from .layout import Layout
+from .products import PRECISIONS, BasisProducts, basis_dtype_for
 from .space import Space
 
-__all__ = ["InvertSettings", "PRESETS", "FactorMap", "FusedAdam", "Factors", "FactorBoard", "FactorWrapper", "Denoiser",
+__all__ = ["InvertSettings", "PRESETS", "PRECISIONS", "FactorMap", "FusedAdam", "Factors", "FactorBoard", "FactorWrapper", "Denoiser",
            "InversionResult", "invert", "prepare_mask", "diffusion_loss", "step_loss", "initial_coefficients",
            "Parametrisation"]
 
@@ -62,7 +63,7 @@ PRESETS: dict[str, InvertSettings] = {
 
 
 class _Unproject(torch.autograd.Function):
-    """w = (β @ basis) * std + mean, differentiable in β only; one matmul forward, one backward.
+    """w = (β @ basis) * std + mean, differentiable in β only; one product forward, one backward.
 
     The basis, std and mean are kept as plain attributes, not saved tensors: they may be inference tensors (a space
     loaded inside ComfyUI's executor), which autograd refuses to save, and copying a 4 GB basis to avoid that would
@@ -70,19 +71,25 @@ class _Unproject(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, beta, basis, std, mean):
-        ctx.basis, ctx.std = basis, std
-        return torch.addcmul(mean, beta @ basis, std)
+    def forward(ctx, beta, products, std, mean):
+        ctx.products, ctx.std = products, std
+        return torch.addcmul(mean, products.project(beta), std)
 
     @staticmethod
     def backward(ctx, grad):
-        return (grad * ctx.std) @ ctx.basis.T, None, None, None
+        return ctx.products.pullback(grad.to(ctx.std.dtype) * ctx.std).to(grad.dtype), None, None, None
 
 
 class FactorMap:
-    """Differentiable β (k,) -> per-module LoRA factors (A, B), with one matmul: w = (β @ basis[:k]) * std + mean."""
+    """Differentiable β (k,) -> per-module LoRA factors (A, B), with one matmul: w = (β @ basis[:k]) * std + mean.
 
-    def __init__(self, space: Space, pcs: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    ``dtype`` is the dtype of the factors (the model's compute dtype); ``basis_dtype`` the one of the products with
+    the basis (default: ``dtype``; see :func:`basis_dtype_for` and :class:`BasisProducts`). The weight vector is
+    formed in float32 (float64 for a float64 basis) before it is cast to ``dtype``.
+    """
+
+    def __init__(self, space: Space, pcs: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 basis_dtype: torch.dtype | None = None):
         if not 1 <= pcs <= space.pcs:
             raise ValueError(f"the space is loaded with {space.pcs:,} PCs; inversion asked for {pcs:,}: lower pcs "
                              f"or load the space with pcs >= {pcs:,} (the file has {space.total_pcs:,})")
@@ -90,9 +97,10 @@ class FactorMap:
         self.pcs = pcs
         self.dtype = dtype
         self.device = torch.device(device)
-        self.basis = space.components[:pcs].to(self.device, dtype)  # (k, d), kept on the compute device
-        self.std = space.std.to(self.device, dtype)  # (d,)
-        self.mean = space.mean.to(self.device, dtype)  # (d,)
+        self.products = BasisProducts(space.components[:pcs], self.device, dtype if basis_dtype is None else basis_dtype)
+        acc = self.products.out_dtype
+        self.std = space.std.to(self.device, acc)  # (d,)
+        self.mean = space.mean.to(self.device, acc)  # (d,)
         spans = []  # the factors tile w: one split in offset order gives every factor as a view
         for index, m in enumerate(self.layout.modules):
             r = self.layout.rank
@@ -106,9 +114,14 @@ class FactorMap:
     def scale(self) -> float:
         return self.layout.scale
 
+    @property
+    def basis_dtype(self) -> torch.dtype:
+        return self.products.dtype
+
     def weights(self, beta: torch.Tensor) -> torch.Tensor:
         """β (k,) -> flat weight vector (d,) in the compute dtype."""
-        return _Unproject.apply(beta.to(self.device, self.dtype), self.basis, self.std, self.mean)
+        beta = beta.to(self.device, torch.promote_types(beta.dtype, torch.float32))
+        return _Unproject.apply(beta, self.products, self.std, self.mean).to(self.dtype)
 
     def factors(self, beta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """β (k,) -> [(A (rank, in), B (out, rank)) per layout module], views of one weight vector."""
@@ -124,13 +137,16 @@ class FactorMap:
 
 
 class FusedAdam:
-    """Adam on β with one pass over the basis per step instead of two (the CPU bottleneck of inversion).
+    """Adam on β (PyTorch's Adam with L2 weight decay, same formula) that costs at most one pass over the basis per
+    step on a CPU in full precision, where the step is bound by reading the basis.
 
     An unfused step reads the (k, d) basis twice: ∂L/∂β = basis @ (∂L/∂w · std) after the backward pass, and
-    w = (β @ basis) · std + mean before the next forward pass. Adam is elementwise in β, so both can run block by
-    block: for each block of PCs, its gradient, its Adam update (PyTorch's Adam with L2 weight decay, same formula)
-    and its contribution to the next w, while the block is still in cache. ``w`` is the leaf the denoiser
-    differentiates; :meth:`step` consumes ``w.grad`` and replaces ``w``.
+    w = (β @ basis) · std + mean before the next forward pass. Adam is elementwise in β, so in full precision on a CPU
+    both run block by block: for each block of PCs, its gradient, its Adam update and its contribution to the next
+    w, while the block is still in cache. With a low-precision basis (float16/int8: fewer bytes per pass, and
+    PyTorch's fast CPU kernels only for whole contiguous products) and on GPUs (where many small kernels cost more
+    than the two products) the step makes the two products (:class:`w2w.products.BasisProducts`). ``w`` is the
+    leaf the denoiser differentiates; :meth:`step` consumes ``w.grad`` and replaces ``w``.
     """
 
     def __init__(self, fmap: FactorMap, beta0: torch.Tensor, lr: float, weight_decay: float = 0.0,
@@ -141,38 +157,51 @@ class FusedAdam:
         self.exp_avg = torch.zeros_like(self.beta)
         self.exp_avg_sq = torch.zeros_like(self.beta)
         self.t = 0
-        k, d = fmap.basis.shape
-        rows = max(1, block_bytes // max(1, d * fmap.basis.element_size()))
-        self.blocks = [(i, min(k, i + rows)) for i in range(0, k, rows)]
+        products = fmap.products
+        k, d = products.shape
+        self.fused = not products.low and fmap.device.type == "cpu"
+        rows = max(1, block_bytes // max(1, d * products.rows.element_size()))
+        self.blocks = [(i, min(k, i + rows)) for i in range(0, k, rows)] if self.fused else [(0, k)]
         with torch.no_grad():
             self.w = fmap.weights(self.beta).detach().requires_grad_(True)
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.fmap.split(self.w)
 
+    def _adam(self, grad: torch.Tensor, i: int, j: int, step_size: float, bc2_sqrt: float) -> torch.Tensor:
+        b1, b2 = self.betas
+        beta = self.beta[i:j]
+        if self.weight_decay:
+            grad = grad.add(beta, alpha=self.weight_decay)
+        m, v = self.exp_avg[i:j], self.exp_avg_sq[i:j]
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        beta.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(self.eps), value=-step_size)
+        return beta
+
     @torch.no_grad()
     def step(self) -> None:
         if self.w.grad is None:
             raise RuntimeError("no gradient on the weights: call backward() on the loss first")
-        fmap = self.fmap
-        g = self.w.grad.to(fmap.dtype) * fmap.std
+        fmap, products = self.fmap, self.fmap.products
+        g = self.w.grad.to(fmap.std.dtype) * fmap.std
         b1, b2 = self.betas
         self.t += 1
         step_size = self.lr / (1 - b1 ** self.t)
         bc2_sqrt = (1 - b2 ** self.t) ** 0.5
-        acc = torch.zeros_like(fmap.mean)
-        for i, j in self.blocks:
-            block = fmap.basis[i:j]
-            grad = (block @ g).float()
-            beta = self.beta[i:j]
-            if self.weight_decay:
-                grad.add_(beta, alpha=self.weight_decay)
-            m, v = self.exp_avg[i:j], self.exp_avg_sq[i:j]
-            m.lerp_(grad, 1 - b1)
-            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            beta.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(self.eps), value=-step_size)
-            acc.addmv_(block.T, beta.to(fmap.dtype))
-        self.w = torch.addcmul(fmap.mean, acc, fmap.std).requires_grad_(True)
+        if self.fused:
+            basis = products.rows
+            g = g.to(basis.dtype)
+            acc = torch.zeros_like(fmap.mean, dtype=basis.dtype)
+            for i, j in self.blocks:
+                block = basis[i:j]
+                beta = self._adam((block @ g).float(), i, j, step_size, bc2_sqrt)
+                acc.addmv_(block.T, beta.to(basis.dtype))
+            u = acc.to(fmap.mean.dtype)
+        else:
+            self._adam(products.pullback(g).float(), 0, self.beta.shape[0], step_size, bc2_sqrt)
+            u = products.project(self.beta)
+        self.w = torch.addcmul(fmap.mean, u, fmap.std).to(fmap.dtype).requires_grad_(True)
 
 
 class FactorBoard:
@@ -287,13 +316,14 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
            init: Identity | None = None, alphas_cumprod: torch.Tensor | None = None,
            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
            callback: Callable[[int, int, dict], None] | None = None, name: str = "inverted",
-           param: Parametrisation | None = None) -> InversionResult:
+           param: Parametrisation | None = None, precision: str = "auto") -> InversionResult:
     """Optimise β so the model denoises ``latents`` (N, C, h, w: N photos of one person, already scaled for the UNet).
 
     ``cond`` is passed to the denoiser untouched (it must fit ``images_per_step`` images). ``callback(step, total,
     {"loss": ...})`` runs after every step and may raise to stop. The same seed gives the same coefficients.
     ``param`` optimises its own parameters instead of β (``settings.pcs`` and ``init`` are then its business) and
-    adds its prior term to the loss.
+    adds its prior term to the loss. ``precision`` is the one of the products with the basis (:func:`basis_dtype_for`;
+    "auto": mixed precision where the device supports it); β and Adam's state are float32 whatever it is.
     """
     if latents.dim() != 4 or latents.shape[0] < 1:
         raise ValueError(f"latents must be a non-empty (N, C, h, w) batch, got shape {tuple(latents.shape)}")
@@ -306,7 +336,7 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     if param is not None and init is not None:
         raise ValueError("with a parametrisation, start it from the identity (e.g. encode it) instead of init=")
     pcs = settings.pcs if param is None else param.pcs
-    fmap = FactorMap(space, pcs, device, dtype)
+    fmap = FactorMap(space, pcs, device, dtype, basis_dtype_for(precision, device, dtype, pcs, space.dim))
     latents = latents.detach().to(device)
     masks = prepare_mask(mask, images, tuple(latents.shape[-2:]))
     masks = None if masks is None else masks.to(device)
@@ -345,7 +375,8 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
             callback(step + 1, settings.steps, {"loss": value})
     history = f"invert images={images} pcs={pcs} steps={settings.steps} lr={settings.lr:g} " \
               f"wd={settings.weight_decay:g} seed={settings.seed}" + (" masked" if mask is not None else "") + \
-              ("" if param is None else f" {param.describe()}")
+              ("" if param is None else f" {param.describe()}") + \
+              ("" if fmap.basis_dtype in (torch.float32, torch.float64) else f" basis={str(fmap.basis_dtype)[6:]}")
     base = init.history if init is not None else ()
     final = fused.beta.clone() if param is None else param.result()
     identity = Identity(final.float().cpu(), space.fingerprint, name, base + (history,))

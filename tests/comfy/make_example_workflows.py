@@ -115,7 +115,8 @@ def invert_graph() -> dict:
     g["3"] = {"class_type": "LoadImage", "inputs": {"image": PHOTO}}
     g["4"] = {"class_type": "W2WInvertImage", "inputs": {
         "model": ["1", 0], "vae": ["1", 2], "image": ["3", 0], "space": ["2", 0], "preset": "reference", "pcs": 10_000,
-        "steps": 400, "lr": 0.1, "seed": 0, "clip": ["1", 1], "prompt": "sks person", "resolution": 512}}
+        "steps": 400, "lr": 0.1, "seed": 0, "clip": ["1", 1], "prompt": "sks person", "resolution": 512,
+        "precision": "auto"}}
     g["5"] = {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}}
     g["12"] = _edit(("4", 0), "Male", 1.0)
     g["13"] = {"class_type": "W2WSaveIdentity", "inputs": {"identity": ["4", 0], "filename_prefix": "w2w_inverted"}}

@@ -231,6 +231,23 @@ def test_mask_and_multi_image_batch(comfy_host, space_file, photos, executor):
     assert not torch.equal(batch.coefficients, masked.coefficients)
 
 
+def test_half_precision_basis_products_in_the_executor(comfy_host, space_file, photos, executor):
+    """precision=float16: the products with the basis in half precision, β float32; close to the float32 run."""
+    runs, model = {}, None
+    for precision in ("auto", "float16"):
+        graph = invert_graph(steps=3, lr=0.5)
+        graph["4"]["inputs"]["precision"] = precision
+        result = comfy_host.run_graph(graph, executor=executor)
+        runs[precision], model = result.output("4", 0), result.output("1", 0)
+    assert "basis=" not in runs["auto"].history[-1]  # a 16-PC space is cheap: auto stays float32
+    assert runs["float16"].history[-1].endswith("basis=float16")
+    full, half = runs["auto"].coefficients, runs["float16"].coefficients
+    assert half.dtype == torch.float32 and float(full.norm()) > 0
+    assert float((half - full).norm()) < 0.05 * float(full.norm())
+    node_module, _, _ = pack_modules(comfy_host)
+    assert_model_untouched(model, comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME, node_module._ours)
+
+
 def test_cancel_leaves_the_model_identical_and_a_rerun_equals_a_fresh_run(comfy_host, space_file, photos, executors):
     import comfy.model_management
     import comfy.utils

@@ -6,10 +6,14 @@ w2w step:  β (pcs,) -> w = (β @ basis) * std + mean (99,648 values) -> 64 rank
 LoRA step: the same 64 rank-1 factors (99,648 values) as free parameters -> the same wrappers, forward, backward
            -> Adam on the factors.
 Same full-size SD1.5 UNet (ComfyUI's own classes, random weights, float32), same latents, timestep, noise and
-context; steps alternate so both see the same machine load. The ratio is the cost of optimising in the space
-instead of the raw weights. Target: <= 1.05.
+context; steps run in back-to-back pairs of alternating order so both see the same machine load, then the part
+of a w2w step a LoRA step does not have (the basis work) is timed alone. The ratio is the cost of optimising in the
+space instead of the raw weights. Target: <= 1.05. Three figures: ratio of the medians, median of the pair ratios,
+and 1 + basis part / LoRA step (the UNet half of both steps is the same code, so on a noisy machine this third one is
+the steadiest estimate).
 
-    nice -n 10 python benchmarks/invert_step.py                 # 256 px, 10,000 PCs (needs ~12 GB RAM)
+    nice -n 10 python benchmarks/invert_step.py                 # 256 px, 10,000 PCs (needs ~16 GB RAM)
+    nice -n 10 python benchmarks/invert_step.py --precision float32 --unfused
     nice -n 10 python benchmarks/invert_step.py --size 128 --pcs 1000
 
 Needs a ComfyUI checkout ($COMFYUI_PATH, the checkout containing this pack, or ~/ComfyUI). On a CPU the w2w

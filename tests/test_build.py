@@ -128,6 +128,32 @@ def test_matrix_file_formats_agree(tmp_path):
     assert max_angle_degrees(half.components[:3], ref.components[:3]) < 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_matrix_file_rows_in_every_float_dtype(tmp_path, dtype):
+    """One reader (w2w.rawread) for .pt, .safetensors and .npy: rows come back as float32, exactly converted."""
+    x = planted_matrix(n=40, d=tiny_layout().dim, seed=3).to(dtype)
+    torch.save(x, tmp_path / "w.pt")
+    save_file({"w": x}, str(tmp_path / "w.safetensors"))
+    files = ["w.pt", "w.safetensors"]
+    if dtype != torch.bfloat16:  # numpy has no bfloat16
+        np.save(tmp_path / "w.npy", x.numpy())
+        files.append("w.npy")
+    for name in files:
+        source = open_source(str(tmp_path / name), layout=tiny_layout())
+        out = np.empty((7, x.shape[1]), np.float32)
+        source.read(30, out)
+        assert torch.equal(torch.from_numpy(out), x[30:37].float()), name
+
+
+def test_reader_reports_a_short_read(tmp_path):
+    from w2w.rawread import pread_into
+
+    (tmp_path / "f.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(W2WFileError, match="truncated"):
+        pread_into(str(tmp_path / "f.bin"), 4, torch.empty(4, dtype=torch.float32))
+    assert torch.equal(pread_into(str(tmp_path / "f.bin"), 2, torch.ones(2, dtype=torch.float32)), torch.zeros(2))
+
+
 def test_matrix_needs_layout_of_its_width(tmp_path):
     np.save(tmp_path / "w.npy", np.zeros((5, 100), np.float32))
     with pytest.raises(BuildError, match="100 weights per row.*--layout"):

@@ -16,14 +16,13 @@ the process never maps nor holds the whole matrix; when the matrix fits the memo
 
 Sources: a folder of LoRA files (kohya, PEFT or diffusers keys; ``.safetensors`` files and PEFT adapter folders),
 or one matrix file: ``.npy``, ``.safetensors`` (one 2-D tensor) or ``.pt`` (a tensor saved with ``torch.save``,
-such as the released ``all_weights.pt``; located through :func:`w2w.safeload.tensor_file_span`).
+such as the released ``all_weights.pt``); :mod:`w2w.rawread` finds the matrix in the file and reads it.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from .layout import Layout, LayoutError, ModuleSlot, module_path_from_key, sd15_layout
+from .rawread import MatrixSpan, npy_span, pread_into, safetensors_span, torch_file_span
 from .safeload import W2WFileError
 from .space import Space, load_space, replace_space, save_space
 
@@ -142,108 +142,38 @@ class ArraySource(RowSource):
         return None
 
 
-_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": "bf16"}
-
-
 class MatrixFileSource(RowSource):
-    """A C-ordered (N, d) matrix stored raw at ``offset`` of a file, read with positional reads (no mmap)."""
+    """A C-ordered (N, d) float matrix stored raw in a file (:class:`w2w.rawread.MatrixSpan`), read with positional
+    reads (no memory map) and converted to float32 block by block."""
 
-    def __init__(self, path: str, offset: int, shape: tuple[int, int], dtype, names: Sequence[str] | None = None,
-                 layout: Layout | None = None, kind: str = "matrix"):
-        self.path, self.offset, self.shape, self.dtype = path, offset, (int(shape[0]), int(shape[1])), dtype
-        self.dtype_bytes = 2 if dtype == "bf16" else np.dtype(dtype).itemsize
-        need = offset + self.shape[0] * self.shape[1] * self.dtype_bytes
-        if os.path.getsize(path) < need:
-            raise W2WFileError(f"{path} is truncated: its {kind} needs {need:,} bytes, the file has {os.path.getsize(path):,}")
+    def __init__(self, span: MatrixSpan, names: Sequence[str] | None = None, layout: Layout | None = None,
+                 kind: str = "matrix"):
+        self.span = span
+        self.path, self.shape = span.path, (int(span.shape[0]), int(span.shape[1]))
+        self.dtype_bytes = torch.empty((), dtype=span.dtype).element_size()
+        need = span.offset + self.shape[0] * span.row_bytes
+        if os.path.getsize(span.path) < need:
+            raise W2WFileError(f"{span.path} is truncated: its {kind} needs {need:,} bytes, the file has "
+                               f"{os.path.getsize(span.path):,}")
         self.names = tuple(names) if names is not None else tuple(str(i) for i in range(self.shape[0]))
         self.layout = layout
-        self.description = f"{kind} {os.path.basename(path)} ({self.shape[0]:,} x {self.shape[1]:,})"
-        self._scratch: dict[int, np.ndarray] = {}
+        self.description = f"{kind} {os.path.basename(span.path)} ({self.shape[0]:,} x {self.shape[1]:,})"
+        self._scratch: dict[int, torch.Tensor] = {}
 
     def read(self, start: int, out: np.ndarray) -> np.ndarray:
         rows, d = out.shape
-        if self.dtype == np.float32:
-            raw = out
-        else:  # read raw values into a per-thread scratch buffer, then convert
+        target = torch.from_numpy(out)
+        if self.span.dtype == torch.float32 and out.flags.c_contiguous:
+            raw = target
+        else:  # read raw values into a per-buffer scratch tensor, then convert
             key = out.ctypes.data
-            if key not in self._scratch or self._scratch[key].shape[0] < rows * d:
-                self._scratch[key] = np.empty(rows * d, np.uint16 if self.dtype == "bf16" else self.dtype)
-            raw = self._scratch[key][: rows * d].reshape(rows, d)
-        _pread_into(self.path, self.offset + start * d * self.dtype_bytes, raw)
-        if self.dtype == "bf16":
-            out[:] = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float().numpy()
-        elif raw is not out:
-            out[:] = raw
+            if key not in self._scratch or self._scratch[key].numel() < rows * d:
+                self._scratch[key] = torch.empty(rows * d, dtype=self.span.dtype)
+            raw = self._scratch[key][: rows * d].view(rows, d)
+        pread_into(self.path, self.span.offset + start * self.span.row_bytes, raw)
+        if raw is not target:
+            target.copy_(raw)
         return out
-
-
-def _pread_into(path: str, offset: int, buf: np.ndarray) -> None:
-    view = memoryview(buf.reshape(-1).view(np.uint8))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise W2WFileError(f"{path}: unexpected end of file at byte {offset + done:,}")
-            done += n
-    finally:
-        os.close(fd)
-
-
-def _npy_source(path: str, **kw) -> MatrixFileSource:
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-        except ValueError as exc:
-            raise W2WFileError(f"{path} is not a readable .npy file: {exc}") from None
-        offset = f.tell()
-    if len(shape) != 2:
-        raise W2WFileError(f"{path}: the weight matrix must be 2-D (models, weights), got shape {shape}")
-    if fortran:
-        raise W2WFileError(f"{path} is stored in Fortran order; save it with np.save(path, np.ascontiguousarray(a))")
-    if dtype.kind != "f" or dtype.byteorder == (">" if np.little_endian else "<"):
-        raise W2WFileError(f"{path}: weights must be native-endian float16/32/64, got {dtype}")
-    return MatrixFileSource(path, offset, shape, dtype.type, kind="npy matrix", **kw)
-
-
-def _safetensors_source(path: str, **kw) -> MatrixFileSource:
-    with open(path, "rb") as f:
-        head = f.read(8)
-        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if size <= 0 or size > 100_000_000:
-            raise W2WFileError(f"{path} is not a .safetensors file (bad header size)")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError as exc:
-            raise W2WFileError(f"{path}: unreadable .safetensors header: {exc}") from None
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    matrices = {k: v for k, v in tensors.items() if len(v.get("shape", ())) == 2}
-    if len(matrices) != 1:
-        key = "weights" if "weights" in matrices else None
-        if key is None:
-            raise W2WFileError(f"{path} holds {len(matrices)} 2-D tensors ({', '.join(list(matrices)[:5])}); a weight "
-                               "matrix file holds one, or names it 'weights'")
-        matrices = {key: matrices[key]}
-    (name, info), = matrices.items()
-    if info["dtype"] not in _NP_DTYPES:
-        raise W2WFileError(f"{path}: tensor {name!r} has dtype {info['dtype']}; weights must be F32, F16, BF16 or F64")
-    return MatrixFileSource(path, 8 + size + int(info["data_offsets"][0]), tuple(info["shape"]),
-                            _NP_DTYPES[info["dtype"]], kind=f"safetensors matrix {name!r}", **kw)
-
-
-def _torch_source(path: str, **kw) -> MatrixFileSource:
-    from .safeload import tensor_file_span
-
-    shape, dtype, offset = tensor_file_span(path, ndim=2, name="weight matrix")
-    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
-                torch.bfloat16: "bf16"}.get(dtype)
-    if np_dtype is None:
-        raise W2WFileError(f"{path}: weights must be float16/bfloat16/float32/float64, got {dtype}")
-    return MatrixFileSource(path, offset, shape, np_dtype, kind="torch matrix", **kw)
 
 
 # ---- LoRA folders ---------------------------------------------------------------------------------------
@@ -449,11 +379,12 @@ def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str]
                            f"({', '.join(MATRIX_SUFFIXES)})")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npy":
-        source = _npy_source(path)
+        source = MatrixFileSource(npy_span(path), kind="npy matrix")
     elif suffix == ".safetensors":
-        source = _safetensors_source(path)
+        span = safetensors_span(path)
+        source = MatrixFileSource(span, kind="safetensors matrix")
     elif suffix in (".pt", ".pth"):
-        source = _torch_source(path)
+        source = MatrixFileSource(torch_file_span(path, "weight matrix"), kind="torch matrix")
     else:
         raise W2WFileError(f"{path}: unknown matrix format {suffix!r}; use {', '.join(MATRIX_SUFFIXES)} or a LoRA folder")
     n, d = source.shape

@@ -15,7 +15,7 @@ import zipfile
 
 import torch
 
-__all__ = ["W2WFileError", "load_tensor", "load_object", "load_dataframe", "tensor_file_span", "DATAFRAME_GLOBALS"]
+__all__ = ["W2WFileError", "load_tensor", "load_object", "load_dataframe", "DATAFRAME_GLOBALS"]
 
 
 class W2WFileError(ValueError):
@@ -74,29 +74,6 @@ def load_tensor(path: str, *, ndim: int, name: str, mmap: bool = True) -> torch.
     if not obj.is_floating_point():
         raise W2WFileError(f"{_describe(path)}: {name} should be floating point, is {obj.dtype}")
     return obj
-
-
-def tensor_file_span(path: str, *, ndim: int, name: str) -> tuple[tuple[int, ...], torch.dtype, int]:
-    """(shape, dtype, byte offset) of the one contiguous tensor in a ``torch.save`` zip file, found without reading
-    or mapping its data (``weights_only`` load onto the meta device), so it can be read in blocks."""
-    if not os.path.isfile(path):
-        raise W2WFileError(f"file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="meta", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise W2WFileError(f"{_describe(path)} holds pickled objects other than tensors; it was refused without "
-                           f"running any of it ({_unsafe_reason(exc)})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise W2WFileError(f"{_describe(path)} could not be read as a torch file (truncated or corrupt?): "
-                           f"{_first_line(exc)}") from None
-    if not isinstance(obj, torch.Tensor) or obj.dim() != ndim or not obj.is_floating_point():
-        what = f"shape {tuple(obj.shape)} {obj.dtype}" if isinstance(obj, torch.Tensor) else f"a {type(obj).__name__}"
-        raise W2WFileError(f"{_describe(path)} should hold one {ndim}-D float tensor ({name}), holds {what}")
-    offset = getattr(obj.untyped_storage(), "_checkpoint_offset", None)
-    if offset is None or not obj.is_contiguous():
-        raise W2WFileError(f"{_describe(path)}: {name} is not stored as one contiguous block of a zip-format torch "
-                           "file; re-save it with torch.save(tensor.contiguous(), path)")
-    return tuple(obj.shape), obj.dtype, int(offset) + obj.storage_offset() * obj.element_size()
 
 
 # (module, name) pairs a pickled DataFrame of numbers, booleans and strings may reference, across

@@ -7,7 +7,7 @@ The model is reached through a :class:`Denoiser`, so the engine runs the same on
 Speed: all LoRA factors come from one weight vector ``w = (β @ basis[:pcs]) * std + mean``, on the compute device
 in the compute dtype, split into per-module (A, B) views (:class:`FactorMap`). The gradient ∂L/∂β, the Adam
 update and the next ``w`` cost one pass over the float32 basis per step (:class:`FusedAdam`), or two over a
-low-precision copy (float16, int8: :mod:`w2w.products`) — reading the basis is what bounds a CPU step.
+half-precision copy (:mod:`w2w.products`) — reading the basis is what bounds a CPU step.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from .layout import Layout
 from .products import PRECISIONS, BasisProducts, basis_dtype_for
 from .space import Space
 
-__all__ = ["InvertSettings", "PRESETS", "PRECISIONS", "FactorMap", "FusedAdam", "Factors", "FactorBoard", "FactorWrapper", "Denoiser",
-           "InversionResult", "invert", "prepare_mask", "diffusion_loss", "step_loss", "initial_coefficients",
-           "Parametrisation"]
+__all__ = ["InvertSettings", "PRESETS", "PRECISIONS", "FactorMap", "FusedAdam", "Factors", "FactorBoard",
+           "FactorWrapper", "Denoiser", "InversionResult", "invert", "prepare_mask", "diffusion_loss", "step_loss",
+           "initial_coefficients", "Parametrisation"]
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layout module: (A (rank, in), B (out, rank))
 
@@ -97,7 +97,8 @@ class FactorMap:
         self.pcs = pcs
         self.dtype = dtype
         self.device = torch.device(device)
-        self.products = BasisProducts(space.components[:pcs], self.device, dtype if basis_dtype is None else basis_dtype)
+        self.products = BasisProducts(space.components[:pcs], self.device,
+                                      dtype if basis_dtype is None else basis_dtype)
         acc = self.products.out_dtype
         self.std = space.std.to(self.device, acc)  # (d,)
         self.mean = space.mean.to(self.device, acc)  # (d,)
@@ -143,7 +144,7 @@ class FusedAdam:
     An unfused step reads the (k, d) basis twice: ∂L/∂β = basis @ (∂L/∂w · std) after the backward pass, and
     w = (β @ basis) · std + mean before the next forward pass. Adam is elementwise in β, so in full precision on a CPU
     both run block by block: for each block of PCs, its gradient, its Adam update and its contribution to the next
-    w, while the block is still in cache. With a low-precision basis (float16/int8: fewer bytes per pass, and
+    w, while the block is still in cache. With a half-precision basis (half the bytes per pass, and
     PyTorch's fast CPU kernels only for whole contiguous products) and on GPUs (where many small kernels cost more
     than the two products) the step makes the two products (:class:`w2w.products.BasisProducts`). ``w`` is the
     leaf the denoiser differentiates; :meth:`step` consumes ``w.grad`` and replaces ``w``.

@@ -46,7 +46,8 @@ def torch_file_span(path: str, name: str) -> MatrixSpan:
     if not isinstance(meta, torch.Tensor) or meta.dim() != 2 or not meta.is_floating_point():
         raise W2WFileError(f"{path} should hold one 2-D float tensor ({name})")
     if not meta.is_contiguous():
-        raise W2WFileError(f"{path}: {name} is not a contiguous tensor; re-save it with torch.save(tensor.contiguous())")
+        raise W2WFileError(f"{path}: {name} is not a contiguous tensor; re-save it with "
+                           "torch.save(tensor.contiguous(), path)")
     itemsize = meta.element_size()
     skip = meta.storage_offset() * itemsize
     try:

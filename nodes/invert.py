@@ -228,7 +228,7 @@ def precision_input():
         "precision", options=list(PRECISIONS), default="auto", optional=True,
         tooltip="Precision of the products with the basis (the coefficients stay float32). auto: the model's dtype on "
                 "a GPU; on a CPU float16 for a large basis when this PyTorch has fast half-precision products and the "
-                "RAM allows (two half copies = one float32 copy, 4 GB at 10,000 PCs; ~2.5x faster per step). "
+                "RAM allows (two half copies = one float32 copy, 4 GB at 10,000 PCs; the basis work takes ~0.6x the time). "
                 "float32: exact, and no extra memory on a CPU.")
 
 

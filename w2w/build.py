@@ -150,11 +150,7 @@ class MatrixFileSource(RowSource):
                  kind: str = "matrix"):
         self.span = span
         self.path, self.shape = span.path, (int(span.shape[0]), int(span.shape[1]))
-        self.dtype_bytes = torch.empty((), dtype=span.dtype).element_size()
-        need = span.offset + self.shape[0] * span.row_bytes
-        if os.path.getsize(span.path) < need:
-            raise W2WFileError(f"{span.path} is truncated: its {kind} needs {need:,} bytes, the file has "
-                               f"{os.path.getsize(span.path):,}")
+        self.dtype_bytes = torch.empty((), dtype=span.dtype).element_size()  # the span finders checked the size
         self.names = tuple(names) if names is not None else tuple(str(i) for i in range(self.shape[0]))
         self.layout = layout
         self.description = f"{kind} {os.path.basename(span.path)} ({self.shape[0]:,} x {self.shape[1]:,})"
@@ -381,8 +377,7 @@ def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str]
     if suffix == ".npy":
         source = MatrixFileSource(npy_span(path), kind="npy matrix")
     elif suffix == ".safetensors":
-        span = safetensors_span(path)
-        source = MatrixFileSource(span, kind="safetensors matrix")
+        source = MatrixFileSource(safetensors_span(path), kind="safetensors matrix")
     elif suffix in (".pt", ".pth"):
         source = MatrixFileSource(torch_file_span(path, "weight matrix"), kind="torch matrix")
     else:

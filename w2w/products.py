@@ -103,21 +103,15 @@ class BasisProducts:
         with torch.no_grad():
             self._store(basis)
 
-    def _blocks(self, basis: torch.Tensor):
-        """(start, float32 block of rows) over the basis, ~8 MB at a time, checked for NaN/Inf."""
-        k, d = self.shape
-        step = max(1, (8 << 20) // max(1, 4 * d))
-        for i in range(0, k, step):
-            block = basis[i:i + step].to(self.device, torch.float32, copy=True)  # scaled in place below
-            if not torch.isfinite(block).all():
-                raise ValueError("the basis contains NaN or Inf values")
-            yield i, block
-
     def _store(self, basis: torch.Tensor) -> None:
         k, d = self.shape
         self.rows = torch.empty(k, d, dtype=self.dtype, device=self.device)
         self.row_scale = torch.empty(k, dtype=torch.float32, device=self.device)
-        for i, block in self._blocks(basis):
+        step = max(1, (8 << 20) // max(1, 4 * d))  # rows per float32 block: ~8 MB at a time
+        for i in range(0, k, step):
+            block = basis[i:i + step].to(self.device, torch.float32, copy=True)  # scaled in place below
+            if not torch.isfinite(block).all():
+                raise ValueError("the basis contains NaN or Inf values")
             scale = _nonzero(block.abs().amax(dim=1))
             self.row_scale[i:i + block.shape[0]] = scale
             self.rows[i:i + block.shape[0]].copy_(block.div_(scale[:, None]))
@@ -128,10 +122,11 @@ class BasisProducts:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.rows, self.cols) if t is not None)
 
-    def _normalised(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        norm = float(torch.linalg.vector_norm(x))
-        if norm == 0.0 or not math.isfinite(norm):
-            return x.to(self.dtype), 1.0  # zeros stay zeros; NaN/Inf propagate to the loss check
+    def _normalised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x / |x| rounded to the storage dtype, and |x| (a 0-d tensor: no host sync on a GPU). Zeros stay zeros,
+        NaN/Inf propagate to the loss check."""
+        norm = torch.linalg.vector_norm(x)
+        norm = torch.where((norm > 0) & torch.isfinite(norm), norm, torch.ones_like(norm))
         return (x / norm).to(self.dtype), norm
 
     def project(self, beta: torch.Tensor) -> torch.Tensor:

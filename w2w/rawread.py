@@ -158,10 +158,9 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy() if tensor.numel() else bytearray()).cast("B")
 
 
-def read_rows(span: MatrixSpan, rows: int, start: int = 0) -> torch.Tensor:
-    """Rows start..start+rows, in one read."""
-    return pread_into(span.path, span.offset + start * span.row_bytes,
-                      torch.empty(rows, span.shape[1], dtype=span.dtype))
+def read_rows(span: MatrixSpan, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows, in one read."""
+    return pread_into(span.path, span.offset, torch.empty(rows, span.shape[1], dtype=span.dtype))
 
 
 def row_blocks(span: MatrixSpan):

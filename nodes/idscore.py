@@ -2,51 +2,37 @@
 from __future__ import annotations
 
 import math
-import os
 
 from comfy_api.latest import io, ui
 
 from ..w2w.metrics.faces import FACENET_FILENAME, FACENET_SIZE_TEXT, FACENET_URL, find_facenet_weights, require_facenet
 from ..w2w.metrics.idscore import get_scorer, id_score, preview_crops
-from .common import CATEGORY, file_fingerprint
+from .folders import FACENET_FOLDER, file_fingerprint, find_file, list_files, roots
+from .sockets import CATEGORY_METRICS, schema
 
-FACENET_FOLDER = "facenet"  # models/facenet
 AUTO = "auto"
 
 
-def register_facenet_folder() -> None:
-    """Make sure ``models/facenet`` is a model folder (paths from extra_model_paths.yaml are kept)."""
-    import folder_paths
-
-    folder_paths.add_model_folder_path(FACENET_FOLDER, os.path.join(folder_paths.models_dir, FACENET_FOLDER))
-    folder_paths.folder_names_and_paths[FACENET_FOLDER][1].update({".pt", ".pth"})
-
-
 def weights_choices() -> list[str]:
-    import folder_paths
-
-    register_facenet_folder()
-    return [AUTO] + sorted(folder_paths.get_filename_list(FACENET_FOLDER))
+    return [AUTO] + list_files(FACENET_FOLDER)
 
 
 def resolve_weights(choice: str) -> str:
     """Path of the chosen file; ``auto`` looks for the released file name in models/facenet, then TORCH_HOME."""
-    import folder_paths
-
-    register_facenet_folder()
     if choice != AUTO:
-        path = folder_paths.get_full_path(FACENET_FOLDER, choice)
+        path = find_file(FACENET_FOLDER, choice)
         return find_facenet_weights(path if path is not None else choice)
-    return find_facenet_weights(search_dirs=tuple(folder_paths.get_folder_paths(FACENET_FOLDER)))
+    return find_facenet_weights(search_dirs=tuple(roots(FACENET_FOLDER)))
 
 
 class W2WIDScore(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="W2WIDScore",
             display_name="w2w ID Score",
-            category=CATEGORY,
+            category=CATEGORY_METRICS,
+            search_aliases=["face similarity", "FaceNet", "identity score", "ID similarity"],
             description="Identity preservation as in the paper (Table 3): the largest face in each image is found with "
                         "MTCNN, embedded with FaceNet (InceptionResnetV1 trained on VGGFace2), and the cosine "
                         "similarity of reference and generated embeddings is reported per pair, 1.0 = same embedding. "

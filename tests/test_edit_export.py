@@ -9,7 +9,8 @@ from w2w.edit import apply_edit, blend, fit_directions, get_direction, nearest_t
 from w2w.export import export_lora, lora_state_dict
 from w2w.identity import Identity
 from w2w.sampling import sample_identity
-from w2w.space import convert_release, load_space
+from w2w.convert import convert_release
+from w2w.space import load_space
 from w2w_fixtures import make_release, released_reference_deltas, released_reference_weights
 
 

@@ -29,10 +29,7 @@ def weights(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def run(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", tuple(cli.COMMAND_MODULES) + ("w2w.metrics.cli",)
-                        if "w2w.metrics.cli" not in cli.COMMAND_MODULES else cli.COMMAND_MODULES)
-
+def run(capsys):
     def _run(*argv):
         code = cli.main([str(a) for a in argv])
         out = capsys.readouterr()

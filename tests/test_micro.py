@@ -123,7 +123,7 @@ def test_missing_artifacts_name_the_fix(tmp_path):
 
 @pytest.mark.slow
 def test_toy_tables_and_demo(toy_world, tmp_path):
-    from w2w.cli import main
+    from demo.cli import main
     from w2w.micro.tables import EvalConfig, run_tables, to_markdown
 
     root, world, _ = toy_world
@@ -139,7 +139,7 @@ def test_toy_tables_and_demo(toy_world, tmp_path):
     md = to_markdown(tables)
     assert "Editing vs prompting" in md and "| w2w edit |" in md and "| w2w edit, strength 4 |" in md
     out = tmp_path / "demo"
-    assert main(["demo", "--micro", "--micro-dir", str(root / "out"), "--out", str(out)]) == 0
+    assert main(["--micro", "--micro-dir", str(root / "out"), "--out", str(out)]) == 0
     from PIL import Image
 
     sheet = Image.open(out / "w2w-micro-contact-sheet.png")

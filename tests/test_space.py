@@ -8,7 +8,8 @@ from safetensors import safe_open
 from w2w.identity import Identity, IdentityMismatch, load_identity, save_identity
 from w2w.safeload import W2WFileError
 from w2w.sampling import sample_identity
-from w2w.space import convert_release, load_space
+from w2w.convert import convert_release
+from w2w.space import load_space
 from w2w_fixtures import make_release, released_reference_deltas, released_reference_weights
 
 

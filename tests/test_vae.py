@@ -1,5 +1,6 @@
 """VAE-w2w: training against collapse, the planted-manifold check against PCA, save/load, determinism, streaming,
 use (decode/encode/sample/interpolate) and inversion through the decoder with a tiny stand-in denoiser."""
+import dataclasses
 import math
 import time
 
@@ -10,11 +11,12 @@ import torch
 from w2w.identity import Identity, IdentityMismatch
 from w2w.layout import Layout, ModuleSlot
 from w2w.safeload import W2WFileError
-from w2w.space import load_space, replace_space
+from w2w.space import load_space
 from w2w.stfile import write_safetensors
 from w2w.vae import (LatentParam, informative_units, StopTraining, TrainConfig, VAEConfig, WeightsMatrix, active_units, decode_identity,
-                     decode_weights, encode_identity, interpolate, load_vae, pca_reconstruction_error, planted_manifold,
+                     decode_weights, encode_identity, interpolate, load_vae, pca_reconstruction_error,
                      reconstruction_error, sample_latents, save_vae, train_from_space, train_vae)
+from w2w.synthetic import planted_manifold
 from w2w_fixtures import make_release
 
 PCS, INTRINSIC, N_TRAIN, N_TEST = 32, 3, 1500, 400
@@ -42,7 +44,7 @@ def space(tmp_path_factory, manifold):
     release = make_release(tmp_path_factory, "vae_release", pcs=PCS, models=N_TRAIN)
     base = load_space(release.folder)
     train = manifold[0]
-    return replace_space(base, train_coefs=train, coef_mean=train.mean(0), coef_std=train.std(0))
+    return dataclasses.replace(base, train_coefs=train, coef_mean=train.mean(0), coef_std=train.std(0))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +185,7 @@ def test_decode_encode_identity_tied_to_space(trained, space, manifold):
     with pytest.raises(IdentityMismatch, match="space"):
         encode_identity(vae, Identity(x, "0123456789abcdef"))
     with pytest.raises(IdentityMismatch, match="load the space it was trained with"):
-        decode_identity(vae, replace_space(space, fingerprint="0123456789abcdef"), z)
+        decode_identity(vae, dataclasses.replace(space, fingerprint="0123456789abcdef"), z)
     with pytest.raises(ValueError, match="latent units"):
         decode_identity(vae, space, torch.zeros(INTRINSIC + 1))
 
@@ -275,7 +277,7 @@ def test_coefs_input_from_weights_matrix_projects_blocks(weights_space):
 def test_whitening_or_one_common_scale(space):
     cfg = TrainConfig(epochs=1)
     spread = torch.linspace(3.0, 0.5, PCS)
-    scaled = replace_space(space, train_coefs=space.train_coefs * spread)
+    scaled = dataclasses.replace(space, train_coefs=space.train_coefs * spread)
     white = train_from_space(scaled, latent=2, hidden=(8,), train=cfg).vae
     common = train_from_space(scaled, latent=2, hidden=(8,), train=cfg, whiten=False).vae
     data = scaled.train_coefs
@@ -412,7 +414,7 @@ def test_prior_term(trained, space):
     assert gauss.prior_loss().item() == pytest.approx(0.0, abs=1e-6)  # N(0, I) itself
     assert point.pcs == PCS and point.coefficients().shape == (PCS,)
     with pytest.raises(IdentityMismatch):
-        LatentParam(vae, replace_space(space, fingerprint="0123456789abcdef"))
+        LatentParam(vae, dataclasses.replace(space, fingerprint="0123456789abcdef"))
 
 
 def test_latent_param_works_on_a_vae_loaded_under_inference_mode(pixel_space, pixel_vaes, tmp_path):

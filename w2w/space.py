@@ -4,7 +4,8 @@ Weights of a model with coefficients β (k,) are ``w = (β @ components[:k]) * s
 the standardised weights), then ``ΔW = alpha/rank · B @ A`` per module (see :mod:`w2w.layout`).
 
 Two on-disk forms load the same way (:func:`load_space`): a directory of the released files (``V.pt`` ...), and
-our single ``.safetensors`` file (:func:`save_space`, :func:`convert_release`). See README "Space format".
+our single ``.safetensors`` file (:func:`save_space`; :func:`w2w.convert.convert_release` writes one from the
+released files). See README "Space format".
 """
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from typing import Callable, Mapping
 import torch
 
 from .layout import Layout, LayoutError
-from .rawread import read_columns_t, read_rows, safetensors_span, torch_file_span, write_columns_t
+from .rawread import read_columns_t, read_rows, safetensors_span, torch_file_span
 from .safeload import W2WFileError, load_dataframe, load_object, load_tensor
 from .stfile import TensorSource, write_safetensors
 
-__all__ = ["Space", "Direction", "load_space", "save_space", "convert_release", "space_fingerprint",
-           "RELEASE_FILES", "FORMAT", "FORMAT_VERSION", "replace_space", "labels_from_dataframe", "coefficient_covariance"]
+__all__ = ["Space", "Direction", "load_space", "save_space", "space_fingerprint", "RELEASE_FILES", "FORMAT",
+           "FORMAT_VERSION", "RELEASED_ATTRIBUTES", "labels_from_dataframe", "coefficient_covariance"]
 
 FORMAT = "w2w-space"
 FORMAT_VERSION = 1
@@ -31,6 +32,15 @@ RELEASE_FILES = ("V.pt", "mean.pt", "std.pt", "weight_dimensions.pt")
 OPTIONAL_RELEASE_FILES = ("proj_1000pc.pt", "pinverse_1000pc.pt", "identity_df.pt", "adapter_config.json")
 FINGERPRINT_PCS = 8  # leading PCs that enter the fingerprint
 _CHUNK = 256  # rows of a half-precision basis converted to float32 at a time (~100 MB)
+
+# The 33 CelebA attributes labelled in the released space's identity_df.pt (REFERENCE: "Attributes exposed").
+RELEASED_ATTRIBUTES = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
+    "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee",
+    "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face",
+    "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Straight_Hair", "Wavy_Hair",
+    "Wearing_Lipstick", "Young",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +99,9 @@ class Space:
     source: str = ""
     total_pcs: int = 0  # PCs in the file it came from (>= pcs)
     fingerprint: str = ""
-    _cache: dict = field(default_factory=dict, repr=False)
+    # Derived values (fitted directions, least-squares solutions), computed once per Space object. Not an init
+    # field: dataclasses.replace gives the copy an empty cache, since its labels or coefficients may differ.
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         m, d = self.components.shape if self.components.dim() == 2 else (0, 0)
@@ -125,6 +137,12 @@ class Space:
             object.__setattr__(self, "fingerprint", space_fingerprint(self.layout, self.mean, self.std, self.components))
         if self.total_pcs < m:
             object.__setattr__(self, "total_pcs", m)
+
+    def cached(self, key, compute: Callable[[], object]):
+        """``compute()`` once per space and ``key``; later calls return the stored value."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     # ---- sizes -----------------------------------------------------------------------------------------
     @property
@@ -265,7 +283,7 @@ def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
     components = components[:m]
     kw: dict = {}
     if training:
-        kw = _release_training(folder, m)
+        kw = release_training_data(folder, m)
     try:
         return Space(components, mean, std, layout, total_pcs=span.shape[1], source=f"released files: {folder}",
                      fingerprint=fingerprint, **kw)
@@ -284,7 +302,8 @@ def _release_alpha(config_path: str) -> tuple[float, int | None]:
         raise W2WFileError(f"{config_path} is not a valid PEFT adapter config: {exc}") from None
 
 
-def _release_training(folder: str, m: int) -> dict:
+def release_training_data(folder: str, m: int) -> dict:
+    """The Space fields a released folder's optional files give (coefficients over ``m`` PCs, statistics, labels)."""
     out: dict = {}
     proj_path = os.path.join(folder, "proj_1000pc.pt")
     if os.path.isfile(proj_path):
@@ -437,45 +456,3 @@ def save_space(space: Space, path: str, *, dtype: torch.dtype = torch.float32, t
     meta["directions"] = dirs
     meta.update(extra_metadata or {})
     write_safetensors(path, tensors, _metadata(meta))
-
-
-def convert_release(folder: str, out: str, *, pcs: int | None = None, dtype: torch.dtype = torch.float32,
-                    training: bool = True, directions: bool = True,
-                    callback: Callable[[int, int, str], None] | None = None) -> Space:
-    """Convert a released-files folder to our format, streaming the basis so it is never held whole."""
-    from .edit import fit_directions
-
-    span = torch_file_span(os.path.join(folder, "V.pt"), "V")  # (d, M)
-    m = _pcs_to_keep(pcs, span.shape[1], os.path.join(folder, "V.pt"))
-    head = _load_release_dir(folder, min(FINGERPRINT_PCS, span.shape[1]), training=False)
-
-    def fill(f, offset: int) -> None:
-        progress = None if callback is None else (lambda i, n: callback(i, n, "converting basis"))
-        write_columns_t(span, m, dtype, f, offset, progress)
-
-    extra = _release_training(folder, m) if training else {}
-    space = Space(head.components, head.mean, head.std, head.layout, **extra, total_pcs=span.shape[1],
-                  source=f"converted from released files ({os.path.basename(os.path.normpath(folder))})",
-                  fingerprint=head.fingerprint)
-    if directions and space.labels is not None:
-        space = fit_directions(space)
-    save_space(space, out, dtype=dtype, training=training, components=TensorSource(dtype, (m, span.shape[0]), fill=fill))
-    if callback is not None:
-        callback(m, m, "done")
-    return load_space(out, pcs=min(m, 1000))
-
-
-def replace_space(space: Space, **changes) -> Space:
-    """A copy of ``space`` with some fields changed (tensors are shared, never modified)."""
-    fields = {"components": space.components, "mean": space.mean, "std": space.std, "layout": space.layout,
-              "source": space.source, "total_pcs": space.total_pcs, "fingerprint": space.fingerprint,
-              **_space_fields(space)}
-    fields.update(changes)
-    return Space(**fields)
-
-
-def _space_fields(space: Space) -> dict:
-    return {"coef_mean": space.coef_mean, "coef_std": space.coef_std, "train_coefs": space.train_coefs,
-            "coef_cov": space.coef_cov,
-            "labels": space.labels, "attribute_names": space.attribute_names, "train_names": space.train_names,
-            "directions": dict(space.directions), "pinverse": space.pinverse, "base_model": space.base_model}

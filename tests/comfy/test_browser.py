@@ -49,7 +49,7 @@ def browser_api():
 
 @pytest.fixture(scope="module")
 def ui_server(comfyui_path, sd15_standin, tmp_path_factory):
-    from w2w.space import convert_release
+    from w2w.convert import convert_release
     from w2w.synthetic import write_release
 
     root = tmp_path_factory.mktemp("browser")

@@ -10,7 +10,7 @@ from PIL import Image
 
 import make_example_workflows as examples
 from comfyhost import SD15_STANDIN_NAME
-from w2w.space import convert_release
+from w2w.convert import convert_release
 from w2w.synthetic import write_release
 from workflow_convert import FRONTEND_ONLY, ui_to_api
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from comfyhost import SD15_STANDIN_NAME
-from w2w.space import convert_release
+from w2w.convert import convert_release
 from w2w.synthetic import write_release
 
 PCS = 16
@@ -113,10 +114,16 @@ def full_graph() -> dict:
 
 
 def pack_modules(comfy_host):
-    """The pack's own nodes.invert and w2w.invert modules, as ComfyUI imported them."""
-    node_module = sys.modules[comfy_host.node_class("W2WInvertImage").__module__]
-    root = node_module.__name__.rsplit(".nodes.", 1)[0]
-    return node_module, sys.modules[f"{root}.w2w.invert"], sys.modules[f"{root}.w2w.diffusion"]
+    """The pack's own node-side helpers (nodes.inversion + nodes.patching, as one namespace) and its w2w.invert and
+    w2w.diffusion modules, as ComfyUI imported them."""
+    inversion = sys.modules[comfy_host.node_class("W2WInvertImage").__module__]
+    root = inversion.__name__.rsplit(".nodes.", 1)[0]
+    patching = sys.modules[f"{root}.nodes.patching"]
+    helpers = types.SimpleNamespace(prepare_images=inversion.prepare_images,
+                                    prepare_image_mask=inversion.prepare_image_mask,
+                                    trainable_clone=patching.trainable_clone, ComfyDenoiser=patching.ComfyDenoiser,
+                                    _ours=patching._ours)
+    return helpers, sys.modules[f"{root}.w2w.invert"], sys.modules[f"{root}.w2w.diffusion"]
 
 
 def unet_weights_from_file(path) -> dict[str, torch.Tensor]:

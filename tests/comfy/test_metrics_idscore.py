@@ -100,7 +100,7 @@ def test_schema_has_tooltips_and_description(idscore_host):
     import nodes
 
     schema = nodes.NODE_CLASS_MAPPINGS[NODE_ID].GET_SCHEMA()
-    assert schema.display_name == "w2w ID Score" and schema.category == "w2w" and schema.description
+    assert schema.display_name == "w2w ID Score" and schema.category == "w2w/metrics" and schema.description
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     assert [i.id for i in schema.inputs] == ["reference", "generated", "facenet_weights"]
     assert "w2w_idscore" not in sys.modules  # nothing leaked under a bare name

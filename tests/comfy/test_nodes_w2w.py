@@ -13,14 +13,16 @@ import torch
 from safetensors import safe_open
 
 from comfyhost import SD15_STANDIN_NAME, GraphError
-from w2w.cli_demo import demo_graph
+from demo.cli import demo_graph
 from w2w.identity import Identity
-from w2w.space import convert_release, load_space
+from w2w.convert import convert_release
+from w2w.space import load_space
 from w2w.synthetic import write_release
 
 PCS = 16
 SPACE_FILE = "w2w-test-space.safetensors"
 SPACE_DIR = "w2w-test-release"
+CATEGORIES = {"w2w/space", "w2w/identity", "w2w/inversion", "w2w/vae", "w2w/metrics"}
 NODE_IDS = {"W2WLoadSpace", "W2WSampleIdentity", "W2WApplyEditDirection", "W2WBlendIdentities", "W2WSaveIdentity",
             "W2WLoadIdentity", "W2WSaveLoRA", "W2WApplyLoRA"}
 
@@ -100,7 +102,7 @@ def test_pack_loads_without_import_errors_and_registers_every_node(comfy_host):
 def test_every_node_has_a_description_category_and_input_tooltips(comfy_host, node_id):
     node = comfy_host.node_class(node_id)
     schema = node.GET_SCHEMA()
-    assert schema.node_id.startswith("W2W") and schema.category == "w2w"
+    assert schema.node_id.startswith("W2W") and schema.category in CATEGORIES
     assert len(schema.description) > 40
     assert schema.display_name
     for item in schema.inputs:
@@ -114,10 +116,25 @@ def test_every_node_of_the_pack_follows_the_conventions(comfy_host):
     problems = []
     for node_id in comfy_host.pack_node_ids:
         schema = comfy_host.node_class(node_id).GET_SCHEMA()
-        if not (node_id.startswith("W2W") and schema.category == "w2w" and schema.description):
+        if not (node_id.startswith("W2W") and schema.category in CATEGORIES and schema.description):
             problems.append(f"{node_id}: id/category/description")
         problems += [f"{node_id}.{i.id}: no tooltip" for i in schema.inputs if not i.tooltip]
     assert problems == []
+
+
+def test_nodes_sit_in_nested_categories_and_flag_experimental_and_advanced_inputs(comfy_host):
+    """Add Node menu w2w/<group>; VAE-w2w nodes (never trained on the released space) are experimental; the custom
+    preset's and expert inputs are advanced; everything else is neither."""
+    expected = {"W2WLoadSpace": "w2w/space", "W2WSampleIdentity": "w2w/identity", "W2WApplyLoRA": "w2w/identity",
+                "W2WInvertImage": "w2w/inversion", "W2WVAEInvert": "w2w/inversion", "W2WVAEDecode": "w2w/vae",
+                "W2WIDScore": "w2w/metrics"}
+    schemas = {node_id: comfy_host.node_class(node_id).GET_SCHEMA() for node_id in comfy_host.pack_node_ids}
+    assert {k: schemas[k].category for k in expected} == expected
+    assert sorted(k for k, s in schemas.items() if s.is_experimental) == sorted(
+        k for k in schemas if k.startswith("W2WVAE"))
+    advanced = {(k, i.id) for k, s in schemas.items() for i in s.inputs if i.as_dict().get("advanced")}
+    assert {("W2WInvertImage", name) for name in ("pcs", "steps", "lr", "resolution", "precision")} <= advanced
+    assert not {(k, i) for k, i in advanced if i in ("image", "space", "model", "seed", "preset", "identity")}
 
 
 def test_model_folders_list_the_converted_space_and_the_released_folder(comfy_host, space_files):
@@ -326,8 +343,8 @@ def test_delayed_injection_leaves_the_input_model_without_wrappers(comfy_host, e
 @pytest.mark.slow
 def test_demo_command_runs_the_graph_on_the_server_and_prefers_real_files(comfyui_path, sd15_standin, tmp_path,
                                                                            capsys):
-    """`python -m w2w demo` with a user's space file present (ours, under the real name) and no checkpoint."""
-    from w2w import cli
+    """`python -m demo` with a user's space file present (ours, under the real name) and no checkpoint."""
+    from demo import cli
 
     models = tmp_path / "models"
     (models / "checkpoints").mkdir(parents=True)
@@ -336,7 +353,7 @@ def test_demo_command_runs_the_graph_on_the_server_and_prefers_real_files(comfyu
     (models / "w2w").mkdir()
     convert_release(str(release), str(models / "w2w" / "weights2weights.safetensors"))
 
-    code = cli.main(["demo", "--comfyui", str(comfyui_path), "--models", str(models), "--out", str(tmp_path / "out"),
+    code = cli.main(["--comfyui", str(comfyui_path), "--models", str(models), "--out", str(tmp_path / "out"),
                      "--timeout", "900"])
 
     printed = capsys.readouterr().out

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from comfyhost import SD15_STANDIN_NAME
-from w2w.space import convert_release, load_space
+from w2w.convert import convert_release
+from w2w.space import load_space
 from w2w.synthetic import write_release
 from w2w.vae import TrainConfig, decode_identity, load_vae, sample_latents, save_vae, train_from_space
 

@@ -2,6 +2,8 @@
 
 - :func:`patched_clone`: an identity's rank-1 deltas as the stock LoRA patches on a clone (Apply w2w LoRA).
 - :func:`delayed_injection`: a switch to a second identity part-way through sampling (paper App. G).
+- :func:`identity_hooks`: the same patches as ComfyUI weight hooks (``HOOKS``), which stock nodes attach to a
+  conditioning with a mask and a schedule; a delayed injection there is two hooks with keyframes.
 - :func:`trainable_clone` and :class:`ComfyDenoiser`: a loaded clone whose 64 target weights read the factors of
   the current optimisation step, and the denoiser the core's inversion loop calls (Invert nodes).
 
@@ -148,6 +150,51 @@ def delayed_injection(model, space: Space, first: Identity, second: Identity, st
         model.add_weight_wrapper(key, DelayedDelta(switch, up, down))
     model.add_wrapper_with_key("apply_model", DELAYED_INJECTION_KEY, switch)
     return model
+
+
+# ---- Hooks: the same patches, per conditioning ------------------------------------------------------------
+# A ComfyUI weight hook carries patches that the sampler applies only while it evaluates the conditionings the hook is
+# attached to (Cond Set Props / Cond Pair Set Props / Set CLIP Hooks), optionally under a mask and a timestep range,
+# with its strength scheduled by keyframes. Different hook groups on the conds of one step cost one UNet pass each.
+def identity_weight_hook(space: Space, identity: Identity, strength: float):
+    """A model-only ``comfy.hooks.WeightHook`` whose patches are exactly those :func:`patched_clone` bakes."""
+    import comfy.hooks
+
+    hook = comfy.hooks.WeightHook(strength_model=float(strength), strength_clip=0.0)
+    hook.weights = lora_patches(space, identity)  # ComfyUI keys -> LoRA adapters, as add_patches takes them
+    hook.weights_clip = {}  # model-only: nothing to patch on a text encoder
+    hook.need_weight_init = False  # already keyed for the UNet (no LoRA key mapping to do)
+    return hook
+
+
+def _keyframes(*points: tuple[float, float]):
+    """A HookKeyframeGroup with (strength, start_percent) keyframes."""
+    import comfy.hooks
+
+    group = comfy.hooks.HookKeyframeGroup()
+    for strength, start in points:
+        group.add(comfy.hooks.HookKeyframe(strength=strength, start_percent=start))
+    return group
+
+
+def identity_hooks(space: Space, identity: Identity, strength: float, prev_hooks=None, edited: Identity | None = None,
+                   edit_start: float = 0.3):
+    """``HOOKS`` applying ``identity``; with ``edited``, ``identity`` until ``edit_start`` of the schedule and ``edited``
+    after it (delayed injection with keyframes: the switch happens at the same sigma as :class:`InjectionSwitch`'s).
+    Combined after ``prev_hooks`` like Create Hook LoRA. Nothing is patched until a sampler uses the hooks."""
+    import comfy.hooks
+
+    if edited is not None and edit_start <= 0.0:  # switched from the first step on: only the edited identity
+        identity, edited = edited, None
+    group = comfy.hooks.HookGroup()
+    first = identity_weight_hook(space, identity, strength)
+    group.add(first)
+    if edited is not None:
+        second = identity_weight_hook(space, edited, strength)
+        first.hook_keyframe = _keyframes((1.0, 0.0), (0.0, edit_start))
+        second.hook_keyframe = _keyframes((0.0, 0.0), (1.0, edit_start))
+        group.add(second)
+    return group if prev_hooks is None else prev_hooks.clone_and_combine(group)
 
 
 # ---- Invert: a trainable clone ----------------------------------------------------------------------------

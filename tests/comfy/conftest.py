@@ -63,6 +63,17 @@ def comfy_host(comfyui_path, sd15_standin, tmp_path_factory):
     host.unload_models()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_models_after_each_module():
+    """After a test module (and its module-scoped results) is done, drop every model the in-process host loaded, so
+    that modules never stack full-size UNets in memory."""
+    yield
+    import comfyhost
+
+    if comfyhost._STARTED is not None:
+        comfyhost._STARTED.unload_models()
+
+
 @pytest.fixture
 def stock_graph() -> dict:
     return load_stock_graph()

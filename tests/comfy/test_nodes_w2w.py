@@ -24,7 +24,7 @@ SPACE_FILE = "w2w-test-space.safetensors"
 SPACE_DIR = "w2w-test-release"
 CATEGORIES = {"w2w/space", "w2w/identity", "w2w/inversion", "w2w/vae", "w2w/metrics"}
 NODE_IDS = {"W2WLoadSpace", "W2WSampleIdentity", "W2WApplyEditDirection", "W2WBlendIdentities", "W2WSaveIdentity",
-            "W2WLoadIdentity", "W2WSaveLoRA", "W2WApplyLoRA"}
+            "W2WLoadIdentity", "W2WSaveLoRA", "W2WApplyLoRA", "W2WIdentityHook"}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -126,6 +126,7 @@ def test_nodes_sit_in_nested_categories_and_flag_experimental_and_advanced_input
     """Add Node menu w2w/<group>; VAE-w2w nodes (never trained on the released space) are experimental; the custom
     preset's and expert inputs are advanced; everything else is neither."""
     expected = {"W2WLoadSpace": "w2w/space", "W2WSampleIdentity": "w2w/identity", "W2WApplyLoRA": "w2w/identity",
+                "W2WIdentityHook": "w2w/identity",
                 "W2WInvertImage": "w2w/inversion", "W2WVAEInvert": "w2w/inversion", "W2WVAEDecode": "w2w/vae",
                 "W2WIDScore": "w2w/metrics"}
     schemas = {node_id: comfy_host.node_class(node_id).GET_SCHEMA() for node_id in comfy_host.pack_node_ids}

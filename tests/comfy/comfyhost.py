@@ -289,7 +289,9 @@ class ComfyHost:
         if not valid:
             raise GraphError(f"graph is invalid: {error.get('message')}: {error.get('details')}; "
                              f"node errors: {node_errors}", {"error": error, "node_errors": node_errors})
-        executor = executor or self.new_executor()
+        if executor is None:
+            gc.collect()  # executors hold each other's caches in reference cycles: free earlier ones' models first
+            executor = self.new_executor()
         executor.execute(prompt, prompt_id, {}, outputs)
         node_outputs = {}
         for node_id in prompt:

@@ -19,6 +19,10 @@ from w2w.convert import convert_release
 from w2w.space import load_space
 from w2w.synthetic import write_release
 
+# Patch exactness and the delayed-injection trajectory are checked to float32 rounding: the UNet is stored in float32
+# for this module (the suite's default is float16 storage, see comfyhost.py).
+pytestmark = pytest.mark.usefixtures("float32_unet")
+
 PCS = 16
 SPACE_FILE = "w2w-test-space.safetensors"
 SPACE_DIR = "w2w-test-release"
@@ -338,31 +342,3 @@ def test_delayed_injection_leaves_the_input_model_without_wrappers(comfy_host, e
                                                           e2e.output("4"), 0.3).result[0]
     assert len(model.weight_wrapper_patches) == 64 and "apply_model" in model.wrappers
     assert (base.weight_wrapper_patches, base.wrappers) == before
-
-
-# ---------------------------------------------------------------------------------------------- the demo command
-@pytest.mark.slow
-def test_demo_command_runs_the_graph_on_the_server_and_prefers_real_files(comfyui_path, sd15_standin, tmp_path,
-                                                                           capsys):
-    """`python -m demo` with a user's space file present (ours, under the real name) and no checkpoint."""
-    from demo import cli
-
-    models = tmp_path / "models"
-    (models / "checkpoints").mkdir(parents=True)
-    release = tmp_path / "release"
-    write_release(str(release), pcs=PCS, models=100, seed=4, weight_scale=0.02)
-    (models / "w2w").mkdir()
-    convert_release(str(release), str(models / "w2w" / "weights2weights.safetensors"))
-
-    code = cli.main(["--comfyui", str(comfyui_path), "--models", str(models), "--out", str(tmp_path / "out"),
-                     "--timeout", "900"])
-
-    printed = capsys.readouterr().out
-    assert code == 0, printed
-    assert "STAND-INS IN USE" in printed and "realisticVisionV51_v51VAE.safetensors not found" in printed
-    assert "w2w/weights2weights.safetensors not found" not in printed  # the user's space is used as is
-    images = sorted((tmp_path / "out").glob("w2w-demo_*.png"))
-    assert len(images) == 1
-    from PIL import Image
-
-    assert Image.open(images[0]).size == (64, 64)

@@ -79,7 +79,7 @@ def test_vae_beats_pca_on_planted_nonlinear_manifold(trained, manifold):
     assert vae_err < 0.8 * pca_err
     assert active >= math.ceil(0.5 * INTRINSIC), variance
     assert informative_units(result.vae, test) >= math.ceil(0.5 * INTRINSIC)
-    assert result.final.informative >= 0
+    assert result.final.informative >= math.ceil(0.5 * INTRINSIC)  # the training record says so too
 
 
 def test_isotropic_gaussian_gives_pca_no_edge_and_is_reported(space):
@@ -177,11 +177,19 @@ def test_decode_encode_identity_tied_to_space(trained, space, manifold):
     assert identity.space_fingerprint == space.fingerprint and identity.pcs == PCS
     assert torch.allclose(decode_weights(vae, z, space), space.weights(identity.coefficients), atol=1e-5)
     assert space.weights(identity.coefficients).shape == (99_648,)
-    x = manifold[1][0]
+    train, test = manifold
+    x = test[0]
     mu, logvar = encode_identity(vae, Identity(x, space.fingerprint))
     assert mu.shape == logvar.shape == (INTRINSIC,)
     back = decode_identity(vae, space, mu).coefficients
-    assert float((back - x).norm() / x.norm()) < 0.8  # a point of the manifold comes back near itself
+    # the identity path adds nothing to the model's own round trip (input units, normalisation undone) ...
+    with torch.no_grad():
+        torch.testing.assert_close(back, vae.decode(vae.encode(x)[0]), rtol=1e-5, atol=1e-6)
+    # ... which on held-out points of the manifold beats PCA with as many components (the claim of the VAE)
+    backs = torch.stack([decode_identity(vae, space, encode_identity(vae, Identity(p, space.fingerprint))[0])
+                         .coefficients for p in test[:200]])
+    err = float(((backs - test[:200]) ** 2).sum() / ((test[:200] - train.mean(0)) ** 2).sum())
+    assert err < 0.8 * pca_reconstruction_error(train, test[:200], INTRINSIC)
     with pytest.raises(IdentityMismatch, match="space"):
         encode_identity(vae, Identity(x, "0123456789abcdef"))
     with pytest.raises(IdentityMismatch, match="load the space it was trained with"):

@@ -12,7 +12,7 @@ import torch
 
 from .edit import fit_directions
 from .rawread import torch_file_span, write_columns_t
-from .space import FINGERPRINT_PCS, Space, load_space, release_training_data, save_space
+from .space import FINGERPRINT_PCS, Space, check_release_folder, load_space, release_training_data, save_space
 from .stfile import TensorSource
 
 __all__ = ["convert_release"]
@@ -22,6 +22,7 @@ def convert_release(folder: str, out: str, *, pcs: int | None = None, dtype: tor
                     training: bool = True, directions: bool = True,
                     callback: Callable[[int, int, str], None] | None = None) -> Space:
     """Convert a released-files folder to our format (atomically); returns the written space with ≤ 1000 PCs."""
+    check_release_folder(folder)
     v_path = os.path.join(folder, "V.pt")
     span = torch_file_span(v_path, "V")  # (d, M)
     head = load_space(folder, min(FINGERPRINT_PCS, span.shape[1]), training=False)

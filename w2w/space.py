@@ -255,12 +255,17 @@ def _pcs_to_keep(pcs: int | None, available: int, where: str) -> int:
     return pcs
 
 
-def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
+def check_release_folder(folder: str) -> None:
+    """W2WFileError naming the missing files and where they come from, unless ``folder`` holds the released files."""
     missing = [f for f in RELEASE_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise W2WFileError(f"the w2w space folder {folder} lacks {', '.join(missing)}. Download the released files "
                            "(Hugging Face snap-research/weights2weights, folder files/) into it, or run "
                            "`python -m w2w download`.")
+
+
+def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
+    check_release_folder(folder)
     p = lambda name: os.path.join(folder, name)  # noqa: E731
     alpha = _release_alpha(p("adapter_config.json"))
     dims = load_object(p("weight_dimensions.pt"), mmap=False)

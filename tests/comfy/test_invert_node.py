@@ -250,7 +250,9 @@ def test_half_precision_basis_products_in_the_executor(comfy_host, space_file, p
     assert runs["float16"].history[-1].endswith("basis=float16")
     full, half = runs["auto"].coefficients, runs["float16"].coefficients
     assert half.dtype == torch.float32 and float(full.norm()) > 0
-    assert float((half - full).norm()) < 0.05 * float(full.norm())
+    # the UNet passes are the same in both runs; only the basis products differ, by at most 2u each (u = 2^-11, float16's
+    # unit roundoff), and the trajectory stays within 4u as in tests/test_invert_core.py
+    assert float((half - full).norm()) < 4 * 2.0 ** -11 * float(full.norm())
     node_module, _, _ = pack_modules(comfy_host)
     assert_model_untouched(model, comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME, node_module._ours)
 

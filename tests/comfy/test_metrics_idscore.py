@@ -12,10 +12,9 @@ import pytest
 from PIL import Image
 
 if importlib.util.find_spec("facenet_pytorch") is None:
-    reason = "facenet-pytorch is not installed: pip install --no-deps -r requirements-idscore.txt"
-    if os.environ.get("CI"):
-        raise RuntimeError(reason)
-    pytest.skip(reason, allow_module_level=True)
+    # under CI the suite's conftest turns this skip into a failure (the ID-score tier must run there)
+    pytest.skip("facenet-pytorch is not installed: pip install --no-deps -r requirements-idscore.txt",
+                allow_module_level=True)
 
 from w2w.metrics.faces import FACENET_FILENAME  # noqa: E402
 from w2w.metrics.standins import draw_face, save_random_facenet  # noqa: E402

@@ -6,11 +6,41 @@ import math
 from comfy_api.latest import io, ui
 
 from ..w2w.metrics.faces import FACENET_FILENAME, FACENET_SIZE_TEXT, FACENET_URL, find_facenet_weights, require_facenet
-from ..w2w.metrics.idscore import get_scorer, id_score, preview_crops
+from ..w2w.metrics.idscore import drop_scorers, get_scorer, id_score, preview_crops
 from .folders import FACENET_FOLDER, file_fingerprint, find_file, list_files, roots
-from .sockets import CATEGORY_METRICS, schema
+from .sockets import CATEGORY_METRICS, advanced, schema
 
 AUTO = "auto"
+_PATCHERS: dict[int, object] = {}  # id(scorer) -> the ModelPatcher ComfyUI's model management knows it by
+
+
+def managed_scorer(weights_path: str):
+    """The scorer, loaded through ComfyUI's model management like any model: it goes to the GPU only when there is
+    room, and Unload Models (or ComfyUI freeing memory for another model) moves it off again."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    scorer = get_scorer(weights_path, "cpu")  # built on the CPU; the model management moves it
+    patcher = _PATCHERS.get(id(scorer))
+    if patcher is None:
+        _PATCHERS.clear()  # get_scorer keeps one scorer at a time: so do we
+        patcher = comfy.model_patcher.ModelPatcher(scorer.modules(), load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        _PATCHERS[id(scorer)] = patcher
+    mm.load_models_gpu([patcher])
+    return scorer, patcher
+
+
+def release_scorer(patcher) -> None:
+    """Unload the scorer's networks now and forget them (the node's unload_after)."""
+    import comfy.model_management as mm
+
+    for i in reversed(range(len(mm.current_loaded_models))):
+        if mm.current_loaded_models[i].model is patcher:
+            mm.current_loaded_models.pop(i).model_unload()
+    _PATCHERS.clear()
+    drop_scorers()
+    mm.soft_empty_cache()
 
 
 def weights_choices() -> list[str]:
@@ -48,6 +78,10 @@ class W2WIDScore(io.ComfyNode):
                                tooltip=f"FaceNet weights file in models/facenet. 'auto' uses {FACENET_FILENAME} from "
                                        "models/facenet, else TORCH_HOME's checkpoints folder (where facenet-pytorch "
                                        "caches it). Never downloaded: get it from the facenet-pytorch v2.2.9 release."),
+                advanced(io.Boolean.Input("unload_after", default=False, optional=True,
+                                          tooltip="Free the MTCNN and FaceNet networks as soon as the score is "
+                                                  "computed. Otherwise they stay loaded for the next run until "
+                                                  "ComfyUI needs the memory or Unload Models is pressed.")),
             ],
             outputs=[
                 io.Float.Output(display_name="mean_score",
@@ -71,25 +105,29 @@ class W2WIDScore(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, reference, generated, facenet_weights: str = AUTO):
+    def fingerprint_inputs(cls, reference, generated, facenet_weights: str = AUTO, unload_after: bool = False):
         try:
             return file_fingerprint(resolve_weights(facenet_weights))
         except FileNotFoundError:
             return facenet_weights
 
     @classmethod
-    def execute(cls, reference, generated, facenet_weights: str = AUTO) -> io.NodeOutput:
+    def execute(cls, reference, generated, facenet_weights: str = AUTO, unload_after: bool = False) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
-        scorer = get_scorer(resolve_weights(facenet_weights), comfy.model_management.get_torch_device())
+        scorer, patcher = managed_scorer(resolve_weights(facenet_weights))
         progress = comfy.utils.ProgressBar(4)
 
         def callback(step: int, total: int, info: str) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
             progress.update_absolute(step, total)
 
-        result = id_score(scorer, reference, generated, callback=callback)
+        try:
+            result = id_score(scorer, reference, generated, callback=callback)
+        finally:
+            if unload_after:
+                release_scorer(patcher)
         crops = preview_crops(result)
         report = result.report()
         mean = result.mean

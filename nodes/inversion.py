@@ -8,8 +8,10 @@ optimisation is the core's (``w2w.invert``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -33,6 +35,8 @@ PREVIEW_EVERY = 10  # steps between two previews of the current identity's recon
 PREVIEW_MIN_SIDE = 128  # previews are enlarged (nearest) to at least this side to stay readable on the node
 PROGRESS_EVENT = "w2w.invert.progress"  # {node, step, total, loss}: shown on the node by web/js/w2w.js
 LOG_EVERY = 50
+FACE_AUTO, FACE_OFF = "auto", "off"
+FACE_CHOICES = (FACE_AUTO, FACE_OFF)
 
 
 # ---- images and masks --------------------------------------------------------------------------------------
@@ -47,8 +51,8 @@ def _resize_short_side_and_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top: top + size, left: left + size]
 
 
-def prepare_images(image: torch.Tensor, size: int) -> torch.Tensor:
-    """ComfyUI IMAGE (N, H, W, C) with C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA) -> (N, size, size, 3) RGB."""
+def rgb_images(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (N, H, W, C) with C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA) -> (N, H, W, 3) RGB."""
     if image is None or image.dim() not in (3, 4) or image.shape[0] == 0 or image.numel() == 0:
         shape = None if image is None else tuple(image.shape)
         raise ValueError(f"Invert Image to w2w got an empty image batch (shape {shape}): connect Load Image "
@@ -63,14 +67,17 @@ def prepare_images(image: torch.Tensor, size: int) -> torch.Tensor:
         x = x.expand(*x.shape[:-1], 3)
     if x.shape[-1] != 3:
         raise ValueError(f"images have {channels} channels; expected 1 (grey), 2, 3 (RGB) or 4 (RGBA)")
-    out = _resize_short_side_and_crop(x.permute(0, 3, 1, 2), size)
+    return x.clamp(0.0, 1.0)
+
+
+def prepare_images(image: torch.Tensor, size: int) -> torch.Tensor:
+    """ComfyUI IMAGE -> (N, size, size, 3) RGB: shorter side to ``size``, centre crop."""
+    out = _resize_short_side_and_crop(rgb_images(image).permute(0, 3, 1, 2), size)
     return out.clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous()
 
 
-def prepare_image_mask(mask: torch.Tensor | None, image: torch.Tensor, size: int) -> torch.Tensor | None:
-    """ComfyUI MASK (H, W) or (N|1, H, W) of the input images -> (N|1, size, size), cropped exactly like them."""
-    if mask is None:
-        return None
+def checked_mask(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI MASK (H, W) or (N|1, H, W) of the input images, validated -> (N|1, H, W) float."""
     m = mask.detach().float()
     if m.dim() == 2:
         m = m[None]
@@ -86,7 +93,72 @@ def prepare_image_mask(mask: torch.Tensor | None, image: torch.Tensor, size: int
                          "of the same Load Image (or resize both the same way)")
     if m.shape[0] not in (1, images):
         raise ValueError(f"{m.shape[0]} masks for {images} images: give one mask for all images or one per image")
-    return _resize_short_side_and_crop(m[:, None], size)[:, 0].clamp(0.0, 1.0)
+    return m
+
+
+def prepare_image_mask(mask: torch.Tensor | None, image: torch.Tensor, size: int) -> torch.Tensor | None:
+    """ComfyUI MASK of the input images -> (N|1, size, size), cropped exactly like the images (centre crop)."""
+    if mask is None:
+        return None
+    return _resize_short_side_and_crop(checked_mask(mask, image)[:, None], size)[:, 0].clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Framed:
+    """The photos as the inversion sees them, and how they were framed."""
+
+    pixels: torch.Tensor  # (N', size, size, 3)
+    masks: torch.Tensor | None  # (N'|1, size, size)
+    note: str  # one line for the node and the log: what was done
+    frames: tuple = ()  # w2w.facecrop.FaceFrame per kept photo (face framing only)
+
+
+def frame_photos(image: torch.Tensor, mask: torch.Tensor | None, size: int, face: str = FACE_AUTO,
+                 face_mask: bool = False) -> Framed:
+    """Frame every photo: around its largest face (``face`` auto, MTCNN) or by a centre crop (off, or auto without
+    facenet-pytorch, which the note then says). Photos without a face are left out when others have one; a batch
+    without any face is an error naming the photos. A connected mask is cropped like its photo; otherwise
+    ``face_mask`` weights the loss by a feathered mask around each detected face."""
+    if face not in FACE_CHOICES:
+        raise ValueError(f"face must be one of {FACE_CHOICES}, got {face!r}")
+    rgb = rgb_images(image)
+    painted = None if mask is None else checked_mask(mask, image)
+    if face == FACE_AUTO:
+        from ..w2w import facecrop
+
+        try:
+            frames = facecrop.detect_frames(rgb)
+        except ImportError:
+            note = ("face: auto needs the face detector (facenet-pytorch, MTCNN weights included): "
+                    f"`{facecrop.DETECTOR_INSTALL}`; used the centre crop instead")
+            log.warning("w2w inversion: %s", note)
+            return Framed(prepare_images(image, size), prepare_image_mask(mask, image, size), note)
+        kept = [i for i, f in enumerate(frames) if f is not None]
+        missing = [i + 1 for i, f in enumerate(frames) if f is None]
+        if not kept:
+            raise facecrop.NoFaceError(
+                f"no face found in photo{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+                f"{len(frames)}: use a photo where the face is visible (at least ~20 px), or set face to off to "
+                "invert the centre crop")
+        pixels = torch.stack([facecrop.crop_square(rgb[i], frames[i].square, size) for i in kept])
+        if painted is not None:
+            per_photo = painted if painted.shape[0] == 1 else painted[kept]
+            squares = [frames[i].square for i in kept] if painted.shape[0] > 1 else [frames[kept[0]].square]
+            masks = torch.stack([facecrop.crop_square(m[..., None], sq, size)[..., 0]
+                                 for m, sq in zip(per_photo, squares)])
+        elif face_mask:
+            masks = torch.stack([facecrop.face_mask(frames[i], size) for i in kept])
+        else:
+            masks = None
+        note = f"face framing: {len(kept)} of {len(frames)} photo(s)"
+        if missing:
+            note += f"; no face in photo(s) {', '.join(map(str, missing))}: left out"
+            log.warning("w2w inversion: %s", note)
+        return Framed(pixels.contiguous(), masks, note, tuple(frames[i] for i in kept))
+    if face_mask and painted is None:
+        raise ValueError("face_mask needs face: auto (the mask is drawn around the detected face); connect a painted "
+                         "mask instead, or set face to auto")
+    return Framed(prepare_images(image, size), prepare_image_mask(mask, image, size), "centre crop (face: off)")
 
 
 def loss_curve_image(losses, width: int = 384, height: int = 192) -> torch.Tensor:
@@ -157,25 +229,52 @@ def _settings(preset: str, pcs: int, steps: int, lr: float, seed: int) -> Invert
 
 
 # ---- the runner both nodes call -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def device_memory_for(nbytes: int, device, mm=None):
+    """Make room for ``nbytes`` of our own tensors on ``device`` the way ComfyUI's nodes do — ask the model management
+    to free it (unloading or offloading models) before, empty the allocator's cache after — so the basis copies of
+    an inversion never push a loaded model out of VRAM behind ComfyUI's back. Nothing to do on a CPU."""
+    if mm is None:
+        import comfy.model_management as mm
+    on_device = torch.device(device).type != "cpu"
+    if on_device:
+        mm.free_memory(nbytes + mm.minimum_inference_memory(), torch.device(device))
+    try:
+        yield
+    finally:
+        if on_device:
+            mm.soft_empty_cache()
+
+
+def basis_bytes(space, pcs: int, precision: str, device, dtype) -> int:
+    """Bytes of the basis copies an inversion over ``pcs`` PCs puts on ``device`` (w2w.products)."""
+    from ..w2w.products import basis_dtype_for
+
+    storage = basis_dtype_for(precision, device, dtype, pcs, space.dim)
+    copies = 2 if torch.device(device).type == "cpu" and storage != torch.float32 else 1  # CPU half: + transposed copy
+    return copies * pcs * space.dim * torch.empty((), dtype=storage).element_size()
+
+
 def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *, clip=None, conditioning=None,
                   prompt: str = DEFAULT_PROMPT, mask=None, resolution: int = 512, precision: str = "auto",
-                  init=None, make_param: Callable[[], LatentParam] | None = None, name: str = "inverted",
-                  label: str = "w2w inversion") -> tuple[InversionResult, LatentParam | None]:
+                  face: str = FACE_AUTO, face_mask: bool = False, init=None,
+                  make_param: Callable[[], LatentParam] | None = None, name: str = "inverted",
+                  label: str = "w2w inversion") -> tuple[InversionResult, LatentParam | None, Framed]:
     """Invert ``image`` into ``space`` on a trainable clone of ``model``; ``model`` and every input stay unchanged.
 
-    Drives a ProgressBar with previews of the current reconstruction, sends the step/loss event the web extension
-    shows, logs every ``LOG_EVERY`` steps and stops at the next step on Cancel. ``make_param`` builds the
-    parametrisation to optimise instead of β (called where autograd may record, i.e. outside inference mode);
-    it is returned with the result.
+    Frames the photos (:func:`frame_photos`), drives a ProgressBar with previews of the current reconstruction, sends
+    the step/loss event the web extension shows, logs every ``LOG_EVERY`` steps and stops at the next step on Cancel.
+    ``make_param`` builds the parametrisation to optimise instead of β (called where autograd may record, i.e.
+    outside inference mode); it is returned with the result and the framing.
     """
     import comfy.model_management as mm
     import comfy.utils
 
     keys = check_targets(model, space)
-    pixels = prepare_images(image, resolution)
-    masks = prepare_image_mask(mask, image, resolution)
+    framed = frame_photos(image, mask, resolution, face, face_mask)
+    log.info("%s: %s", label, framed.note)
     context = encode_cond(clip, conditioning, prompt)
-    latents = model.model.process_latent_in(vae.encode(pixels))
+    latents = model.model.process_latent_in(vae.encode(framed.pixels))
     pbar = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
     denoiser = None
 
@@ -192,14 +291,27 @@ def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *
         with trainable_clone(model, space, keys) as (patcher, board):
             device = mm.get_torch_device()
             dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
-            sigmas = patcher.model.model_sampling.sigmas.detach().clone().float()
-            denoiser = ComfyDenoiser(patcher, board, sigmas.to(device))
-            result = invert(space, denoiser,
-                            latents.detach().clone().to(device, torch.float32), context.detach().clone().to(device),
-                            settings, mask=None if masks is None else masks.clone(), init=init,
-                            alphas_cumprod=alphas_cumprod_from_sigmas(sigmas), device=device, dtype=dtype,
-                            callback=progress, name=name, param=param, precision=precision)
-    return result, param
+            pcs = settings.pcs if param is None else param.pcs
+            with device_memory_for(basis_bytes(space, pcs, precision, device, dtype), device, mm):
+                sigmas = patcher.model.model_sampling.sigmas.detach().clone().float()
+                denoiser = ComfyDenoiser(patcher, board, sigmas.to(device))
+                masks = framed.masks
+                result = invert(space, denoiser,
+                                latents.detach().clone().to(device, torch.float32), context.detach().clone().to(device),
+                                settings, mask=None if masks is None else masks.clone(), init=init,
+                                alphas_cumprod=alphas_cumprod_from_sigmas(sigmas), device=device, dtype=dtype,
+                                callback=progress, name=name, param=param, precision=precision)
+    return result, param, framed
+
+
+def framing_preview(framed: Framed, cls):
+    """The photos as the inversion saw them (face crops or centre crops, masked areas darkened), on the node."""
+    from comfy_api.latest import ui
+
+    shown = framed.pixels
+    if framed.masks is not None:
+        shown = shown * (0.25 + 0.75 * framed.masks[..., None].expand_as(shown))
+    return ui.PreviewImage(shown, cls=cls)
 
 
 def text_condition_inputs() -> list:
@@ -226,6 +338,21 @@ def precision_input():
 def resolution_input():
     return advanced(io.Int.Input("resolution", default=512, min=64, max=2048, step=8, optional=True,
                                  tooltip="Side of the square crop the photos are resized to (paper: 512)."))
+
+
+def face_inputs() -> list:
+    """How the photos are framed: around the detected face (default) or by a centre crop, and the face mask."""
+    return [
+        io.Combo.Input("face", options=list(FACE_CHOICES), default=FACE_AUTO, optional=True,
+                       tooltip="auto: find the largest face in every photo (MTCNN, weights ship with facenet-pytorch, "
+                               "nothing is downloaded) and invert a square portrait around it (2x the face box, as "
+                               "the space's training portraits); photos without a face are left out. Without "
+                               "facenet-pytorch it falls back to the centre crop and says so. off: shorter side to "
+                               "resolution, centre crop."),
+        advanced(io.Boolean.Input("face_mask", default=False, optional=True,
+                                  tooltip="With face auto and no mask connected: weight the loss by a feathered mask "
+                                          "around the detected face, so hair, clothes and background count less.")),
+    ]
 
 
 def mask_input():
@@ -277,6 +404,7 @@ class W2WInvertImage(io.ComfyNode):
                                      tooltip="Optional start point (default: the mean identity, all coefficients 0)."),
                 resolution_input(),
                 precision_input(),
+                *face_inputs(),
             ],
             outputs=[
                 IdentitySocket.Output(display_name="identity", tooltip="The inverted identity."),
@@ -290,16 +418,17 @@ class W2WInvertImage(io.ComfyNode):
                 preset: str, pcs: int, steps: int, lr: float, seed: int, clip: io.Clip.Type | None = None,
                 conditioning: io.Conditioning.Type | None = None, prompt: str = DEFAULT_PROMPT,
                 mask: io.Mask.Type | None = None, init_identity: IdentitySocket.Type | None = None,
-                resolution: int = 512, precision: str = "auto") -> io.NodeOutput:
+                resolution: int = 512, precision: str = "auto", face: str = FACE_AUTO,
+                face_mask: bool = False) -> io.NodeOutput:
         settings = _settings(preset, pcs, steps, lr, seed)
         if settings.pcs > space.pcs:
             raise ValueError(f"the {preset} preset optimises {settings.pcs:,} PCs but the space is loaded with "
                              f"{space.pcs:,}: raise pcs in Load w2w Space to {settings.pcs:,}, or use the custom preset "
                              f"with pcs <= {space.pcs:,}")
-        result, _ = run_inversion(cls.hidden.unique_id, model, vae, image, space, settings, clip=clip,
-                                  conditioning=conditioning, prompt=prompt, mask=mask, resolution=resolution,
-                                  precision=precision, init=init_identity)
-        return io.NodeOutput(result.identity, loss_curve_image(result.losses))
+        result, _, framed = run_inversion(cls.hidden.unique_id, model, vae, image, space, settings, clip=clip,
+                                          conditioning=conditioning, prompt=prompt, mask=mask, resolution=resolution,
+                                          precision=precision, face=face, face_mask=face_mask, init=init_identity)
+        return io.NodeOutput(result.identity, loss_curve_image(result.losses), ui=framing_preview(framed, cls))
 
 
 class W2WVAEInvert(io.ComfyNode):
@@ -341,6 +470,7 @@ class W2WVAEInvert(io.ComfyNode):
                                    tooltip="Optional start point (default: the latent origin, the VAE's centre)."),
                 resolution_input(),
                 precision_input(),
+                *face_inputs(),
             ],
             outputs=[
                 IdentitySocket.Output(display_name="identity", tooltip="The inverted identity (decoded μ)."),
@@ -356,7 +486,7 @@ class W2WVAEInvert(io.ComfyNode):
                 clip: io.Clip.Type | None = None, conditioning: io.Conditioning.Type | None = None,
                 prompt: str = DEFAULT_PROMPT, mask: io.Mask.Type | None = None,
                 init_latent: LatentSocket.Type | None = None, resolution: int = 512,
-                precision: str = "auto") -> io.NodeOutput:
+                precision: str = "auto", face: str = FACE_AUTO, face_mask: bool = False) -> io.NodeOutput:
         if init_latent is not None:
             init_latent.check_vae(w2w_vae)
         settings = InvertSettings(steps=steps, lr=lr, weight_decay=0.0, seed=seed)
@@ -366,12 +496,13 @@ class W2WVAEInvert(io.ComfyNode):
             return LatentParam(w2w_vae, space, start, gaussian=gaussian, prior_weight=prior_weight,
                                generator=torch.Generator().manual_seed(seed))
 
-        result, param = run_inversion(cls.hidden.unique_id, model, vae, image, space, settings, clip=clip,
-                                      conditioning=conditioning, prompt=prompt, mask=mask, resolution=resolution,
-                                      precision=precision, make_param=make_param, name="vae-inverted",
-                                      label="VAE-w2w inversion")
+        result, param, framed = run_inversion(cls.hidden.unique_id, model, vae, image, space, settings, clip=clip,
+                                              conditioning=conditioning, prompt=prompt, mask=mask,
+                                              resolution=resolution, precision=precision, face=face,
+                                              face_mask=face_mask, make_param=make_param, name="vae-inverted",
+                                              label="VAE-w2w inversion")
         latent = VAELatent(param.mu.detach().clone(), w2w_vae.fingerprint, (result.identity.history[-1],))
-        return io.NodeOutput(result.identity, latent, loss_curve_image(result.losses))
+        return io.NodeOutput(result.identity, latent, loss_curve_image(result.losses), ui=framing_preview(framed, cls))
 
 
 NODES = [W2WInvertImage, W2WVAEInvert]

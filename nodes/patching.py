@@ -15,6 +15,7 @@ Only public ``ModelPatcher`` surfaces are used (``clone``, ``add_patches``, ``ad
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -216,6 +217,24 @@ def _ours(f) -> bool:
     return f is _COPY or isinstance(f, FactorWrapper)
 
 
+def static_clone(model):
+    """A clone of ``model`` whose weights all stay resident and get their wrappers.
+
+    On hosts with dynamic VRAM (late-2026 ComfyUI on NVIDIA GPUs) ``clone()`` gives a ``ModelPatcherDynamic``: weights
+    are streamed, small layers skip ``setup_param`` and so never get weight wrappers, and ``force_full_load`` is
+    ignored. An inversion needs every weight wrapped, so it takes the plain patcher those hosts keep for this: the
+    cached non-dynamic delegate (``get_non_dynamic_delegate``), else ``clone(disable_dynamic=True)``. ComfyUI 0.3.64
+    has neither and only the plain patcher.
+    """
+    if getattr(model, "is_dynamic", lambda: False)():
+        delegate = getattr(model, "get_non_dynamic_delegate", None)
+        if delegate is not None:
+            return delegate()
+    if "disable_dynamic" in inspect.signature(model.clone).parameters:
+        return model.clone(disable_dynamic=True)
+    return model.clone()
+
+
 @contextlib.contextmanager
 def trainable_clone(model, space: Space, keys: dict[str, tuple[int, int]] | None = None):
     """A loaded clone of ``model`` whose target weights read the factors on the yielded board; undone on exit.
@@ -230,7 +249,7 @@ def trainable_clone(model, space: Space, keys: dict[str, tuple[int, int]] | None
     keys = check_targets(model, space) if keys is None else keys
     board = FactorBoard(space.layout)
     index = {slot.comfy_key: i for i, slot in enumerate(space.layout.modules)}
-    patcher = model.clone()
+    patcher = static_clone(model)
     modules = list(patcher.model.named_modules())
     for name, module in modules:
         if not hasattr(module, "weight_function"):
@@ -271,6 +290,9 @@ class ComfyDenoiser:
         self.last_x0 = None
 
     def __call__(self, x_t, t, cond, factors):
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: no UNet pass after it
         self.board.factors = factors
         sigma = self.sigmas[t].to(x_t.device)
         s = sigma.view(-1, 1, 1, 1)

@@ -40,6 +40,7 @@ class W2WLoadSpace(io.ComfyNode):
                                      "10,000 for inversion. More PCs take more memory."),
             ],
             outputs=[SpaceSocket.Output(display_name="space", tooltip="The loaded space.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -56,7 +57,16 @@ class W2WLoadSpace(io.ComfyNode):
 
     @classmethod
     def execute(cls, space: str, pcs: int) -> io.NodeOutput:
-        loaded = load_space(resolve_space(space), pcs)
+        import comfy.model_management as mm
+        import comfy.utils
+
+        bar = comfy.utils.ProgressBar(100, node_id=getattr(cls.hidden, "unique_id", None))
+
+        def progress(done: int, total: int) -> None:  # the basis read, seconds for the released files: Cancel works
+            mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(round(100 * done / max(1, total)), 100)
+
+        loaded = load_space(resolve_space(space), pcs, progress=progress)
         log.info("w2w: loaded space %s (%d of %d PCs, fingerprint %s)", space, loaded.pcs, loaded.total_pcs, loaded.fingerprint)
         return io.NodeOutput(loaded)
 

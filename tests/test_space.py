@@ -151,3 +151,25 @@ def test_tiny_conversion_keeps_source_fingerprint(release, tmp_path):
     out = str(tmp_path / "tiny.safetensors")
     convert_release(release.folder, out, pcs=3)
     assert load_space(out).fingerprint == load_space(release.folder).fingerprint
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_loading_reports_progress_and_stops_when_the_callback_raises(release, tmp_path, monkeypatch, kind):
+    import w2w.rawread as rawread
+
+    path = release.folder
+    if kind == "file":
+        path = str(tmp_path / "space.safetensors")
+        convert_release(release.folder, path)
+    monkeypatch.setattr(rawread, "_BLOCK_BYTES", 4096)  # many small reads, so that progress has steps to report
+    seen = []
+    space = load_space(path, 16, progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) > 2 and seen == sorted(seen) and seen[-1][0] == seen[-1][1]
+    torch.testing.assert_close(space.components, load_space(path, 16).components, rtol=0, atol=0)
+
+    def cancel(done, total):
+        if done > total // 2:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt, match="cancelled"):
+        load_space(path, 16, progress=cancel)

@@ -229,21 +229,23 @@ def _all_finite(t: torch.Tensor, rows: int = 64) -> bool:
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
-def load_space(path: str, pcs: int | None = None, *, training: bool = True) -> Space:
+def load_space(path: str, pcs: int | None = None, *, training: bool = True,
+               progress: Callable[[int, int], None] | None = None) -> Space:
     """Load a space from a released-files directory or our ``.safetensors`` file, holding only ``pcs`` PCs.
 
     ``pcs=None`` keeps every PC in the file. ``training=False`` skips training coefficients and labels.
+    ``progress(done, total)`` follows the read of the basis, the long part (it may raise to stop the load).
     """
     if pcs is not None and (not isinstance(pcs, int) or pcs < 1):
         raise ValueError(f"pcs must be a positive integer or None, got {pcs!r}")
     path = os.fspath(path)
     if os.path.isdir(path):
-        return _load_release_dir(path, pcs, training)
+        return _load_release_dir(path, pcs, training, progress)
     if not os.path.exists(path):
         raise W2WFileError(f"space not found: {path}. Put our .safetensors space or a folder of the released files "
                            "(V.pt, mean.pt, std.pt, weight_dimensions.pt) there; `python -m w2w download` fetches them.")
     if path.endswith(".safetensors"):
-        return _load_ours(path, pcs, training)
+        return _load_ours(path, pcs, training, progress)
     raise W2WFileError(f"{path}: a space is a .safetensors file or a folder of released files")
 
 
@@ -264,7 +266,7 @@ def check_release_folder(folder: str) -> None:
                            "`python -m w2w download`.")
 
 
-def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
+def _load_release_dir(folder: str, pcs: int | None, training: bool, progress=None) -> Space:
     check_release_folder(folder)
     p = lambda name: os.path.join(folder, name)  # noqa: E731
     alpha = _release_alpha(p("adapter_config.json"))
@@ -283,7 +285,7 @@ def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
         raise LayoutError(f"{p('V.pt')} has {span.shape[0]:,} rows; weight_dimensions adds up to {d:,}")
     m = _pcs_to_keep(pcs, span.shape[1], p("V.pt"))
     head_pcs = min(FINGERPRINT_PCS, span.shape[1])
-    components = read_columns_t(span, max(m, head_pcs), torch.float32)  # (m, d): one pass over the file
+    components = read_columns_t(span, max(m, head_pcs), torch.float32, progress)  # (m, d): one pass over the file
     fingerprint = space_fingerprint(layout, mean, std, components[:head_pcs])
     components = components[:m]
     kw: dict = {}
@@ -365,7 +367,7 @@ def _meta_json(meta: dict, key: str, path: str, default=None):
         raise W2WFileError(f"{path}: metadata {key!r} is not valid JSON: {exc}") from None
 
 
-def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
+def _load_ours(path: str, pcs: int | None, training: bool, progress=None) -> Space:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -386,7 +388,7 @@ def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
             span = safetensors_span(path, "components")  # plain reads of the first rows, no memory map
             total = span.shape[0]
             m = _pcs_to_keep(pcs, total, path)
-            components = read_rows(span, max(m, min(total, FINGERPRINT_PCS)))
+            components = read_rows(span, max(m, min(total, FINGERPRINT_PCS)), progress)
             head = components[:min(total, FINGERPRINT_PCS)]
             components = components[:m]
             kw: dict = {"mean": f.get_tensor("mean").float(), "std": f.get_tensor("std").float()}

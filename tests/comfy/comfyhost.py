@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import inspect
 import json
 import logging
 import os
@@ -54,6 +55,27 @@ def png_pixels(path: str | os.PathLike):
     with Image.open(path) as image:
         rgb = image.convert("RGB")
         return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
+
+
+# ---- executor generations ------------------------------------------------------------------------------------
+# ComfyUI 0.3.64: PromptExecutor(server, cache_type=...); cache.get(node_id) returns the output lists.
+# Late-2026 releases (read from 0.38.1's execution.py): PromptExecutor(server, cache_type=..., cache_args=...), where
+# execute reads cache_args["ram"] and ["ram_inactive"] whatever the cache type; the cache's get is a coroutine
+# returning CacheEntry(ui, outputs). The harness speaks both.
+def new_prompt_executor(execution, server):
+    """A classic-cache PromptExecutor, with the cache arguments newer hosts require."""
+    kwargs = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}  # as main.py's --cache-classic
+    return execution.PromptExecutor(server, **kwargs)
+
+
+def cached_outputs(cache, node_id: str):
+    """The output lists of ``node_id`` in an executor's output cache, or None, whatever the host's cache API."""
+    value = cache.get(node_id)
+    if inspect.isawaitable(value):
+        value = asyncio.run(value)
+    return getattr(value, "outputs", value)  # newer hosts wrap them in CacheEntry(ui, outputs)
 
 
 def _return_free_memory_to_the_os() -> None:
@@ -295,7 +317,7 @@ class ComfyHost:
         executor.execute(prompt, prompt_id, {}, outputs)
         node_outputs = {}
         for node_id in prompt:
-            value = executor.caches.outputs.get(node_id)
+            value = cached_outputs(executor.caches.outputs, node_id)
             if value is not None:
                 node_outputs[node_id] = value
         result = GraphResult(prompt_id=prompt_id, success=executor.success,
@@ -318,7 +340,7 @@ class ComfyHost:
     def new_executor(self):
         import execution
 
-        return execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        return new_prompt_executor(execution, self.server)
 
     def unload_models(self) -> None:
         """Drop cached outputs and loaded models (frees the memory the last graphs held)."""

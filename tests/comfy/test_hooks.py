@@ -26,7 +26,7 @@ from w2w.convert import convert_release
 from w2w.synthetic import write_release
 
 PCS = 16
-STEPS = 2  # Euler, "normal" schedule: sigmas 14.6 and ~1.6; a switch at 30 % (sigma ~3) falls between them
+STEPS = 2  # Euler, "simple" schedule: sigmas 14.6 and 1.61; a switch at 30 % (sigma ~3) falls between them
 SPACE_FILE = "w2w-hooks-space.safetensors"
 CONTROLNET = "w2w-standin-controlnet.safetensors"
 HINT = "w2w-hooks-hint.png"
@@ -89,7 +89,7 @@ def base_graph(seed: int = 5) -> dict:
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "low quality, blurry", "clip": ["ckpt", 1]}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "sampler": {"class_type": "KSampler", "inputs": {
-            "seed": seed, "steps": STEPS, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+            "seed": seed, "steps": STEPS, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
             "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0]}},
         "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": "w2w-hooks"}},
     }

@@ -187,18 +187,44 @@ def test_apply_patches_exactly_the_64_targets_with_base_plus_27_BA(e2e, referenc
         assert float(deltas[slot.name].abs().max()) > 1e-3  # the patch is visible, not lost in rounding
 
 
-def test_stock_lora_loader_on_the_saved_lora_gives_the_same_weights(comfy_host, e2e, reference_space):
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+def test_stock_lora_loader_on_the_saved_lora_gives_the_same_weights(comfy_host, e2e, reference_space, strength):
+    """Apply w2w LoRA at `strength` = the stock LoraLoader on the file Save w2w LoRA wrote, at the same strength."""
     import folder_paths
 
-    base, patched = e2e.output("1"), e2e.output("5")
+    base, space, identity = e2e.output("1"), e2e.output("2"), e2e.output("4")
+    patched = comfy_host.node_class("W2WApplyLoRA").execute(base, space, identity, strength).result[0]
     names = [n for n in folder_paths.get_filename_list("loras") if n.startswith("w2w-test/edited_")]
     assert len(names) == 1, names
-    (stock,) = comfy_host.node_class("LoraLoaderModelOnly")().load_lora_model_only(base, names[0], 1.0)
+    (stock,) = comfy_host.node_class("LoraLoaderModelOnly")().load_lora_model_only(base, names[0], strength)
     keys = target_keys(reference_space)
     assert sorted(stock.patches) == sorted(keys)
     ours, theirs = loaded_weights(patched, keys), loaded_weights(stock, keys)
     worst = max(float((ours[k].float() - theirs[k].float()).abs().max()) for k in keys)
-    assert worst <= 1e-6, f"max difference {worst:.3g}"
+    assert worst <= 1e-6, f"max difference {worst:.3g}"  # the same LoRA adapter math on the same float32 weights
+    file_weights = checkpoint_weights(comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME, keys)
+    moved = max(float((ours[k].float() - file_weights[k].float()).abs().max()) for k in keys)
+    assert moved > 1e-3  # the strength reached the weights (0 would leave them as in the file)
+
+
+def test_plain_apply_adds_no_per_call_weight_function(comfy_host, e2e, reference_space):
+    """Apply's patches are baked when the model loads: no module recomputes its weight at each UNet call (delayed
+    injection is the one feature that does, on the 64 targets only)."""
+    import comfy.model_management as mm
+
+    base, space, first, second = e2e.output("1"), e2e.output("2"), e2e.output("3"), e2e.output("4")
+    apply = comfy_host.node_class("W2WApplyLoRA")
+
+    def per_call_functions(model) -> int:
+        mm.load_models_gpu([model], force_full_load=True)
+        try:
+            return sum(1 for m in model.model.modules()
+                       if getattr(m, "weight_function", None) or getattr(m, "bias_function", None))
+        finally:
+            mm.unload_all_models()
+
+    assert per_call_functions(apply.execute(base, space, second, 1.0).result[0]) == 0
+    assert per_call_functions(apply.execute(base, space, first, 1.0, second, 0.3).result[0]) == 64
 
 
 def test_a_stock_lora_downstream_adds_to_the_w2w_patch(comfy_host, e2e, reference_space, sd15_standin):
@@ -333,6 +359,45 @@ def test_delayed_injection_switches_identity_at_edit_start(comfy_host, e2e):
     # "simple" 2-step sigmas: 14.6, 1.61; edit_start 0.4 switches at sigma 2.28 (t≈600): the second step only.
     halfway = delayed(0.4)
     assert relative(halfway, only_first) > 1e-2 * apart and relative(halfway, only_second) > 1e-2 * apart
+
+
+@pytest.mark.parametrize("edit_start", [0.0, 0.3, 0.55, 1.0])
+def test_delayed_injection_trajectory_uses_one_identity_per_step_switching_at_T(comfy_host, e2e, reference_space,
+                                                                                  edit_start):
+    """At every UNet call, record sigma and the weight the sampler really uses for one target: it is the first
+    identity's (W + ΔW₁) while sigma > σ(T), the second's (W + ΔW₂) from then on, never anything in between, where
+    T = 999·(1 − edit_start) is the paper's switch timestep (ComfyUI's percent_to_sigma)."""
+    base, space, first, second = e2e.output("1"), e2e.output("2"), e2e.output("3"), e2e.output("4")
+    model = comfy_host.node_class("W2WApplyLoRA").execute(base, space, first, 1.0, second, edit_start).result[0]
+    slot = reference_space.layout.modules[10]
+    key = slot.comfy_key
+    module = model.model.get_submodule(key.removesuffix(".weight"))
+    file_weight = checkpoint_weights(comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME, [key])[key].float()
+    expected = {name: file_weight + reference_space.deltas(identity.coefficients.clone())[slot.name]
+                for name, identity in (("first", first), ("second", second))}
+    calls = []
+
+    def record(executor, x, t, *args, **kwargs):  # runs inside the switch's own APPLY_MODEL wrapper
+        weight = module.weight
+        for f in module.weight_function:
+            weight = f(weight)
+        errors = {name: float((weight.float() - w).abs().max()) for name, w in expected.items()}
+        calls.append((float(t.max()), min(errors, key=errors.get), min(errors.values())))
+        return executor(x, t, *args, **kwargs)
+
+    model.add_wrapper_with_key("apply_model", "w2w_test_recorder", record)
+    sample_latent(comfy_host, model, e2e, 4)
+    sampling = model.model.model_sampling
+    threshold = sampling.percent_to_sigma(edit_start)
+    if 0.0 < edit_start < 1.0:
+        assert threshold == pytest.approx(float(sampling.sigma(torch.tensor(999.0 * (1.0 - edit_start)))), rel=1e-6)
+    apart = float((expected["first"] - expected["second"]).abs().max())
+    assert len(calls) >= 4 and apart > 1e-3
+    for sigma, used, error in calls:
+        assert used == ("second" if sigma <= threshold else "first"), (sigma, threshold, used)
+        assert error <= 1e-5 * apart + 2 * torch.finfo(torch.float32).eps * float(file_weight.abs().max()), (sigma, error)
+    used = [u for _, u, _ in calls]
+    assert used == sorted(used, key=["first", "second"].index)  # one switch, never back
 
 
 def test_delayed_injection_leaves_the_input_model_without_wrappers(comfy_host, e2e):

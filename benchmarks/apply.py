@@ -42,24 +42,36 @@ def make_space(pcs: int):
                  coef_mean=torch.zeros(pcs), coef_std=torch.linspace(3.0, 0.5, pcs))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_arguments(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The options every real-host benchmark here takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", type=Path)
     parser.add_argument("--pcs", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def start_host(parser: argparse.ArgumentParser, comfyui: Path | None):
+    """ComfyUI in this process (the test harness's host) with the SD1.5 stand-in staged: (host, ComfyUI path)."""
     from comfyhost import SD15_STANDIN_NAME, ComfyHost
     from demo import standins
     from demo.locate import PACK_DIRNAME, find_comfyui, pack_root
 
-    comfyui = args.comfyui or find_comfyui()
+    comfyui = comfyui or find_comfyui()
     if comfyui is None:
         parser.error("ComfyUI not found (set COMFYUI_PATH)")
     host = ComfyHost.start(comfyui, Path(tempfile.mkdtemp(prefix="w2w-bench-")), pack_root(), PACK_DIRNAME)
     host.stage_model("checkpoints", standins.ensure_sd15_standin(comfyui), SD15_STANDIN_NAME)
+    return host, comfyui
+
+
+def main(argv=None) -> int:
+    parser = bench_arguments(__doc__, repeats=5)
+    args = parser.parse_args(argv)
+    host, comfyui = start_host(parser, args.comfyui)
+    from comfyhost import SD15_STANDIN_NAME
 
     import torch
     import comfy.model_management as mm

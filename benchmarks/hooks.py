@@ -13,10 +13,8 @@ All variants run interleaved, in the same process, on the same loaded checkpoint
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,24 +23,12 @@ sys.path[:0] = [str(ROOT / "tests" / "comfy"), str(ROOT), str(ROOT / "benchmarks
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", type=Path)
-    parser.add_argument("--pcs", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--size", type=int, default=64)
+    from apply import bench_arguments, make_space, start_host
+
+    parser = bench_arguments(__doc__, repeats=3)
     args = parser.parse_args(argv)
-
-    from apply import make_space
-    from comfyhost import SD15_STANDIN_NAME, ComfyHost
-    from demo import standins
-    from demo.locate import PACK_DIRNAME, find_comfyui, pack_root
-
-    comfyui = args.comfyui or find_comfyui()
-    if comfyui is None:
-        parser.error("ComfyUI not found (set COMFYUI_PATH)")
-    host = ComfyHost.start(comfyui, Path(tempfile.mkdtemp(prefix="w2w-bench-")), pack_root(), PACK_DIRNAME)
-    host.stage_model("checkpoints", standins.ensure_sd15_standin(comfyui), SD15_STANDIN_NAME)
+    host, comfyui = start_host(parser, args.comfyui)
+    from comfyhost import SD15_STANDIN_NAME
 
     import torch
     import folder_paths

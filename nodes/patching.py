@@ -235,12 +235,47 @@ def static_clone(model):
     return model.clone()
 
 
+def _blocks(module: torch.nn.Module):
+    """The outermost modules below ``module`` that are not mere containers (the UNet's resnet and transformer blocks)."""
+    for child in module.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
+            yield from _blocks(child)
+        else:
+            yield child
+
+
 @contextlib.contextmanager
-def trainable_clone(model, space: Space, keys: dict[str, tuple[int, int]] | None = None):
+def checkpointed_blocks(diffusion_model: torch.nn.Module):
+    """Gradient checkpointing over the UNet's blocks while the context is open (Chen et al. 2016): a block keeps
+    only its input for backward and runs its forward again then. With weight wrappers every layer sees a float32
+    copy of its weight, and autograd would keep all of them — a second UNet in memory — until backward; here only
+    one block's copies are alive at a time, for one more forward pass per step. The shared modules get their own
+    forward back on exit."""
+    import torch.utils.checkpoint
+
+    blocks = list(_blocks(diffusion_model))
+    before = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        def run(*args, _forward=block.forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        block.forward = run
+    try:
+        yield len(blocks)
+    finally:
+        for block, previous in zip(blocks, before):
+            if previous is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = previous
+
+
+@contextlib.contextmanager
+def trainable_clone(model, space: Space, keys: dict[str, tuple[int, int]] | None = None, checkpointing: bool = False):
     """A loaded clone of ``model`` whose target weights read the factors on the yielded board; undone on exit.
 
     Yields (patcher, board). ``keys`` are the checked target keys (:func:`check_targets`; checked here when None).
-    Every other weight and bias gets a no-op wrapper so that no inference tensor is saved for backward. On exit,
+    Every other weight and bias gets a no-op wrapper so that no inference tensor is saved for backward;
+    ``checkpointing`` recomputes each block in backward instead of keeping its weight copies. On exit,
     whatever happened: the factors are dropped, our wrappers leave the shared modules, the clone is unloaded
     (weights restored from ComfyUI's backup) and ``requires_grad`` is restored.
     """
@@ -263,7 +298,8 @@ def trainable_clone(model, space: Space, keys: dict[str, tuple[int, int]] | None
     try:
         patcher.model.requires_grad_(False)
         mm.load_models_gpu([patcher], force_full_load=True)
-        yield patcher, board
+        with checkpointed_blocks(patcher.model.diffusion_model) if checkpointing else contextlib.nullcontext():
+            yield patcher, board
     finally:
         board.factors = None
         for _, module in modules:

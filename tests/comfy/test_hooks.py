@@ -75,7 +75,7 @@ def saved_loras(comfy_host, staged):
 
 
 # ---------------------------------------------------------------------------------------------- graphs
-def base_graph(seed: int = 5) -> dict:
+def base_graph(seed: int = 5, steps: int = STEPS) -> dict:
     """Two sampled identities a, b of the space; plain model; one prompt; KSampler → SaveLatent."""
     return {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_STANDIN_NAME}},
@@ -89,7 +89,7 @@ def base_graph(seed: int = 5) -> dict:
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "low quality, blurry", "clip": ["ckpt", 1]}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "sampler": {"class_type": "KSampler", "inputs": {
-            "seed": seed, "steps": STEPS, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+            "seed": seed, "steps": steps, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
             "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0]}},
         "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": "w2w-hooks"}},
     }
@@ -137,8 +137,8 @@ def keyframes(graph: dict, name: str, hooks: list, *points: tuple[float, float])
     return [name, 0]
 
 
-def hooked_graph(who: str, edited: str | None = None, edit_start: float = 0.3) -> dict:
-    graph = base_graph()
+def hooked_graph(who: str, edited: str | None = None, edit_start: float = 0.3, steps: int = STEPS) -> dict:
+    graph = base_graph(steps=steps)
     return with_hooks(graph, hook_node(graph, "hook", who, edited, edit_start))
 
 
@@ -202,19 +202,24 @@ def test_two_identities_under_complementary_masks_each_own_their_half(comfy_host
 
 
 def test_keyframed_switch_equals_applys_delayed_injection(run):
-    only_a, only_b = run(with_apply(base_graph(), "a")), run(with_apply(base_graph(), "b"))
-    switched = run(with_apply(base_graph(), "a", edited="b", edit_start=0.3))
-    assert relative(switched, only_a) > 10 * TOLERANCE and relative(switched, only_b) > 10 * TOLERANCE
+    """Three "simple" steps (sigmas 14.6, 2.92, 0.93); edit_start 0.3 switches at sigma 3.33, i.e. for the last two.
+    The switch moves the latent only a little on the random stand-in (its latents are large next to what one
+    identity changes late in sampling), so equality is measured against what the switch itself changes: within 5 %
+    of it; a missing, early, late or blended switch would be off by far more."""
+    only_a = run(with_apply(base_graph(steps=3), "a"))
+    switched = run(with_apply(base_graph(steps=3), "a", edited="b", edit_start=0.3))
+    effect = relative(switched, only_a)
+    assert effect > 1e-4  # the switch changes the latent by far more than float ordering does (measured ~1e-5)
 
-    own = run(hooked_graph("a", edited="b", edit_start=0.3))
-    assert relative(own, switched) < TOLERANCE
+    own = run(hooked_graph("a", edited="b", edit_start=0.3, steps=3))
+    assert relative(own, switched) < 0.05 * effect
 
-    graph = base_graph()  # the same switch from stock nodes: a on until 30 %, b from 30 % on
+    graph = base_graph(steps=3)  # the same switch from stock nodes: a on until 30 %, b from 30 % on
     first = keyframes(graph, "kf_a", hook_node(graph, "hook_a", "a"), (1.0, 0.0), (0.0, 0.3))
     second = keyframes(graph, "kf_b", hook_node(graph, "hook_b", "b"), (0.0, 0.0), (1.0, 0.3))
     graph["both"] = {"class_type": "CombineHooks2", "inputs": {"hooks_A": first, "hooks_B": second}}
     stock = run(with_hooks(graph, ["both", 0]))
-    assert relative(stock, switched) < TOLERANCE
+    assert relative(stock, switched) < 0.05 * effect
 
 
 def test_strength_zero_everywhere_is_the_plain_model(run):

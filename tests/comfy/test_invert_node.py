@@ -242,6 +242,20 @@ def test_mask_and_multi_image_batch(comfy_host, space_file, photos, executor):
     assert not torch.equal(batch.coefficients, masked.coefficients)
 
 
+def test_gradient_checkpointing_changes_memory_not_results(comfy_host, space_file, photos, executor):
+    """The same inversion with and without recomputing the blocks in backward: the same coefficients (the same float
+    operations, in another order of memory use), and the shared modules keep no checkpointing forward afterwards."""
+    runs = {}
+    for flag in (False, True):
+        graph = invert_graph(steps=2, lr=0.5)
+        graph["4"]["inputs"]["gradient_checkpointing"] = flag
+        result = comfy_host.run_graph(graph, executor=executor)
+        runs[flag], model = result.output("4", 0).coefficients.clone(), result.output("1", 0)
+    assert float(runs[False].norm()) > 0
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-6)
+    assert not [n for n, m in model.model.named_modules() if "forward" in m.__dict__]
+
+
 def test_half_precision_basis_products_in_the_executor(comfy_host, space_file, photos, executor):
     """precision=float16: the products with the basis in half precision, β float32; close to the float32 run."""
     runs, model = {}, None

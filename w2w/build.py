@@ -39,8 +39,8 @@ from .space import Space, load_space, replace_space, save_space
 
 __all__ = ["BuildConfig", "BuildResult", "BuildError", "RowSource", "ArraySource", "MatrixFileSource",
            "LoraFolderSource", "open_source", "build_space", "read_labels_csv", "attach_labels", "layout_of_lora",
-           "load_for_labels", "save_streaming", "lora_layout",
-           "MATRIX_SUFFIXES"]
+           "load_for_labels", "save_streaming", "lora_layout", "name_rows", "block_krylov", "krylov_basis",
+           "check_build_shape", "standardisation", "nonfinite_rows_error", "build_result", "MATRIX_SUFFIXES"]
 
 MATRIX_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 Callback = Callable[[int, int, str], None]
@@ -364,8 +364,12 @@ def lora_layout(path: str) -> Layout:
 
 
 def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str] | None = None) -> RowSource:
-    """A folder of LoRAs, or one matrix file (.npy, .safetensors, .pt) — never loaded whole."""
+    """A folder of LoRAs, one matrix file (.npy, .safetensors, .pt) or a Zarr array — never loaded whole."""
     path = os.fspath(path)
+    from .build_dask import ZarrSource, is_zarr
+
+    if is_zarr(path):  # a Zarr array written by `python -m w2w to-zarr` (needs zarr, imported only then)
+        return ZarrSource(path, layout=layout, names=names)
     if os.path.isdir(path):
         if names is not None:
             raise BuildError("row names come from the file names of a LoRA folder; do not pass names")
@@ -381,7 +385,13 @@ def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str]
     elif suffix in (".pt", ".pth"):
         source = MatrixFileSource(torch_file_span(path, "weight matrix"), kind="torch matrix")
     else:
-        raise W2WFileError(f"{path}: unknown matrix format {suffix!r}; use {', '.join(MATRIX_SUFFIXES)} or a LoRA folder")
+        raise W2WFileError(f"{path}: unknown matrix format {suffix!r}; use {', '.join(MATRIX_SUFFIXES)}, a LoRA "
+                           "folder or a Zarr array")
+    return name_rows(source, path, names, layout)
+
+
+def name_rows(source: RowSource, path: str, names: Sequence[str] | None, layout: Layout | None) -> RowSource:
+    """Give a matrix source its row names (default: kept) and layout (default: SD1.5 when the width matches)."""
     n, d = source.shape
     if names is not None:
         if len(names) != n:

@@ -236,6 +236,17 @@ def test_local_engine_reads_zarr_exactly_like_the_matrix_file(tmp_path, dask_rea
     assert torch.equal(got.space.train_coefs, ref.space.train_coefs)
 
 
+def test_local_engine_reads_each_zarr_chunk_once_per_pass(tmp_path, dask_ready):
+    from w2w import procstat
+
+    zs = write_zarr(PlantedRows(1200, 4000), str(tmp_path / "w.zarr"), chunk_rows=100)
+    cfg = BuildConfig(pcs=8, memory_mb=4)  # blocks of 104 rows by the memory budget, 100 once whole chunks
+    before = procstat.read_bytes()
+    res = build_space(zs, cfg)
+    assert res.rows_read == 1200 * cfg.passes  # streamed, not cached
+    assert abs((procstat.read_bytes() - before) / (1200 * 4000 * 4) - cfg.passes) < 0.05
+
+
 # ---- the Dask engine ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_dask_build_agrees_with_single_machine_on_a_matrix_larger_than_each_worker(tmp_path, cluster):

@@ -107,6 +107,7 @@ class RowSource:
     layout: Layout | None
     description: str
     dtype_bytes: int = 4
+    chunk_rows: int = 1  # rows the source stores together (a Zarr chunk): blocks are whole multiples of it
 
     def read(self, start: int, out: np.ndarray) -> np.ndarray:
         """Fill ``out`` (b, d) float32 with rows start..start+b and return it."""
@@ -562,11 +563,12 @@ def _project(rows: _Rows, g: torch.Tensor, y: torch.Tensor) -> None:
         y[start:start + z.shape[0]].copy_(z @ g)
 
 
-def _block_rows(config: BuildConfig, n: int, d: int, l: int) -> int:
+def _block_rows(config: BuildConfig, n: int, d: int, l: int, chunk_rows: int = 1) -> int:
     if config.block_rows is not None:
         return min(n, config.block_rows)
     per_row = 4 * (5 * d // 2 + 2 * l)  # two read buffers, statistics scratch, the block's sketch and projection
-    return max(1, min(n, (config.memory_mb << 20) // per_row))
+    rows = max(1, min(n, (config.memory_mb << 20) // per_row))
+    return rows - rows % chunk_rows if chunk_rows <= rows < n else rows  # a block never ends inside a chunk
 
 
 def _rayleigh_ritz(g: torch.Tensor, y: torch.Tensor, k: int, block: int):
@@ -600,7 +602,7 @@ def build_space(source: RowSource, config: BuildConfig = BuildConfig(), *, callb
     check_build_shape(source, config)
     k = config.pcs
     l = min(config.columns, d)
-    block = _block_rows(config, n, d, l)
+    block = _block_rows(config, n, d, l, source.chunk_rows)
     keep = n * d * 4 <= (config.memory_mb << 20)
     rows = _Rows(source, block, callback, math.ceil(n / block) * config.passes)
     gen = torch.Generator().manual_seed(config.seed)

@@ -22,6 +22,7 @@ Full size (not run in CI; ~26 GB of disk, an estimated 30-60 min on 2 cores):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -198,29 +199,32 @@ def dask_compare(n: int, d: int, k: int, power_iters: int, workers: int, worker_
             print(f"LocalCluster: {workers} workers x 1 thread, memory limit {limit / 2**30:.2f} GiB each "
                   f"(matrix / limit = {size / limit:.1f}); idle worker RSS "
                   f"{max(w['rss'] for w in client.run(procstat.snapshot).values()) / 2**20:.0f} MiB")
-            runs: dict[str, list] = {"single machine": [], "dask krylov": [], "dask svd_compressed": []}
+            same_passes = dataclasses.replace(cfg, power_iters=2 * power_iters + 2)  # as many as svd_compressed
+            dask_runs = {"dask krylov": (cfg, "krylov"), "dask svd_compressed": (cfg, "svd_compressed"),
+                         f"dask krylov, q={same_passes.power_iters}": (same_passes, "krylov")}
+            runs: dict[str, list] = {"single machine": [], **{name: [] for name in dask_runs}}
             for _ in range(repeats):  # alternate, keep the fastest: the machine may be shared
                 before = procstat.read_bytes()
                 res, t, rss = measure(lambda: build_space(zs, cfg))
                 runs["single machine"].append((t, res, rss, procstat.read_bytes() - before))
-                for algorithm in ("krylov", "svd_compressed"):
-                    res, t, _ = measure(lambda: build_space_dask(zs, cfg, client=client, algorithm=algorithm))
-                    runs[f"dask {algorithm}"].append((t, res, max(w["peak_rss"] for w in res.workers.values()),
-                                                      sum(w["read_bytes"] for w in res.workers.values())))
+                for name, (config, algorithm) in dask_runs.items():
+                    res, t, _ = measure(lambda: build_space_dask(zs, config, client=client, algorithm=algorithm))
+                    runs[name].append((t, res, max(w["peak_rss"] for w in res.workers.values()),
+                                       sum(w["read_bytes"] for w in res.workers.values())))
         t0 = time.perf_counter()
         accurate = build_space(zs, BuildConfig(pcs=k, power_iters=4, oversample=k, memory_mb=1024))
         reference = accurate.space.components
         print(f"reference: single machine, power_iters 4, oversample {k} ({time.perf_counter() - t0:.0f} s), "
               f"explained variance {float(accurate.explained_variance_ratio.sum()):.6f}")
         t_local = min(r[0] for r in runs["single machine"])
-        print(f"{'':22}{'passes':>8}{'measured':>10}{'seconds':>9}{'x single':>10}{'explained var':>15}"
+        print(f"{'':24}{'passes':>6}{'measured':>10}{'seconds':>9}{'x single':>10}{'explained var':>15}"
               f"{'max angle':>11}{'peak RSS':>18}")
         for name, rs in runs.items():
             t, res, rss, read = min(rs, key=lambda r: r[0])
             passes = getattr(res, "passes", cfg.passes)
             angle = _max_angle(res.space.components, reference)
             where = "process +" if name == "single machine" else "per worker"
-            print(f"{name:22}{passes:8d}{read / size:10.2f}{t:9.1f}{t / t_local:10.2f}"
+            print(f"{name:24}{passes:6d}{read / size:10.2f}{t:9.1f}{t / t_local:10.2f}"
                   f"{float(res.explained_variance_ratio.sum()):15.6f}{angle:11.2e}"
                   f"{where:>12} {rss / 2**20:5.0f} MiB")
         print("max angle: largest principal angle (radians) between the k PCs and the reference's (the matrix "

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from test_build import flat_layout, generating_space, labels_frame, max_angle_degrees, tiny_layout, write_lora_folder
 from w2w.build import ArraySource, BuildConfig, BuildError, RowSource, build_space, open_source
-from w2w.build_dask import INSTALL_HINT, ZarrSource, build_space_dask, require_dask, write_zarr
+from w2w.build_dask import INSTALL_HINT, ClusterError, ZarrSource, build_space_dask, require_dask, write_zarr
 from w2w.cli import main as cli_main
 from w2w.safeload import W2WFileError
 from w2w.space import load_space
@@ -299,6 +299,18 @@ def test_nan_rows_are_named_on_the_cluster(tmp_path, cluster):
                     str(tmp_path / "w.zarr"), chunk_rows=16)
     with pytest.raises(BuildError, match=r"2 of 60 models.*row 7 \(m7\), row 41 \(m41\)"):
         build_space_dask(zs, BuildConfig(pcs=3), client=client)
+
+
+def test_workers_that_cannot_see_the_array_stop_the_build(tmp_path, cluster):
+    _, client = cluster
+    zs = write_zarr(PlantedRows(40, 64), str(tmp_path / "w.zarr"), chunk_rows=10)
+    os.rename(tmp_path / "w.zarr", tmp_path / "elsewhere.zarr")  # what a worker without the shared mount sees
+    with pytest.raises(ClusterError, match=r"2 Dask worker\(s\) cannot see .*w\.zarr"):
+        build_space_dask(zs, BuildConfig(pcs=3), client=client)
+    missing = ZarrSource(str(tmp_path / "elsewhere.zarr"))
+    os.remove(tmp_path / "elsewhere.zarr" / "weights" / "c" / "1" / "0")  # a chunk lost after the conversion
+    with pytest.raises(BuildError, match=r"10 of 40 models contain NaN.*row 10 \(m10\)"):
+        build_space_dask(missing, BuildConfig(pcs=3), client=client)
 
 
 def test_cli_to_zarr_then_build_on_the_cluster_writes_the_same_format(tmp_path, cluster, capsys):

@@ -94,13 +94,12 @@ class ZarrSource(RowSource):
         except (FileNotFoundError, ValueError, KeyError) as exc:
             raise W2WFileError(f"{path} is not a readable Zarr array: {exc}") from None
         attrs: dict = {}
-        self.component = None
         if isinstance(node, zarr.Group):
             if ZARR_ARRAY not in node:
                 raise W2WFileError(f"{path} is a Zarr group without a {ZARR_ARRAY!r} array; write it with "
                                    "`python -m w2w to-zarr SOURCE OUT.zarr`")
             attrs = dict(node.attrs.get(ZARR_ATTRS, {}))
-            node, self.component = node[ZARR_ARRAY], ZARR_ARRAY
+            node = node[ZARR_ARRAY]
         if node.ndim != 2 or np.dtype(node.dtype).kind != "f":
             raise W2WFileError(f"{path}: a weight matrix is a 2-D float array, got shape {node.shape} of {node.dtype}")
         self.array = node
@@ -126,7 +125,7 @@ class ZarrSource(RowSource):
         da = require_dask("dask.array")
         n, d = self.shape
         rows = self.chunk_rows if block_rows is None else self.chunk_rows * max(1, round(block_rows / self.chunk_rows))
-        x = da.from_zarr(self.path, component=self.component, chunks=(min(rows, n), d))
+        x = da.from_zarr(self.array, chunks=(min(rows, n), d))  # the array opened here: workers get its path
         return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
@@ -151,7 +150,8 @@ def write_zarr(source: RowSource, out: str, *, chunk_rows: int | None = None, ch
     try:
         group = zarr.open_group(tmp, mode="w")
         array = group.create_array(ZARR_ARRAY, shape=(n, d), chunks=(rows, d), dtype="float32",
-                                   compressors=None)  # LoRA weights barely compress; decoding would cost every pass
+                                   compressors=None,  # LoRA weights barely compress; decoding would cost every pass
+                                   fill_value=np.nan)  # a chunk missing on a worker's storage reads as NaN, never 0
         blocks = _Rows(source, rows, callback, math.ceil(n / rows))
         for start, x in blocks.raw_blocks("to-zarr"):  # the next block is read while this one is written
             array[start:start + x.shape[0]] = x.numpy()
@@ -231,6 +231,7 @@ def build_space_dask(source: ZarrSource, config: BuildConfig = BuildConfig(), *,
     n, d = source.shape
     k, q = config.pcs, config.power_iters
     l = min(config.columns, d)
+    _check_workers_see(client, source)
     x = source.dask_array(config.block_rows)
     progress = _Progress(callback, _passes(algorithm, q))
     _on_workers(client, procstat.reset_peak)
@@ -350,6 +351,17 @@ def _cluster_errors(distributed):
     except (distributed.comm.CommClosedError, distributed.client.FutureCancelledError) as exc:
         raise ClusterError(f"the connection to the Dask cluster was lost during the build ({exc}); nothing was "
                            "written. Check that the scheduler is still running, then build again") from None
+
+
+def _check_workers_see(client, source: ZarrSource) -> None:
+    """Every worker must read the array at the client's path (Zarr reads a missing chunk as its fill value)."""
+    if "://" in source.path:
+        return  # object storage: the same URL everywhere
+    marker = os.path.join(source.path, "zarr.json")
+    blind = sorted(address for address, seen in client.run(os.path.isfile, marker).items() if not seen)
+    if blind:
+        raise ClusterError(f"{len(blind)} Dask worker(s) cannot see {source.path} ({', '.join(blind[:5])}): put the "
+                           "Zarr array on storage that every worker mounts at the same path as this machine")
 
 
 def _on_workers(client, fn) -> dict:

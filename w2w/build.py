@@ -16,7 +16,9 @@ the process never maps nor holds the whole matrix; when the matrix fits the memo
 
 Sources: a folder of LoRA files (kohya, PEFT or diffusers keys; ``.safetensors`` files and PEFT adapter folders),
 or one matrix file: ``.npy``, ``.safetensors`` (one 2-D tensor) or ``.pt`` (a tensor saved with ``torch.save``,
-such as the released ``all_weights.pt``); :mod:`w2w.rawread` finds the matrix in the file and reads it.
+such as the released ``all_weights.pt``); :mod:`w2w.rawread` finds the matrix in the file and reads it. Zarr arrays
+written by ``python -m w2w to-zarr`` (:class:`w2w.build_dask.ZarrSource`) are read in whole chunks; the same build
+on a Dask cluster is :func:`w2w.build_dask.build_space_dask`, which shares the helpers at the end of this module.
 """
 from __future__ import annotations
 
@@ -365,12 +367,9 @@ def lora_layout(path: str) -> Layout:
 
 
 def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str] | None = None) -> RowSource:
-    """A folder of LoRAs, one matrix file (.npy, .safetensors, .pt) or a Zarr array — never loaded whole."""
+    """A folder of LoRAs, or one matrix file (.npy, .safetensors, .pt) — never loaded whole. (Zarr arrays:
+    :func:`w2w.build_dask.open_rows`.)"""
     path = os.fspath(path)
-    from .build_dask import ZarrSource, is_zarr
-
-    if is_zarr(path):  # a Zarr array written by `python -m w2w to-zarr` (needs zarr, imported only then)
-        return ZarrSource(path, layout=layout, names=names)
     if os.path.isdir(path):
         if names is not None:
             raise BuildError("row names come from the file names of a LoRA folder; do not pass names")
@@ -386,8 +385,7 @@ def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str]
     elif suffix in (".pt", ".pth"):
         source = MatrixFileSource(torch_file_span(path, "weight matrix"), kind="torch matrix")
     else:
-        raise W2WFileError(f"{path}: unknown matrix format {suffix!r}; use {', '.join(MATRIX_SUFFIXES)}, a LoRA "
-                           "folder or a Zarr array")
+        raise W2WFileError(f"{path}: unknown matrix format {suffix!r}; use {', '.join(MATRIX_SUFFIXES)} or a LoRA folder")
     return name_rows(source, path, names, layout)
 
 

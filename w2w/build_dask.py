@@ -35,11 +35,12 @@ import torch
 
 from . import procstat
 from .build import (BuildConfig, BuildError, BuildResult, Callback, RowSource, _Rows, block_krylov, build_result,
-                    check_build_shape, krylov_basis, name_rows, nonfinite_rows_error, standardisation)
+                    check_build_shape, krylov_basis, name_rows, nonfinite_rows_error, open_source,
+                    standardisation)
 from .layout import Layout, LayoutError
 from .safeload import W2WFileError
 
-__all__ = ["INSTALL_HINT", "require_dask", "is_zarr", "ZarrSource", "write_zarr", "dask_client", "build_space_dask",
+__all__ = ["INSTALL_HINT", "require_dask", "is_zarr", "open_rows", "ZarrSource", "write_zarr", "dask_client", "build_space_dask",
            "DaskBuildResult", "ClusterError", "check_dask_source", "ZARR_ARRAY", "ALGORITHMS"]
 
 INSTALL_HINT = 'pip install -r requirements-dask.txt (or pip install ".[dask]")'
@@ -79,6 +80,13 @@ def is_zarr(path: str) -> bool:
         return True
     markers = ("zarr.json", ".zarray", ".zgroup")
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in markers)
+
+
+def open_rows(path: str, *, layout: Layout | None = None, names: Sequence[str] | None = None) -> RowSource:
+    """:func:`w2w.build.open_source`, or a :class:`ZarrSource` for a Zarr array (zarr imported only then)."""
+    path = os.fspath(path)
+    return ZarrSource(path, layout=layout, names=names) if is_zarr(path) else open_source(path, layout=layout,
+                                                                                         names=names)
 
 
 # ---- Zarr sources ---------------------------------------------------------------------------------------

@@ -127,14 +127,15 @@ def _names(path: str | None) -> list[str] | None:
 
 
 def _build(args) -> int:
-    from .build import BuildConfig, build_space, open_source
+    from .build import BuildConfig, build_space
+    from .build_dask import open_rows
     from .space import save_space
 
     cluster = {"workers": args.workers, "threads_per_worker": args.threads_per_worker,
                "worker_memory": args.worker_memory}
     if args.engine == "local" and (args.scheduler or any(v is not None for v in cluster.values())):
         raise ValueError("--scheduler, --workers, --threads-per-worker and --worker-memory are for --engine dask")
-    source = open_source(args.source, layout=_layout_from(args.layout), names=_names(args.names))
+    source = open_rows(args.source, layout=_layout_from(args.layout), names=_names(args.names))
     config = BuildConfig(pcs=args.pcs, oversample=args.oversample, power_iters=args.power_iters,
                          memory_mb=args.memory_mb, block_rows=args.block_rows, seed=args.seed)
     if args.engine == "dask":

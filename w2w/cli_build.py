@@ -72,11 +72,11 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "to-zarr", help="copy a LoRA folder or weight matrix into a row-chunked Zarr array (for build --engine dask)",
-        description="Read SRC block by block (never whole) and write it as a Zarr group: array 'weights' (N x d "
-                    "float32, chunks of rows x d, uncompressed) with the row names, the layout and the origin as "
-                    "attributes. Written into a temporary folder beside OUT, renamed when complete. Needs the optional "
-                    "Dask requirements: pip install -r requirements-dask.txt (or pip install \".[dask]\").",
-        epilog="example:\n  python -m w2w to-zarr all_weights.pt /shared/weights.zarr --chunk-rows 1024\n"
+        description="Read SOURCE block by block (never whole) and write it as a Zarr group: array 'weights' (N x d\n"
+                    "float32, chunks of rows x d, uncompressed) with the row names, the layout and the origin as\n"
+                    "attributes. Written into a temporary folder beside OUT, renamed when complete. Needs the\n"
+                    "optional Dask requirements: pip install -r requirements-dask.txt (or pip install \".[dask]\").",
+        epilog="examples:\n  python -m w2w to-zarr all_weights.pt /shared/weights.zarr --chunk-rows 1024\n"
                "  python -m w2w build space.safetensors --from /shared/weights.zarr --engine dask --pcs 1000",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a LoRA folder or an N x d matrix file (.npy, .safetensors, .pt), as for build")

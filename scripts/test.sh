@@ -11,6 +11,7 @@ if [ "$torch_before" = none ]; then
 fi
 "$PY" -m pip install -q -r requirements-test.txt
 "$PY" -m pip install -q --no-deps -r requirements-idscore.txt  # facenet-pytorch pins torch<2.3: never let it resolve
+"$PY" -m pip install -q -r requirements-dask.txt  # optional Dask build engine: its tests fail (not skip) in CI without it
 torch_after=$("$PY" -c 'import torch; print(torch.__version__)')
 if [ "$torch_before" != "$torch_after" ]; then
   echo "installing the test requirements changed torch from $torch_before to $torch_after" >&2

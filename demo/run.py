@@ -173,9 +173,16 @@ class ComfyServer:
     """`python main.py --cpu` on loopback with a given base directory; a context manager that always stops it."""
 
     def __init__(self, comfyui: Path, base: Path, python: str = sys.executable, port: int | None = None,
-                 startup_timeout: float = 900.0, extra_args: tuple = (), installed_frontend: bool = False):
+                 startup_timeout: float = 900.0, extra_args: tuple = (), installed_frontend: bool = False,
+                 front_end_root: Path | None = None):
         self.comfyui, self.base, self.python = Path(comfyui), Path(base), python
         self.installed_frontend = installed_frontend  # True: serve the comfyui-frontend-package UI, not an empty root
+        # a frontend's static/ folder to serve instead (e.g. another comfyui-frontend-package version); wins over both
+        self.front_end_root = None if front_end_root is None else Path(front_end_root)
+        if self.front_end_root is not None and not (self.front_end_root / "index.html").is_file():
+            raise DemoError(f"front_end_root {self.front_end_root} has no index.html: give a frontend's static/ folder "
+                            "(<target>/comfyui_frontend_package/static after pip install --no-deps --target <target> "
+                            "comfyui-frontend-package==<version>)")
         self._auto_port = port is None
         self.port = port or free_port()
         self.startup_timeout = startup_timeout
@@ -212,9 +219,7 @@ class ComfyServer:
         """True when the server answers; False if it exited because the port was in use."""
         self.stop()
         cmd = [self.python, "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
-               "--base-directory", str(self.base),
-               *([] if self.installed_frontend else ["--front-end-root", str(self.base / "frontend")]),
-               "--disable-api-nodes", *self.extra_args]
+               "--base-directory", str(self.base), *self._front_end_args(), "--disable-api-nodes", *self.extra_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "w", encoding="utf-8")
         say(f"starting ComfyUI ({self.comfyui}) on {self.url}; log: {self.log_path}")
@@ -232,6 +237,13 @@ class ComfyServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.5)
         raise DemoError(f"ComfyUI did not answer on {self.url} within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def _front_end_args(self) -> list[str]:
+        if self.front_end_root is not None:
+            return ["--front-end-root", str(self.front_end_root)]
+        if self.installed_frontend:
+            return []
+        return ["--front-end-root", str(self.base / "frontend")]  # an empty root: no UI, the API only
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

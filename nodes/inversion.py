@@ -22,7 +22,7 @@ from ..w2w.diffusion import alphas_cumprod_from_sigmas
 from ..w2w.invert import PRECISIONS, PRESETS, InversionResult, InvertSettings, invert
 from ..w2w.vae import LatentParam, VAELatent
 from .patching import ComfyDenoiser, check_targets, trainable_clone
-from .routes import send_event
+from .routes import send_event, send_progress_text
 from .sockets import (CATEGORY_INVERSION, SEED_MAX, IdentitySocket, LatentSocket, SpaceSocket, VAESocket, advanced,
                       schema)
 
@@ -273,6 +273,7 @@ def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *
     keys = check_targets(model, space)
     framed = frame_photos(image, mask, resolution, face, face_mask)
     log.info("%s: %s", label, framed.note)
+    send_progress_text(node_id, framed.note)  # e.g. that face framing fell back to the centre crop, and why
     context = encode_cond(clip, conditioning, prompt)
     latents = model.model.process_latent_in(vae.encode(framed.pixels))
     pbar = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
@@ -282,7 +283,9 @@ def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *
         mm.throw_exception_if_processing_interrupted()
         show = step == total or step % PREVIEW_EVERY == 0
         pbar.update_absolute(step, total, preview_image(model, denoiser.last_x0) if show else None)
-        send_event(PROGRESS_EVENT, {"node": node_id, "step": step, "total": total, "loss": float(info["loss"])})
+        loss = float(info["loss"])
+        send_event(PROGRESS_EVENT, {"node": node_id, "step": step, "total": total, "loss": loss})
+        send_progress_text(node_id, f"step {step}/{total} · loss {loss:.4f}")
         if step == total or step % LOG_EVERY == 0:
             log.info("%s: step %d/%d, loss %.5f", label, step, total, info["loss"])
 

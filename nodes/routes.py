@@ -4,6 +4,8 @@
 - ``GET /w2w/spaces/{name}`` -> the summary of one space (``space_summary``): PCs, attributes, base model, layout,
   file size, whether training coefficients are present. 404 with ``{"error": ...}`` for an unknown name.
 - ``send_event(event, data)``: a message to the browser that queued the running prompt (no-op outside a server).
+- ``send_progress_text(node_id, text)``: text shown on a node by both node renderers of the frontend (no-op outside a
+  server or on a host without ``PromptServer.send_progress_text``).
 
 Importing this file has no effect; ``register_routes()`` (called when ComfyUI loads the pack) adds the routes
 once, and only when a ``PromptServer`` exists (not in a plain in-process executor).
@@ -76,6 +78,15 @@ def send_event(event: str, data: dict) -> None:
     server = _server()
     if server is not None and getattr(server, "client_id", None) is not None:
         server.send_sync(event, data, server.client_id)
+
+
+def send_progress_text(node_id, text: str) -> None:
+    """Show ``text`` on node ``node_id`` in the browser that queued the running prompt (the frontend's progress text,
+    shown by the canvas and the Vue node renderer alike); does nothing without a server or on a host lacking it."""
+    server = _server()
+    send = getattr(server, "send_progress_text", None)
+    if send is not None and node_id is not None and getattr(server, "client_id", None) is not None:
+        send(text, node_id, server.client_id)
 
 
 def register_routes() -> bool:

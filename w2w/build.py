@@ -16,7 +16,9 @@ the process never maps nor holds the whole matrix; when the matrix fits the memo
 
 Sources: a folder of LoRA files (kohya, PEFT or diffusers keys; ``.safetensors`` files and PEFT adapter folders),
 or one matrix file: ``.npy``, ``.safetensors`` (one 2-D tensor) or ``.pt`` (a tensor saved with ``torch.save``,
-such as the released ``all_weights.pt``); :mod:`w2w.rawread` finds the matrix in the file and reads it.
+such as the released ``all_weights.pt``); :mod:`w2w.rawread` finds the matrix in the file and reads it. Zarr arrays
+written by ``python -m w2w to-zarr`` (:class:`w2w.build_dask.ZarrSource`) are read in whole chunks; the same build
+on a Dask cluster is :func:`w2w.build_dask.build_space_dask`, which shares the helpers at the end of this module.
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ from .space import Space, load_space, save_space
 
 __all__ = ["BuildConfig", "BuildResult", "BuildError", "RowSource", "ArraySource", "MatrixFileSource",
            "LoraFolderSource", "open_source", "build_space", "read_labels_csv", "attach_labels", "layout_of_lora",
-           "load_for_labels", "save_streaming", "lora_layout",
-           "MATRIX_SUFFIXES"]
+           "load_for_labels", "save_streaming", "lora_layout", "name_rows", "block_krylov", "krylov_basis",
+           "check_build_shape", "standardisation", "nonfinite_rows_error", "build_result", "MATRIX_SUFFIXES"]
 
 MATRIX_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 Callback = Callable[[int, int, str], None]
@@ -109,6 +111,7 @@ class RowSource:
     layout: Layout | None
     description: str
     dtype_bytes: int = 4
+    chunk_rows: int = 1  # rows the source stores together (a Zarr chunk): blocks are whole multiples of it
 
     def read(self, start: int, out: np.ndarray) -> np.ndarray:
         """Fill ``out`` (b, d) float32 with rows start..start+b and return it."""
@@ -366,7 +369,8 @@ def lora_layout(path: str) -> Layout:
 
 
 def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str] | None = None) -> RowSource:
-    """A folder of LoRAs, or one matrix file (.npy, .safetensors, .pt) — never loaded whole."""
+    """A folder of LoRAs, or one matrix file (.npy, .safetensors, .pt) — never loaded whole. (Zarr arrays:
+    :func:`w2w.build_dask.open_rows`.)"""
     path = os.fspath(path)
     if os.path.isdir(path):
         if names is not None:
@@ -384,6 +388,11 @@ def open_source(path: str, *, layout: Layout | None = None, names: Sequence[str]
         source = MatrixFileSource(torch_file_span(path, "weight matrix"), kind="torch matrix")
     else:
         raise W2WFileError(f"{path}: unknown matrix format {suffix!r}; use {', '.join(MATRIX_SUFFIXES)} or a LoRA folder")
+    return name_rows(source, path, names, layout)
+
+
+def name_rows(source: RowSource, path: str, names: Sequence[str] | None, layout: Layout | None) -> RowSource:
+    """Give a matrix source its row names (default: kept) and layout (default: SD1.5 when the width matches)."""
     n, d = source.shape
     if names is not None:
         if len(names) != n:
@@ -500,9 +509,7 @@ def _statistics(rows: _Rows, keep: bool, omega: torch.Tensor) -> tuple[torch.Ten
         count = total
     del centred_chunk, square_chunk
     if bad:
-        names = ", ".join(f"row {i} ({rows.source.row_name(i)})" for i in bad[:10])
-        raise BuildError(f"{len(bad):,} of {n_total:,} models contain NaN or Inf weights: {names}"
-                         f"{', ...' if len(bad) > 10 else ''}. Remove or repair them.")
+        raise nonfinite_rows_error(rows.source, bad)
     mean32 = mean.float()
     sketch.addr_(mean32, omega.sum(0, dtype=torch.float64).float(), alpha=-1.0)  # Xᵀ Ω - mean ⊗ Σ Ω
     for start, b, block_mean in block_means:  # cached rows were centred on their block's mean
@@ -556,11 +563,12 @@ def _project(rows: _Rows, g: torch.Tensor, y: torch.Tensor) -> None:
         y[start:start + z.shape[0]].copy_(z @ g)
 
 
-def _block_rows(config: BuildConfig, n: int, d: int, l: int) -> int:
+def _block_rows(config: BuildConfig, n: int, d: int, l: int, chunk_rows: int = 1) -> int:
     if config.block_rows is not None:
         return min(n, config.block_rows)
     per_row = 4 * (5 * d // 2 + 2 * l)  # two read buffers, statistics scratch, the block's sketch and projection
-    return max(1, min(n, (config.memory_mb << 20) // per_row))
+    rows = max(1, min(n, (config.memory_mb << 20) // per_row))
+    return rows - rows % chunk_rows if chunk_rows <= rows < n else rows  # a block never ends inside a chunk
 
 
 def _rayleigh_ritz(g: torch.Tensor, y: torch.Tensor, k: int, block: int):
@@ -591,16 +599,10 @@ def build_space(source: RowSource, config: BuildConfig = BuildConfig(), *, callb
     """
     t0 = time.perf_counter()
     n, d = source.shape
-    if source.layout is None or source.layout.dim != d:
-        raise LayoutError(f"{source.description}: a layout with {d:,} weights is needed")
-    if n < 2:
-        raise BuildError(f"{source.description} has {n} model(s); a space needs at least 2")
+    check_build_shape(source, config)
     k = config.pcs
-    if k > min(n - 1, d):
-        raise BuildError(f"asked for {k:,} PCs but {n:,} models of {d:,} weights give at most {min(n - 1, d):,}: "
-                         f"lower pcs")
     l = min(config.columns, d)
-    block = _block_rows(config, n, d, l)
+    block = _block_rows(config, n, d, l, source.chunk_rows)
     keep = n * d * 4 <= (config.memory_mb << 20)
     rows = _Rows(source, block, callback, math.ceil(n / block) * config.passes)
     gen = torch.Generator().manual_seed(config.seed)
@@ -608,34 +610,88 @@ def build_space(source: RowSource, config: BuildConfig = BuildConfig(), *, callb
     omega -= omega.mean(0)
     mean, std, sketch = _statistics(rows, keep, omega)
     del omega
-    constant = std <= 1e-6 * mean.abs()
-    std = torch.where(constant, torch.zeros_like(std), std)
-    rows.shift = mean.float()
-    rows.scale = torch.where(constant, torch.zeros_like(std), 1.0 / std.clamp_min(1e-300)).float()
+    std, rows.shift, rows.scale, constant = standardisation(mean, std)
     if rows.cache is not None:  # already centred by _statistics
         rows.cache.mul_(rows.scale)
-    blocks = config.power_iters + 1
-    g = torch.empty(d, blocks * l)  # Krylov basis [G_1 .. G_{q+1}]
-    y = torch.empty(n, blocks * l)  # Z [G_1 .. G_{q+1}]
-    g[:, :l] = _orthonormal(sketch.mul_(rows.scale[:, None]))
+    g = krylov_basis(sketch.mul_(rows.scale[:, None]), config.power_iters)
     del sketch
-    for j in range(config.power_iters):
-        current = slice(j * l, (j + 1) * l)
-        h = _krylov_step(rows, g[:, current], y[:, current])
-        g[:, (j + 1) * l:(j + 2) * l] = _orthonormal(h, [g[:, :(j + 1) * l]])
-        del h
-    _project(rows, g[:, -l:], y[:, -l:])
-    components, coefs, eigenvalues = _rayleigh_ritz(g, y, k, block)
-    del g, y
-    variance = eigenvalues / (n - 1)
-    total = float((~constant).sum())
+    components, coefs, eigenvalues = block_krylov(g, n, l, k, block,
+                                                  krylov_pass=lambda gj, yj: _krylov_step(rows, gj, yj),
+                                                  projection_pass=lambda gj, yj: _project(rows, gj, yj))
+    del g
     if callback is not None:
         callback(rows.step, rows.total_steps, "done")
+    return build_result(source, mean, std, constant, components, coefs, eigenvalues, rows.rows_read, t0, base_model)
+
+
+# ---- shared by the engines (this module's streaming passes, and w2w.build_dask) ----------------------------
+def krylov_basis(sketch: torch.Tensor, power_iters: int) -> torch.Tensor:
+    """The Krylov basis (d, (power_iters + 1)·l) to fill, its first block the orthonormalised row sketch (d, l)."""
+    d, l = sketch.shape
+    g = torch.empty(d, (power_iters + 1) * l)  # [G_1 .. G_{q+1}]
+    g[:, :l] = _orthonormal(sketch)
+    return g
+
+
+def block_krylov(g: torch.Tensor, n: int, l: int, k: int, block: int, *,
+                 krylov_pass: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 projection_pass: Callable[[torch.Tensor, torch.Tensor], None]):
+    """Block Krylov iteration on ZᵀZ from the basis of :func:`krylov_basis`, then Rayleigh–Ritz: components (k, d),
+    coefficients (N, k) = Z componentsᵀ and the eigenvalues (k,) of ZᵀZ. The engine does the passes over Z:
+    ``krylov_pass(G_j, Y_j)`` writes Y_j = Z G_j into Y_j (N, l) and returns ZᵀY_j (d, l); ``projection_pass(G, Y)``
+    writes Y = Z G. One Krylov pass per block after the first, then one projection pass."""
+    blocks = g.shape[1] // l
+    y = torch.empty(n, blocks * l)  # Z [G_1 .. G_{q+1}]
+    for j in range(blocks - 1):
+        current = slice(j * l, (j + 1) * l)
+        h = krylov_pass(g[:, current], y[:, current])
+        g[:, (j + 1) * l:(j + 2) * l] = _orthonormal(h, [g[:, :(j + 1) * l]])
+        del h
+    projection_pass(g[:, -l:], y[:, -l:])
+    return _rayleigh_ritz(g, y, k, block)
+
+
+def check_build_shape(source: RowSource, config: BuildConfig) -> None:
+    """Reject a source that cannot give ``config.pcs`` PCs (too few models, no layout of its width)."""
+    n, d = source.shape
+    if source.layout is None or source.layout.dim != d:
+        raise LayoutError(f"{source.description}: a layout with {d:,} weights is needed")
+    if n < 2:
+        raise BuildError(f"{source.description} has {n} model(s); a space needs at least 2")
+    if config.pcs > min(n - 1, d):
+        raise BuildError(f"asked for {config.pcs:,} PCs but {n:,} models of {d:,} weights give at most "
+                         f"{min(n - 1, d):,}: lower pcs")
+
+
+def standardisation(mean: torch.Tensor, std: torch.Tensor):
+    """From float64 per-weight mean and std: (std with constant weights set to 0, shift (d,) float32 = mean,
+    scale (d,) float32 = 1/std or 0 for constant weights, constant (d,) bool). Z = (X - shift) * scale."""
+    constant = std <= 1e-6 * mean.abs()
+    std = torch.where(constant, torch.zeros_like(std), std)
+    scale = torch.where(constant, torch.zeros_like(std), 1.0 / std.clamp_min(1e-300)).float()
+    return std, mean.float(), scale, constant
+
+
+def nonfinite_rows_error(source: RowSource, bad: Sequence[int]) -> BuildError:
+    """The error naming the models (rows) that hold NaN or Inf weights."""
+    names = ", ".join(f"row {i} ({source.row_name(i)})" for i in bad[:10])
+    return BuildError(f"{len(bad):,} of {source.shape[0]:,} models contain NaN or Inf weights: {names}"
+                      f"{', ...' if len(bad) > 10 else ''}. Remove or repair them.")
+
+
+def build_result(source: RowSource, mean: torch.Tensor, std: torch.Tensor, constant: torch.Tensor,
+                 components: torch.Tensor, coefs: torch.Tensor, eigenvalues: torch.Tensor, rows_read: int,
+                 started: float, base_model: str) -> BuildResult:
+    """The space and its explained variances from a finished decomposition (shared by every engine):
+    components (k, d), training coefficients (N, k) = Z componentsᵀ, eigenvalues (k,) of ZᵀZ."""
+    n = source.shape[0]
+    variance = eigenvalues / (n - 1)
+    total = float((~constant).sum())
     coefs32 = coefs.float()
     space = Space(components.float().contiguous(), mean.float(), std.float(), source.layout,
                   coef_mean=coefs32.mean(0), coef_std=coefs32.std(0), train_coefs=coefs32,
                   train_names=tuple(source.names), base_model=base_model, source=f"built from {source.description}")
-    return BuildResult(space, variance, variance / max(total, 1.0), total, rows.rows_read, time.perf_counter() - t0)
+    return BuildResult(space, variance, variance / max(total, 1.0), total, rows_read, time.perf_counter() - started)
 
 
 # ---- labels ---------------------------------------------------------------------------------------------

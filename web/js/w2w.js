@@ -1,17 +1,22 @@
-// w2w for ComfyUI: browser side of the node pack.
+// w2w for ComfyUI: browser side of the node pack. Works with both node renderers of the ComfyUI frontend (the
+// LiteGraph canvas and the Vue "Nodes 2.0" renderer): nothing is drawn on the canvas; text is shown in DOM widgets
+// or sent by the server as progress text, and widget edits are followed through the widgets' callbacks.
 // - Apply Edit Direction offers exactly the attributes of the space chosen upstream in Load w2w Space
 //   (GET /w2w/spaces/{name}); the combo menu has the frontend's filter box, so the list is searchable.
-// - Load w2w Space shows what the chosen space holds: PCs, attributes, layout, file size, training coefficients.
-// - Invert Image to w2w shows the current step and loss (event "w2w.invert.progress"); its preview image arrives
-//   through ComfyUI's own progress previews.
+// - Load w2w Space shows what the chosen space holds (PCs, attributes, layout, file size, training coefficients)
+//   in a read-only text widget ("summary") that is never saved in the workflow nor sent with the prompt.
+// - The inversion nodes show the current step and loss as the node's progress text, sent by the server
+//   (nodes/inversion.py); the event "w2w.invert.progress" keeps the latest values on the node (node.w2wProgress).
+//   Their preview images arrive through ComfyUI's own progress previews.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
 const LOAD_SPACE = "W2WLoadSpace";
 const EDIT = "W2WApplyEditDirection";
-const INVERT = "W2WInvertImage";
+const INVERT_NODES = new Set(["W2WInvertImage", "W2WVAEInvert"]);
 const PROGRESS_EVENT = "w2w.invert.progress";
-const LINE_HEIGHT = 15;
+const SUMMARY = "summary"; // the read-only text widget of Load w2w Space
+const LINE_HEIGHT = 16;
 const MAX_ATTRIBUTES_SHOWN = 6;
 
 const summaries = new Map(); // space name -> Promise of the route's summary (or {error})
@@ -77,24 +82,96 @@ function spaceSource(node) {
 // Known names only (the widget's choices): a workflow may name a space this server does not have.
 function knownSpace(loadNode) {
   const space = widget(loadNode, "space");
-  return space && space.options.values?.includes(space.value) ? space.value : null;
+  const values = space?.options?.values;
+  return Array.isArray(values) && values.includes(space.value) ? space.value : null;
+}
+
+// A read-only DOM widget showing `node.w2wLines`: both renderers show the element itself (the canvas renderer
+// positions it over the node, the Vue renderer places it among the node's widgets). Not serialised.
+function addSummaryWidget(node) {
+  const element = document.createElement("div");
+  element.className = "w2w-summary";
+  Object.assign(element.style, {
+    overflow: "auto",
+    font: "11px sans-serif",
+    lineHeight: `${LINE_HEIGHT}px`,
+    color: "var(--descrip-text, #aaa)",
+    padding: "4px",
+    boxSizing: "border-box",
+  });
+  const text = document.createElement("div"); // its height is the lines' as wrapped at the node's width
+  Object.assign(text.style, { whiteSpace: "pre-wrap", overflowWrap: "anywhere" });
+  element.append(text);
+  const summary = node.addDOMWidget(SUMMARY, "w2w_summary", element, {
+    getValue: () => text.textContent,
+    setValue: () => {}, // derived from the space: nothing to restore
+    getMinHeight: () => summaryHeight(node, text),
+    serialize: false, // never in the prompt sent to the server
+  });
+  summary.serialize = false; // never in the workflow's widgets_values
+  summary.w2wText = text;
+  // the text wraps again when the node gets its width or is resized: keep the node tall enough
+  const observer = new ResizeObserver(() => fitNode(node));
+  observer.observe(text);
+  const onRemove = summary.onRemove;
+  summary.onRemove = function (...args) {
+    observer.disconnect();
+    return onRemove?.apply(this, args);
+  };
+  return summary;
+}
+
+// Below this width the element is not laid out on the node yet, and how its text wraps means nothing.
+const MIN_LAID_OUT_WIDTH = 120;
+
+function summaryHeight(node, text) {
+  const lines = (node.w2wLines?.length ?? 1) * LINE_HEIGHT;
+  const wrapped = text.offsetWidth >= MIN_LAID_OUT_WIDTH ? text.offsetHeight : 0;
+  return Math.max(lines, wrapped) + 16; // + the padding and the widget's margins
+}
+
+// Grow the node to its computed size (never shrink what the user made larger).
+function fitNode(node) {
+  const height = node.computeSize()[1];
+  if (node.size[1] < height) node.setSize([node.size[0], height]);
+  if (node.graph) node.setDirtyCanvas(true, true);
+}
+
+function showLines(node, lines) {
+  node.w2wLines = lines;
+  const summary = widget(node, SUMMARY);
+  if (summary?.w2wText) summary.w2wText.textContent = lines.join("\n");
+  fitNode(node);
 }
 
 async function refreshLoadSpace(node) {
   const name = knownSpace(node);
   const chosen = widget(node, "space")?.value;
   node.w2wSummary = null;
-  node.w2wLines = name
+  showLines(node, name
     ? summaryLines(null)
-    : [chosen ? `${chosen}: not in models/w2w (see the README)` : "no space in models/w2w"];
-  if (name) {
-    const summary = await fetchSummary(name);
-    if (widget(node, "space")?.value !== name) return; // changed meanwhile
-    node.w2wSummary = summary;
-    node.w2wLines = summaryLines(summary);
+    : [chosen ? `${chosen}: not in models/w2w (see the README)` : "no space in models/w2w"]);
+  if (!name) return;
+  const summary = await fetchSummary(name);
+  if (widget(node, "space")?.value !== name) return; // changed meanwhile
+  node.w2wSummary = summary;
+  showLines(node, summaryLines(summary));
+}
+
+// A combo's choices, changed in place: the Vue renderer keeps the array it first saw (and reads it again when the menu
+// opens), so a new array would not be shown there. The array given at creation is the node definition's, shared by
+// every node of the type: each widget gets its own copy first, at creation, before a renderer reads it.
+const OWN_CHOICES = Symbol("w2w own choices");
+
+function setChoices(combo, choices) {
+  const values = combo.options.values;
+  if (Array.isArray(values) && values[OWN_CHOICES]) {
+    values.splice(0, values.length, ...choices);
+  } else {
+    const own = [...choices];
+    own[OWN_CHOICES] = true;
+    combo.options.values = own; // a property of the same options object; the object itself is never replaced
   }
-  node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
-  node.setDirtyCanvas(true, true);
 }
 
 async function refreshEdit(node) {
@@ -104,7 +181,7 @@ async function refreshEdit(node) {
   if (!attribute || !name) return;
   const summary = await fetchSummary(name);
   if (summary.error || !summary.attributes.length) return; // keep the list; execution reports the problem
-  attribute.options.values = [...summary.attributes];
+  setChoices(attribute, summary.attributes);
   if (!summary.attributes.includes(attribute.value)) attribute.value = summary.attributes[0];
   node.w2wSpace = name;
   node.setDirtyCanvas(true, true);
@@ -119,43 +196,16 @@ function refreshAll() {
   );
 }
 
-function drawLines(node, ctx, lines, top) {
-  ctx.save();
-  ctx.font = "11px sans-serif";
-  ctx.fillStyle = LiteGraph.WIDGET_SECONDARY_TEXT_COLOR || "#aaa";
-  ctx.textAlign = "left";
-  lines.forEach((line, i) => ctx.fillText(line, 10, top + (i + 1) * LINE_HEIGHT, node.size[0] - 20));
-  ctx.restore();
-}
-
-function extendLoadSpace(nodeType) {
-  const computeSize = nodeType.prototype.computeSize;
-  nodeType.prototype.computeSize = function (...args) {
-    const size = computeSize.apply(this, args);
-    size[1] += (this.w2wLines?.length ?? 0) * LINE_HEIGHT + 6;
-    return size;
-  };
-  const onDrawForeground = nodeType.prototype.onDrawForeground;
-  nodeType.prototype.onDrawForeground = function (ctx, ...rest) {
-    onDrawForeground?.call(this, ctx, ...rest);
-    if (this.flags?.collapsed || !this.w2wLines) return;
-    const top = computeSize.call(this)[1];
-    drawLines(this, ctx, this.w2wLines, top);
-  };
-}
-
-function extendInvert(nodeType) {
-  const onDrawForeground = nodeType.prototype.onDrawForeground;
-  nodeType.prototype.onDrawForeground = function (ctx, ...rest) {
-    onDrawForeground?.call(this, ctx, ...rest);
-    const p = this.w2wProgress;
-    if (this.flags?.collapsed || !p) return;
-    ctx.save();
-    ctx.font = "11px sans-serif";
-    ctx.fillStyle = "#8fc";
-    ctx.textAlign = "right";
-    ctx.fillText(`step ${p.step}/${p.total} · loss ${p.loss.toFixed(4)}`, this.size[0] - 8, -LiteGraph.NODE_TITLE_HEIGHT / 2 + 4);
-    ctx.restore();
+// Both renderers call a widget's callback when the user changes its value (the Vue renderer may not call the
+// node's onWidgetChanged).
+function followWidget(node, name, onChange) {
+  const target = widget(node, name);
+  if (!target) return;
+  const callback = target.callback;
+  target.callback = function (...args) {
+    const result = callback?.apply(this, args);
+    onChange();
+    return result;
   };
 }
 
@@ -169,27 +219,31 @@ app.registerExtension({
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === LOAD_SPACE) {
-      extendLoadSpace(nodeType);
-      const onWidgetChanged = nodeType.prototype.onWidgetChanged;
-      nodeType.prototype.onWidgetChanged = function (name, ...rest) {
-        const result = onWidgetChanged?.call(this, name, ...rest);
-        if (name === "space") refreshAll(); // the space changed: its info and every Apply Edit Direction list
+      // onNodeCreated runs once the node has its widgets (node.type may not be set yet in newer frontends)
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function (...args) {
+        const result = onNodeCreated?.apply(this, args);
+        addSummaryWidget(this);
+        followWidget(this, "space", () => refreshAll()); // its summary and every Apply Edit Direction list
+        refreshLoadSpace(this);
         return result;
       };
     }
-    if (nodeData.name === INVERT) extendInvert(nodeType);
-    if (nodeData.name === EDIT || nodeData.name === LOAD_SPACE) {
+    if (nodeData.name === EDIT) {
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function (...args) {
+        const result = onNodeCreated?.apply(this, args);
+        const attribute = widget(this, "attribute");
+        if (Array.isArray(attribute?.options?.values)) setChoices(attribute, attribute.options.values);
+        return result;
+      };
       const onConnectionsChange = nodeType.prototype.onConnectionsChange;
       nodeType.prototype.onConnectionsChange = function (...args) {
         const result = onConnectionsChange?.apply(this, args);
-        if (this.type === EDIT) refreshEdit(this);
+        refreshEdit(this);
         return result;
       };
     }
-  },
-
-  nodeCreated(node) {
-    if (node.type === LOAD_SPACE) refreshLoadSpace(node);
   },
 
   async afterConfigureGraph() {
@@ -204,12 +258,10 @@ app.registerExtension({
   setup() {
     api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
       const node = findNode(detail.node);
-      if (!node) return;
-      node.w2wProgress = detail;
-      node.setDirtyCanvas(true, false);
+      if (node && INVERT_NODES.has(node.type)) node.w2wProgress = detail;
     });
     api.addEventListener("execution_start", () => {
-      for (const node of app.graph?.nodes ?? []) if (node.type === INVERT) node.w2wProgress = null;
+      for (const node of app.graph?.nodes ?? []) if (INVERT_NODES.has(node.type)) node.w2wProgress = null;
     });
   },
 });

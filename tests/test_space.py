@@ -1,5 +1,4 @@
 """Space loading, conversion and reconstruction against the released file format."""
-import os
 
 import pytest
 import torch

@@ -377,12 +377,16 @@ def search_in_combo(page, sync_api, frontend, node_id: int, widget: str, text: s
 
 
 def wait_summary(page, sync_api, node_id: int, expected: str) -> dict:
-    """Load w2w Space's summary once it shows `expected` on screen; fail with what it shows otherwise."""
+    """Load w2w Space's summary once it shows `expected` on screen; fail with what it shows otherwise. A longer text
+    makes the node grow on the next frames: the summary is returned once it is whole, or after 10 s as it is then
+    (check_summary names what is cut off)."""
     try:
         page.wait_for_function(f"(id) => {{ const s = ({JS_SUMMARY})(id); return s && s.shown && "
                                f"s.text.includes({json.dumps(expected)}); }}", arg=node_id, timeout=60_000)
     except sync_api.TimeoutError:
         pytest.fail(f"Load w2w Space does not show {expected!r} on screen: {page.evaluate(JS_SUMMARY, node_id)}")
+    with contextlib.suppress(sync_api.TimeoutError):
+        page.wait_for_function(f"(id) => ({JS_SUMMARY})(id).whole", arg=node_id, timeout=10_000)
     return page.evaluate(JS_SUMMARY, node_id)
 
 

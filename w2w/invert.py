@@ -321,7 +321,8 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     """Optimise β so the model denoises ``latents`` (N, C, h, w: N photos of one person, already scaled for the UNet).
 
     ``cond`` is passed to the denoiser untouched (it must fit ``images_per_step`` images). ``callback(step, total,
-    {"loss": ...})`` runs after every step and may raise to stop. The same seed gives the same coefficients.
+    {"loss": ..., "coefficients": β})`` runs after every step and may raise to stop (β is the optimiser's own tensor,
+    updated in place by the next step: copy it to keep it; absent with ``param``). The same seed gives the same coefficients.
     ``param`` optimises its own parameters instead of β (``settings.pcs`` and ``init`` are then its business) and
     adds its prior term to the loss. ``precision`` is the one of the products with the basis (:func:`basis_dtype_for`;
     "auto": mixed precision where the device supports it); β and Adam's state are float32 whatever it is.
@@ -373,7 +374,8 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
             optimizer.step()
         losses.append(value)
         if callback is not None:
-            callback(step + 1, settings.steps, {"loss": value})
+            info = {"loss": value} if param is not None else {"loss": value, "coefficients": fused.beta}
+            callback(step + 1, settings.steps, info)
     history = f"invert images={images} pcs={pcs} steps={settings.steps} lr={settings.lr:g} " \
               f"wd={settings.weight_decay:g} seed={settings.seed}" + (" masked" if mask is not None else "") + \
               ("" if param is None else f" {param.describe()}") + \

@@ -59,6 +59,8 @@ PRESETS: dict[str, InvertSettings] = {
     "reference": InvertSettings(),
     # Paintings, cartoons and other out-of-distribution inputs (paper App. C).
     "out-of-distribution": InvertSettings(pcs=1000, steps=800, lr=1.0, weight_decay=0.0),
+    # Refining a face encoder's identity (w2w.encoder): 1/8 of reference's steps (docs/encoder.md has the measurements).
+    "fast": InvertSettings(pcs=10_000, steps=50, lr=0.1),
 }
 
 

@@ -47,7 +47,7 @@ DEFAULT_PROMPTS = ("sks person", "a photo of sks person", "a close-up portrait p
 NEGATIVE = "low quality, blurry, unfinished"  # the paper's negative prompt
 
 
-class RenderError(RuntimeError):
+class RenderError(ValueError):
     """The ComfyUI server refused or failed a graph, or cannot render pairs for this space."""
 
 
@@ -215,8 +215,8 @@ def render_pairs(renderer: ComfyRenderer, space, folder: str,
                  log: Callable[[str], None] | None = None) -> int:
     """Render the pairs folder ``folder`` (resuming what it holds); returns the number of pairs in it."""
     s = renderer.settings
-    os.makedirs(os.path.join(folder, "identities"), exist_ok=True)
-    os.makedirs(os.path.join(folder, "renders"), exist_ok=True)
+    if space.fingerprint != s.space_fingerprint:
+        raise EncoderMismatch("the render settings name another space than the one given")
     stamp_path = os.path.join(folder, RENDER_SETTINGS)
     stamp = json.dumps(asdict(s), sort_keys=True, indent=1)
     if os.path.isfile(stamp_path):
@@ -224,13 +224,15 @@ def render_pairs(renderer: ComfyRenderer, space, folder: str,
             if json.loads(f.read()) != json.loads(stamp):
                 raise ValueError(f"{folder} was rendered with other settings ({stamp_path}): use another folder, or "
                                  "the same settings to resume")
-    else:
-        _write_bytes(stamp_path, stamp.encode())
-    if space.fingerprint != s.space_fingerprint:
-        raise EncoderMismatch("the render settings name another space than the one given")
     done = {e["image"] for e in read_manifest(folder)} if os.path.isfile(os.path.join(folder, MANIFEST)) else set()
-    renderer.check()
     total = s.identities * s.renders_per_identity
+    if len(done) >= total:
+        return len(done)  # complete: no server needed
+    renderer.check()  # before anything is written: a wrong server or space leaves no folder behind
+    os.makedirs(os.path.join(folder, "identities"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "renders"), exist_ok=True)
+    if not os.path.isfile(stamp_path):
+        _write_bytes(stamp_path, stamp.encode())
     t0, made = time.perf_counter(), 0
     for i in range(s.identities):
         identity_file = f"identities/{i:07d}.safetensors"

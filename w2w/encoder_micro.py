@@ -317,23 +317,24 @@ def encode_person(world, encoder: FaceEncoder, photo: torch.Tensor) -> Identity:
 def contact_sheet_rows(world, encoder: FaceEncoder, person: int, *, seeds: list[int], refine_steps: int = 25,
                        full_steps: int = 400, lr: float = 0.1) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
     """Rows for the micro contact sheet (:func:`w2w.micro.demo.contact_sheet`'s format: label, [(caption, image
-    (3, H, W) in [-1, 1])]): one held-out photo, then images of the encoder's identity, of the encoder's identity
-    refined ``refine_steps`` steps, and of a full inversion from the mean (``full_steps``)."""
+    (3, H, W) in [-1, 1])]), each starting with the held-out person's photo (view 0): images of the encoder's
+    identity, of that identity refined ``refine_steps`` steps, and of a full inversion from the mean model
+    (``full_steps``; 0 leaves that row out, e.g. when the sheet has its own inversion row)."""
     size = world.unet.config.image
     photo = identity_images(person, 1, 0, size)
     t0 = time.perf_counter()
     encoded = encode_person(world, encoder, photo)
     seconds = time.perf_counter() - t0
-    refined = invert_from(world, photo, encoded, refine_steps, lr)[refine_steps]
-    full = invert_from(world, photo, None, full_steps, lr)[full_steps]
+    betas = [encoded.coefficients, invert_from(world, photo, encoded, refine_steps, lr)[refine_steps]]
+    labels = [f"encoder only ({seconds * 1000:.0f} ms)", f"encoder + {refine_steps} steps"]
+    if full_steps:
+        betas.append(invert_from(world, photo, None, full_steps, lr)[full_steps])
+        labels.append(f"full inversion, {full_steps} steps")
     scorer = Scorer(world, seeds=len(seeds))
     scorer.seeds = list(seeds)
-    imgs = scorer.images(torch.stack([encoded.coefficients, refined, full]))
-    rows = []
-    for label, row in ((f"encoder only ({seconds * 1000:.0f} ms)", imgs[0]),
-                       (f"encoder + {refine_steps} steps", imgs[1]), (f"full inversion, {full_steps} steps", imgs[2])):
-        rows.append((label, [("input", photo[0])] + [(f"seed {s}", im) for s, im in zip(seeds, row)]))
-    return rows
+    imgs = scorer.images(torch.stack(betas))
+    return [(label, [("input", photo[0])] + [(f"seed {s}", im) for s, im in zip(seeds, row)])
+            for label, row in zip(labels, imgs)]
 
 
 # ---- the issue's targets ----------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ PROGRESS_EVENT = "w2w.invert.progress"  # {node, step, total, loss}: shown on th
 LOG_EVERY = 50
 FACE_AUTO, FACE_OFF = "auto", "off"
 FACE_CHOICES = (FACE_AUTO, FACE_OFF)
+RANDOM_CROP_ROOM = 1.125  # random_crop: frame a square this much larger and crop `resolution` of it at every step
 
 
 # ---- images and masks --------------------------------------------------------------------------------------
@@ -116,20 +117,22 @@ class Framed:
 
 
 def frame_photos(image: torch.Tensor, mask: torch.Tensor | None, size: int, face: str = FACE_AUTO,
-                 face_mask: bool = False) -> Framed:
+                 face_mask: bool = False, room: float = 1.0) -> Framed:
     """Frame every photo: around its largest face (``face`` auto, MTCNN) or by a centre crop (off, or auto without
     facenet-pytorch, which the note then says). Photos without a face are left out when others have one; a batch
     without any face is an error naming the photos. A connected mask is cropped like its photo; otherwise
-    ``face_mask`` weights the loss by a feathered mask around each detected face."""
+    ``face_mask`` weights the loss by a feathered mask around each detected face. ``room`` > 1 frames a square that
+    much larger (at ``room`` × ``size`` pixels, a multiple of 8) for random ``size`` crops of it at every step."""
     if face not in FACE_CHOICES:
         raise ValueError(f"face must be one of {FACE_CHOICES}, got {face!r}")
+    scale, size = room, size if room == 1.0 else 8 * round(size * room / 8)
     rgb = rgb_images(image)
     painted = None if mask is None else checked_mask(mask, image)
     if face == FACE_AUTO:
         from ..w2w import facecrop
 
         try:
-            frames = facecrop.detect_frames(rgb)
+            frames = facecrop.detect_frames(rgb, scale=facecrop.PORTRAIT_SCALE * scale)
         except ImportError:
             note = ("face: auto needs the face detector (facenet-pytorch, MTCNN weights included): "
                     f"`{facecrop.DETECTOR_INSTALL}`; used the centre crop instead")
@@ -268,7 +271,8 @@ def basis_bytes(space, pcs: int, precision: str, device, dtype) -> int:
 
 def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *, clip=None, conditioning=None,
                   prompt: str = DEFAULT_PROMPT, mask=None, resolution: int = 512, precision: str = "auto",
-                  face: str = FACE_AUTO, face_mask: bool = False, checkpointing: bool = True, init=None,
+                  face: str = FACE_AUTO, face_mask: bool = False, random_crop: bool = False,
+                  checkpointing: bool = True, init=None,
                   make_param: Callable[[], LatentParam] | None = None, name: str = "inverted",
                   label: str = "w2w inversion") -> tuple[InversionResult, LatentParam | None, Framed]:
     """Invert ``image`` into ``space`` on a trainable clone of ``model``; ``model`` and every input stay unchanged.
@@ -282,7 +286,9 @@ def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *
     import comfy.utils
 
     keys = check_targets(model, space)
-    framed = frame_photos(image, mask, resolution, face, face_mask)
+    framed = frame_photos(image, mask, resolution, face, face_mask, RANDOM_CROP_ROOM if random_crop else 1.0)
+    if random_crop:  # a new resolution-sized crop of the larger framing at every step, as the reference
+        settings = dataclasses.replace(settings, crop=resolution // getattr(vae, "downscale_ratio", 8))
     log.info("%s: %s", label, framed.note)
     send_progress_text(node_id, framed.note)  # e.g. that face framing fell back to the centre crop, and why
     context = encode_cond(clip, conditioning, prompt)
@@ -366,6 +372,10 @@ def face_inputs() -> list:
         advanced(io.Boolean.Input("face_mask", default=False, optional=True,
                                   tooltip="With face auto and no mask connected: weight the loss by a feathered mask "
                                           "around the detected face, so hair, clothes and background count less.")),
+        advanced(io.Boolean.Input("random_crop", default=False, optional=True,
+                                  tooltip="As the reference inversion: frame a square 1/8 larger and optimise on a new "
+                                          "random resolution-sized crop of it at every step (small shifts of the "
+                                          "face), instead of one fixed crop.")),
         advanced(io.Boolean.Input("gradient_checkpointing", default=True, optional=True,
                                   tooltip="Recompute each UNet block in the backward pass instead of keeping its "
                                           "weights and activations: about half the memory of an inversion (no second "
@@ -441,7 +451,8 @@ class W2WInvertImage(io.ComfyNode):
                 conditioning: io.Conditioning.Type | None = None, prompt: str = DEFAULT_PROMPT,
                 mask: io.Mask.Type | None = None, init_identity: IdentitySocket.Type | None = None,
                 resolution: int = 512, precision: str = "auto", face: str = FACE_AUTO,
-                face_mask: bool = False, gradient_checkpointing: bool = True) -> io.NodeOutput:
+                face_mask: bool = False, random_crop: bool = False,
+                gradient_checkpointing: bool = True) -> io.NodeOutput:
         settings = _settings(preset, pcs, steps, lr, seed)
         if preset == FAST:
             settings = fast_settings(settings, space, init_identity)
@@ -452,7 +463,8 @@ class W2WInvertImage(io.ComfyNode):
         result, _, framed = run_inversion(cls.hidden.unique_id, model, vae, image, space, settings, clip=clip,
                                           conditioning=conditioning, prompt=prompt, mask=mask, resolution=resolution,
                                           precision=precision, face=face, face_mask=face_mask,
-                                          checkpointing=gradient_checkpointing, init=init_identity)
+                                          random_crop=random_crop, checkpointing=gradient_checkpointing,
+                                          init=init_identity)
         return io.NodeOutput(result.identity, loss_curve_image(result.losses), ui=framing_preview(framed, cls))
 
 
@@ -512,7 +524,7 @@ class W2WVAEInvert(io.ComfyNode):
                 prompt: str = DEFAULT_PROMPT, mask: io.Mask.Type | None = None,
                 init_latent: LatentSocket.Type | None = None, resolution: int = 512,
                 precision: str = "auto", face: str = FACE_AUTO, face_mask: bool = False,
-                gradient_checkpointing: bool = True) -> io.NodeOutput:
+                random_crop: bool = False, gradient_checkpointing: bool = True) -> io.NodeOutput:
         if init_latent is not None:
             init_latent.check_vae(w2w_vae)
         settings = InvertSettings(steps=steps, lr=lr, weight_decay=0.0, seed=seed)
@@ -525,7 +537,8 @@ class W2WVAEInvert(io.ComfyNode):
         result, param, framed = run_inversion(cls.hidden.unique_id, model, vae, image, space, settings, clip=clip,
                                               conditioning=conditioning, prompt=prompt, mask=mask,
                                               resolution=resolution, precision=precision, face=face,
-                                              face_mask=face_mask, checkpointing=gradient_checkpointing,
+                                              face_mask=face_mask, random_crop=random_crop,
+                                              checkpointing=gradient_checkpointing,
                                               make_param=make_param, name="vae-inverted",
                                               label="VAE-w2w inversion")
         latent = VAELatent(param.mu.detach().clone(), w2w_vae.fingerprint, (result.identity.history[-1],))

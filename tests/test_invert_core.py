@@ -381,3 +381,37 @@ def test_invert_in_low_precision_notes_it_and_lands_near_float32(space, precisio
     assert torch.equal(again.identity.coefficients, b)  # reproducible in low precision too
     with pytest.raises(ValueError, match="unknown precision"):
         invert(space, denoiser, make_latents(), make_cond(), settings, precision="fp8")
+
+
+def test_random_crop_per_step_moves_over_the_latents_and_takes_the_mask_along(space):
+    """crop=k: every step optimises on a k × k window of the latents at a seeded random place (reported to the
+    callback); the windows differ between steps and stay inside; the mask is cut the same way (a mask that is zero
+    in a whole window is refused); crop=0 sees the whole latents every step."""
+    seen, windows = [], []
+
+    class Recorder(TinyDenoiser):
+        def __call__(self, x_t, t, cond, factors):
+            seen.append(tuple(x_t.shape[-2:]))
+            return super().__call__(x_t, t, cond, factors)
+
+    latents = torch.randn(1, CHANNELS, 12, 12, generator=torch.Generator().manual_seed(2))
+    settings = InvertSettings(pcs=space.pcs, steps=8, lr=0.05, seed=1, crop=8)
+    cropped = invert(space, Recorder(space.layout.scale), latents, make_cond(), settings,
+                     callback=lambda step, total, info: windows.append(info["window"]))
+    assert seen == [(8, 8)] * 8 and "crop=8" in cropped.identity.history[-1]
+    assert len(set(windows)) > 1 and all(0 <= top <= 4 and 0 <= left <= 4 for top, left in windows)
+    again = invert(space, Recorder(space.layout.scale), latents, make_cond(), settings)
+    assert torch.equal(cropped.identity.coefficients, again.identity.coefficients)  # seeded windows
+    whole = invert(space, Recorder(space.layout.scale), latents, make_cond(),
+                   InvertSettings(pcs=space.pcs, steps=8, lr=0.05, seed=1))
+    assert seen[-8:] == [(12, 12)] * 8 and not torch.equal(whole.identity.coefficients, cropped.identity.coefficients)
+
+    # a mask weights the window's pixels: only the left 4 latent columns count, so windows starting right of them
+    # see nothing there; the loss is the mask-weighted mean over the window (finite as long as it overlaps)
+    mask = torch.zeros(12, 12)
+    mask[:, :5] = 1.0  # every 8-wide window of 12 overlaps columns 0..4
+    masked = invert(space, Recorder(space.layout.scale), latents, make_cond(), settings, mask=mask)
+    assert not torch.equal(masked.identity.coefficients, cropped.identity.coefficients)
+    with pytest.raises(ValueError, match="larger than the latents"):
+        invert(space, Recorder(space.layout.scale), latents, make_cond(), InvertSettings(pcs=space.pcs, steps=1,
+                                                                                          crop=13))

@@ -41,6 +41,7 @@ class InvertSettings:
     weight_decay: float = 1e-10  # Adam (L2) weight decay on β
     seed: int = 0  # timesteps, noise and image order
     images_per_step: int = 0  # images of the batch used per step (0 = all of them)
+    crop: int = 0  # side (latent pixels) of a random crop taken at every step, as the reference does (0 = all of it)
 
     def __post_init__(self) -> None:
         if self.pcs < 1:
@@ -53,6 +54,8 @@ class InvertSettings:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.images_per_step < 0:
             raise ValueError(f"images_per_step must be >= 0 (0 = all images), got {self.images_per_step}")
+        if self.crop < 0:
+            raise ValueError(f"crop must be >= 0 (0 = no random crop), got {self.crop}")
 
 
 PRESETS: dict[str, InvertSettings] = {
@@ -323,8 +326,9 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     """Optimise β so the model denoises ``latents`` (N, C, h, w: N photos of one person, already scaled for the UNet).
 
     ``cond`` is passed to the denoiser untouched (it must fit ``images_per_step`` images). ``callback(step, total,
-    {"loss": ..., "coefficients": β})`` runs after every step and may raise to stop (β is the optimiser's own tensor,
-    updated in place by the next step: copy it to keep it; absent with ``param``). The same seed gives the same coefficients.
+    {"loss": ..., "coefficients": β, "window": (top, left) with a random crop})`` runs after every step and may raise to
+    stop (β is the optimiser's own tensor, updated in place by the next step: copy it to keep it; absent with ``param``).
+    The same seed gives the same coefficients.
     ``param`` optimises its own parameters instead of β (``settings.pcs`` and ``init`` are then its business) and
     adds its prior term to the loss. ``precision`` is the one of the products with the basis (:func:`basis_dtype_for`;
     "auto": mixed precision where the device supports it); β and Adam's state are float32 whatever it is.
@@ -344,6 +348,9 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     latents = latents.detach().to(device)
     masks = prepare_mask(mask, images, tuple(latents.shape[-2:]))
     masks = None if masks is None else masks.to(device)
+    height, width = latents.shape[-2:]
+    if settings.crop > min(height, width):
+        raise ValueError(f"crop={settings.crop} is larger than the latents ({height}x{width})")
     if param is None:
         fused = FusedAdam(fmap, initial_coefficients(space, pcs, init), settings.lr, settings.weight_decay)
     else:
@@ -353,11 +360,19 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     for step in range(settings.steps):
         index = torch.arange(images) if per_step == images else torch.randperm(images, generator=gen)[:per_step]
         t = torch.randint(0, abar.shape[0], (per_step,), generator=gen)
-        noise = torch.randn((per_step, *latents.shape[1:]), generator=gen).to(device, latents.dtype)
-        x_t = ddpm_noise(latents[index.to(device)], t.to(device), noise, abar)
+        x0, step_masks = latents[index.to(device)], None if masks is None else masks[index.to(device)]
+        info: dict = {}
+        if settings.crop and (settings.crop < height or settings.crop < width):  # a new random crop every step
+            top = int(torch.randint(0, height - settings.crop + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - settings.crop + 1, (1,), generator=gen))
+            window = (..., slice(top, top + settings.crop), slice(left, left + settings.crop))
+            x0 = x0[window]
+            step_masks = None if step_masks is None else step_masks[window]
+            info["window"] = (top, left)
+        noise = torch.randn((per_step, *x0.shape[1:]), generator=gen).to(device, latents.dtype)
+        x_t = ddpm_noise(x0, t.to(device), noise, abar)
         factors = fused.factors() if param is None else fmap.factors(param.coefficients())
-        loss = diffusion_loss(denoiser(x_t, t.to(device), cond, factors), noise,
-                              None if masks is None else masks[index.to(device)])
+        loss = diffusion_loss(denoiser(x_t, t.to(device), cond, factors), noise, step_masks)
         if param is not None:
             loss = loss + param.prior_loss()
         value = float(loss.detach())
@@ -376,10 +391,11 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
             optimizer.step()
         losses.append(value)
         if callback is not None:
-            info = {"loss": value} if param is not None else {"loss": value, "coefficients": fused.beta}
-            callback(step + 1, settings.steps, info)
+            extra = {} if param is not None else {"coefficients": fused.beta}
+            callback(step + 1, settings.steps, {"loss": value, **info, **extra})
     history = f"invert images={images} pcs={pcs} steps={settings.steps} lr={settings.lr:g} " \
               f"wd={settings.weight_decay:g} seed={settings.seed}" + (" masked" if mask is not None else "") + \
+              (f" crop={settings.crop}" if settings.crop else "") + \
               ("" if param is None else f" {param.describe()}") + \
               ("" if fmap.basis_dtype in (torch.float32, torch.float64) else f" basis={str(fmap.basis_dtype)[6:]}")
     base = init.history if init is not None else ()

@@ -340,9 +340,26 @@ def combo_choices(page, frontend, node_id: int, widget: str) -> list[str]:
     """The entries the combo's menu shows; the menu is closed again (Escape)."""
     menu = open_combo(page, frontend, node_id, widget)
     entries = [text.strip() for text in menu_entries(frontend, menu).all_inner_texts()]
-    page.keyboard.press("Escape")
-    menu.wait_for(state="hidden", timeout=10_000)
+    close_menu(page, frontend, menu)
     return entries
+
+
+def close_menu(page, frontend, menu) -> None:
+    """Escape closes the menu as a user closes it. The canvas renderer's filter box handles Escape once it has the
+    focus, which it takes a moment after the menu shows: press it there, and again if the first press came early."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    for _ in range(3):
+        box = None if frontend.vue_nodes else menu.locator(".comfy-context-menu-filter")
+        if box is not None and box.count():
+            box.first.press("Escape")
+        else:
+            page.keyboard.press("Escape")
+        try:
+            menu.wait_for(state="hidden", timeout=3_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    menu.wait_for(state="hidden", timeout=1_000)  # fails naming the menu that stayed open
 
 
 def search_in_combo(page, sync_api, frontend, node_id: int, widget: str, text: str) -> None:

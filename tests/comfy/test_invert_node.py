@@ -256,6 +256,14 @@ def test_gradient_checkpointing_changes_memory_not_results(comfy_host, space_fil
     assert not [n for n, m in model.model.named_modules() if "forward" in m.__dict__]
 
 
+def test_random_crop_frames_larger_and_crops_at_every_step(comfy_host, space_file, photos, executor):
+    graph = invert_graph(steps=2)
+    graph["4"]["inputs"]["random_crop"] = True
+    result = comfy_host.run_graph(graph, executor=executor)
+    # resolution 64 -> a 72 px framing (1/8 larger), latents 9 x 9, a new 8 x 8 latent window at every step
+    assert "crop=8" in result.output("4", 0).history[-1]
+
+
 def test_half_precision_basis_products_in_the_executor(comfy_host, space_file, photos, executor):
     """precision=float16: the products with the basis in half precision, β float32; close to the float32 run."""
     runs, model = {}, None

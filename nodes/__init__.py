@@ -8,6 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import NODES as APPLY_NODES
+from .encoder import NODES as ENCODER_NODES
 from .folders import register_model_folders
 from .hooks import NODES as HOOK_NODES
 from .idscore import NODES as IDSCORE_NODES
@@ -18,7 +19,7 @@ from .vae import NODES as VAE_NODES
 
 
 def collect_nodes() -> list[type[io.ComfyNode]]:
-    return [*SPACE_NODES, *APPLY_NODES, *HOOK_NODES, *INVERSION_NODES, *VAE_NODES, *IDSCORE_NODES]
+    return [*SPACE_NODES, *APPLY_NODES, *HOOK_NODES, *INVERSION_NODES, *ENCODER_NODES, *VAE_NODES, *IDSCORE_NODES]
 
 
 class W2WExtension(ComfyExtension):

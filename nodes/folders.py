@@ -5,6 +5,7 @@
 | ``w2w`` | ``models/w2w`` | our ``.safetensors`` spaces and sub-folders of the released files |
 | ``w2w_identities`` | ``models/w2w/identities`` | identity coefficient files |
 | ``w2w_vae`` | ``models/w2w_vae`` | VAE-w2w files |
+| ``w2w_encoders`` | ``models/w2w_encoders`` | face encoders (``python -m w2w train-encoder``) |
 | ``facenet`` | ``models/facenet`` | FaceNet weights for the ID score |
 
 Entries of ``extra_model_paths.yaml`` are kept (ours are added after them). ComfyUI modules are imported inside the
@@ -21,6 +22,7 @@ SPACE_FOLDER = "w2w"
 IDENTITY_FOLDER = "w2w_identities"
 IDENTITY_SUBDIR = "identities"
 VAE_FOLDER = "w2w_vae"
+ENCODER_FOLDER = "w2w_encoders"
 FACENET_FOLDER = "facenet"
 DOWNLOAD_HINT = "`python -m w2w download` fetches the released files and converts them (see models/README.md)"
 
@@ -29,6 +31,7 @@ FOLDERS = {
     SPACE_FOLDER: (("w2w",), {".safetensors"}),
     IDENTITY_FOLDER: (("w2w", IDENTITY_SUBDIR), {".safetensors"}),
     VAE_FOLDER: ((VAE_FOLDER,), {".safetensors"}),
+    ENCODER_FOLDER: ((ENCODER_FOLDER,), {".safetensors"}),
     FACENET_FOLDER: ((FACENET_FOLDER,), {".pt", ".pth"}),
 }
 
@@ -108,6 +111,15 @@ def resolve_vae(name: str) -> str:
     if path is None:
         raise W2WFileError(f"VAE-w2w file {name!r} not found in {', '.join(roots(VAE_FOLDER))}: train one with "
                            "`python -m w2w vae-train SPACE --out models/w2w_vae/NAME.safetensors`")
+    return path
+
+
+def resolve_encoder(name: str) -> str:
+    path = find_file(ENCODER_FOLDER, name)
+    if path is None:
+        raise W2WFileError(f"encoder file {name!r} not found in {', '.join(roots(ENCODER_FOLDER))}: train one for your "
+                           "space with `python -m w2w train-encoder SPACE --out models/w2w_encoders/NAME.safetensors` "
+                           "(docs/encoder.md)")
     return path
 
 

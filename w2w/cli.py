@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cli_build, cli_space, cli_vae, download
+from . import cli_build, cli_encoder, cli_space, cli_vae, download
 from .metrics import cli as metrics_cli
 
 __all__ = ["main"]
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "command line (the headless ComfyUI demo is `python -m demo`)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (cli_space, cli_build, cli_vae, metrics_cli, download):  # each adds its commands; func(args) -> int
+    for module in (cli_space, cli_build, cli_vae, cli_encoder, metrics_cli, download):  # each adds its commands; func(args) -> int
         module.register(sub)
     return parser
 

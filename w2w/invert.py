@@ -62,6 +62,8 @@ PRESETS: dict[str, InvertSettings] = {
     "reference": InvertSettings(),
     # Paintings, cartoons and other out-of-distribution inputs (paper App. C).
     "out-of-distribution": InvertSettings(pcs=1000, steps=800, lr=1.0, weight_decay=0.0),
+    # Refining a face encoder's identity (w2w.encoder): 1/8 of reference's steps (docs/encoder.md has the measurements).
+    "fast": InvertSettings(pcs=10_000, steps=50, lr=0.1),
 }
 
 
@@ -324,7 +326,9 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     """Optimise β so the model denoises ``latents`` (N, C, h, w: N photos of one person, already scaled for the UNet).
 
     ``cond`` is passed to the denoiser untouched (it must fit ``images_per_step`` images). ``callback(step, total,
-    {"loss": ..., "window": (top, left) with a random crop})`` runs after every step and may raise to stop. The same seed gives the same coefficients.
+    {"loss": ..., "coefficients": β, "window": (top, left) with a random crop})`` runs after every step and may raise to
+    stop (β is the optimiser's own tensor, updated in place by the next step: copy it to keep it; absent with ``param``).
+    The same seed gives the same coefficients.
     ``param`` optimises its own parameters instead of β (``settings.pcs`` and ``init`` are then its business) and
     adds its prior term to the loss. ``precision`` is the one of the products with the basis (:func:`basis_dtype_for`;
     "auto": mixed precision where the device supports it); β and Adam's state are float32 whatever it is.
@@ -387,7 +391,8 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
             optimizer.step()
         losses.append(value)
         if callback is not None:
-            callback(step + 1, settings.steps, {"loss": value, **info})
+            extra = {} if param is not None else {"coefficients": fused.beta}
+            callback(step + 1, settings.steps, {"loss": value, **info, **extra})
     history = f"invert images={images} pcs={pcs} steps={settings.steps} lr={settings.lr:g} " \
               f"wd={settings.weight_decay:g} seed={settings.seed}" + (" masked" if mask is not None else "") + \
               (f" crop={settings.crop}" if settings.crop else "") + \

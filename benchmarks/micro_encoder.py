@@ -1,0 +1,115 @@
+"""The face encoder in the miniature w2w world: train it (resumable), then measure the one-shot inversion targets.
+
+    python benchmarks/micro_encoder.py --workdir W                  # train into W (resumes), measure, print the tables
+    python benchmarks/micro_encoder.py --workdir W --write-encoder  # also write models/micro/micro-encoder.safetensors
+    python benchmarks/micro_encoder.py --workdir W --encoder FILE   # measure an existing encoder (e.g. the shipped one)
+    python benchmarks/micro_encoder.py --workdir W --quick          # a smoke run (not the documented figures)
+
+Targets (held-out people, one photo each, the judge's ID score read from generated images):
+- the encoder alone reaches >= 0.8 x the ID score of a full (400-step) inversion from the mean model, in < 1 s;
+- encoder + refinement reaches the full inversion's score in >= 8x fewer steps;
+- the curves ID score vs refinement steps from the mean model, the nearest training identity and the encoder.
+
+Choices (P, the refinement lr) are made on validation people (identity seeds 3,000,000..) with a judge-free score:
+the diffusion loss of the chosen identity on unseen photos of that person. The held-out people and the judge are
+only ever measured. Everything resumes from the work folder; re-run the same command on a new world's artifacts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from w2w.encoder import load_encoder, save_encoder  # noqa: E402
+from w2w.encoder_micro import (MicroEncoderConfig, TargetConfig, measure_targets, pcs_curve,  # noqa: E402
+                               targets_markdown, train_micro_encoder)
+from w2w.micro.world import DEFAULT_DIR, load_world  # noqa: E402
+
+ENCODER_NAME = "micro-encoder.safetensors"
+BUDGET = 25 * 2**20  # models/micro must stay within 25 MB
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", default=DEFAULT_DIR, help="micro-world folder (default: the pack's models/micro)")
+    p.add_argument("--workdir", required=True, help="checkpoints and caches (kept: a stopped run resumes)")
+    p.add_argument("--encoder", help="measure this encoder file instead of training one")
+    p.add_argument("--write-encoder", action="store_true",
+                   help=f"write the trained encoder (fp16) to ARTIFACTS/{ENCODER_NAME} if the folder stays <= 25 MB")
+    p.add_argument("--markdown", help="write the tables as Markdown to this file")
+    p.add_argument("--json", help="write the raw results as JSON to this file")
+    p.add_argument("--quick", action="store_true", help="tiny settings: a smoke run, not the documented figures")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    world = load_world(args.artifacts)
+    config, targets = MicroEncoderConfig(), TargetConfig()
+    if args.quick:
+        config = dataclasses.replace(config, rendered=32, photo_views=2, render_steps=10,
+                                     train=dataclasses.replace(config.train, steps=60, eval_every=20))
+        targets = TargetConfig(full_steps=40, record=(0, 5, 40), people=2, seeds=2, ddim_steps=10, references=4,
+                               timing_repeats=3)
+    if args.encoder:
+        encoder = load_encoder(args.encoder, world.space)
+        trained = f"loaded {args.encoder}"
+    else:
+        result = train_micro_encoder(world, config, os.path.join(args.workdir, "encoder"), log=_log)
+        encoder = result.encoder
+        trained = (f"trained {result.final.step} steps: held-out (validation) relative error "
+                   f"{result.final.val_error:.3f}, {result.final.seconds:.0f} s")
+        if args.write_encoder:
+            _write_encoder(encoder, args.artifacts, result, config)
+    _log(trained)
+    pcs = pcs_curve(world, encoder, workdir=args.workdir, log=_log)
+    measured = measure_targets(world, encoder, targets, workdir=args.workdir, log=_log)
+    text = targets_markdown(measured) + "\n" + pcs_markdown(pcs)
+    print(text)
+    print(f"{trained}; world: {world.weights.shape[0]} models, {world.space.pcs} PCs; "
+          f"{time.perf_counter() - t0:.0f} s in all")
+    for path, data in ((args.markdown, text), (args.json, json.dumps({"targets": measured, "pcs": pcs}, indent=1))):
+        if path:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(data)
+            os.replace(tmp, path)
+    return 0
+
+
+def pcs_markdown(rows: list[dict]) -> str:
+    lines = ["**Coefficients used (P), validation people, judge-free** (the encoder's prediction cut to its first P PCs; "
+             "diffusion loss on unseen photos, relative to the mean model: 0 = the mean model, higher is better)", "",
+             "| P | loss gain over the mean model |", "|---|---|"]
+    lines += [f"| {r['pcs']} | {r['gain']:+.5f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _write_encoder(encoder, folder: str, result, config) -> None:
+    path = os.path.join(folder, ENCODER_NAME)
+    tmp = path + ".candidate"
+    info = {"steps": result.final.step, "heldout_error": result.final.val_error, "config": config.to_json()}
+    save_encoder(encoder, tmp, dtype=torch.float16, info=info)
+    others = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                 if os.path.isfile(os.path.join(folder, f)) and f not in (ENCODER_NAME, os.path.basename(tmp)))
+    size = os.path.getsize(tmp)
+    if others + size > BUDGET:
+        os.remove(tmp)
+        _log(f"NOT writing {path}: the folder would hold {(others + size) / 2**20:.1f} MB (budget 25 MB)")
+        return
+    os.replace(tmp, path)
+    _log(f"wrote {path} ({size / 2**20:.2f} MB; the folder holds {(others + size) / 2**20:.1f} MB of 25)")
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""The face encoder in the miniature world, on a toy world (seconds): pairs, the diffusion term against the inversion
+engine's own loss, the command, the measurements behind the targets, the contact-sheet rows, and the shipped file."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from w2w.cli import main as w2w_main
+from w2w.encoder import EncoderTrainConfig, build_encoder, load_encoder, read_encoder_metadata
+from w2w.encoder_micro import (AUX_POOL, AUX_SEEDS, DiffusionTerm, MicroEncoderConfig, TargetConfig,
+                               contact_sheet_rows, denoising_score, invert_from, measure_targets, micro_pairs,
+                               nearest_training_identity, pcs_curve, photos01, targets_markdown, train_micro_encoder)
+from w2w.invert import FactorMap, step_loss
+from w2w.micro.faces import identity_params, render_batch
+from w2w.micro.model import MicroDenoiser, alphas_cumprod
+from w2w.micro.train import identity_images
+from w2w.micro.world import DEFAULT_DIR, build_world, load_world, toy_config
+from w2w.sampling import sample_identity
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("micro-encoder")
+    build_world(str(root / "work"), str(root / "out"), toy_config(), log=lambda s: None)
+    return root, load_world(str(root / "out"))
+
+
+TINY = MicroEncoderConfig(rendered=3, renders_per_identity=2, render_steps=2, photo_views=2, width=8, hidden=16,
+                          diffusion_weight=1.0, diffusion_batch=2,
+                          train=EncoderTrainConfig(steps=3, batch=4, holdout=0.2, eval_every=3, checkpoint_every=3))
+
+
+def test_pairs_are_rendered_samples_and_photos_of_the_training_people(toy):
+    _, world = toy
+    pairs = micro_pairs(world, TINY)
+    models = len(world.model_seeds)
+    assert len(pairs) == 3 * 2 + models * 2 and pairs.images.shape[1:] == (3, 32, 32)
+    space = world.space
+    for i in range(3):  # rendered: the sampled identity of seed 50,000,000 + i, twice
+        expected = sample_identity(space, 50_000_000 + i, pcs=space.pcs).coefficients
+        assert torch.equal(pairs.targets[2 * i], expected) and torch.equal(pairs.targets[2 * i + 1], expected)
+    assert not torch.equal(pairs.images[0], pairs.images[1])  # two noise seeds
+    torch.testing.assert_close(pairs.targets[6:], space.train_coefs.repeat_interleave(2, 0))
+    assert len(torch.unique(pairs.groups)) == 3 + models
+
+
+def test_diffusion_term_is_the_inversion_engines_loss_at_the_predicted_identity(toy):
+    """For one person the term is the ε-loss inversion optimises (w2w.invert.step_loss through FactorMap, another code
+    path to the factors), at the encoder's β, with the draws the term makes; and it trains the encoder."""
+    _, world = toy
+    encoder = build_encoder(world.space, world.space.pcs, "conv", image_size=32, width=8, hidden=16, seed=1)
+    with torch.no_grad():
+        encoder.head[-1].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    term = DiffusionTerm(world, batch=1)
+    value = term(encoder, 0, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)  # the same draws, in the term's order
+    person = AUX_SEEDS + int(torch.randint(AUX_POOL, (1,), generator=gen))
+    views = torch.randint(0, 1_000_000, (1, 2), generator=gen).tolist()[0]
+    params = [identity_params(person)]
+    photo = torch.from_numpy(render_batch(params, [views[0]], 32))
+    target = torch.from_numpy(render_batch(params, [views[1] + 1_000_000], 32))
+    abar = alphas_cumprod()
+    t = torch.randint(0, len(abar), (1,), generator=gen)
+    noise = torch.randn(target.shape, generator=gen)
+    with torch.no_grad():
+        beta = encoder(photos01(photo))[0]
+        reference = step_loss(FactorMap(world.space, world.space.pcs), MicroDenoiser(world.unet, world.layout.scale),
+                              beta, target, t, noise, world.context(world.config.lora.prompt), abar.float())
+    # float32 throughout; the two paths order the β @ basis sums differently: a few float32 ulps of the loss
+    torch.testing.assert_close(value.detach(), reference, rtol=1e-5, atol=1e-7)
+    value.backward()
+    assert encoder.backbone.net[0].weight.grad.abs().sum() > 0
+
+
+def test_training_and_the_command(toy, tmp_path, capsys):
+    root, world = toy
+    result = train_micro_encoder(world, TINY, str(tmp_path / "work"), log=lambda s: None)
+    assert result.encoder.pcs == world.space.pcs and result.final.step == 3
+    out = tmp_path / "micro-encoder.safetensors"
+    code = w2w_main(["train-encoder", "--micro", "--world", str(root / "out"), "--workdir", str(tmp_path / "cli"),
+                     "--out", str(out), "--rendered", "2", "--photo-views", "1", "--diffusion-weight", "0",
+                     "--train-steps", "2", "--batch", "4", "--width", "8", "--hidden", "16", "--fp16"])
+    assert code == 0, capsys.readouterr().err
+    encoder = load_encoder(str(out), world.space)
+    assert encoder.pcs == world.space.pcs
+    assert all(v.dtype == torch.float16 for k, v in _tensors(out).items() if not k.startswith("coef_"))
+    assert read_encoder_metadata(str(out))["space_fingerprint"] == world.space.fingerprint
+    with pytest.raises(SystemExit):
+        w2w_main(["train-encoder", "--micro"])  # --out and --workdir are required
+
+
+def _tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_encoder_info_prints_the_summary(toy, tmp_path, capsys):
+    _, world = toy
+    from w2w.encoder import save_encoder
+
+    path = tmp_path / "e.safetensors"
+    save_encoder(build_encoder(world.space, 5, "conv", image_size=32, width=8, hidden=8), str(path), info={"steps": 7})
+    assert w2w_main(["encoder-info", str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["pcs"] == 5 and summary["backbone"] == "conv" and summary["training"] == {"steps": 7}
+    assert summary["space_fingerprint"] == world.space.fingerprint
+
+
+def test_inversion_from_a_start_records_its_curve(toy):
+    _, world = toy
+    photo = identity_images(world.heldout_seeds[0], 1, 0, 32)
+    init = sample_identity(world.space, 3, pcs=world.space.pcs)
+    out = invert_from(world, photo, init, 4, 0.1, seed=0, record=(0, 2, 4))
+    assert sorted(out) == [0, 2, 4]
+    assert torch.equal(out[0], init.coefficients)
+    assert not torch.equal(out[2], out[4])
+    again = invert_from(world, photo, init, 2, 0.1, seed=0, record=(2,))
+    assert torch.equal(again[2], out[2])  # a shorter run is the prefix of a longer one (same seed, same draws)
+
+
+def test_nearest_training_identity_is_the_lowest_loss_model(toy):
+    """Batched over every training model with per-item factors; checked one model at a time (shared factors)."""
+    _, world = toy
+    photo = identity_images(world.heldout_seeds[0], 1, 0, 32)
+    chosen = nearest_training_identity(world, photo, draws=2, seed=4)
+    space, abar = world.space, alphas_cumprod().float()
+    denoiser, ctx = MicroDenoiser(world.unet, world.layout.scale), world.context(world.config.lora.prompt)
+    losses = []
+    for row in range(space.train_coefs.shape[0]):
+        gen = torch.Generator().manual_seed(4)
+        total = 0.0
+        for k in range(2):
+            t = torch.tensor([int((k + 0.5) * len(abar) / 2)])
+            noise = torch.randn(photo.shape, generator=gen)
+            x_t = abar[t].sqrt() * photo + (1 - abar[t]).sqrt() * noise
+            w = space.weights(space.train_coefs[row])
+            with torch.no_grad():
+                total += float((denoiser(x_t, t, ctx, world.layout.factors(w)) - noise).square().mean())
+        losses.append(total)
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert chosen.name == f"nearest-{best}"
+    assert torch.equal(chosen.coefficients, space.train_coefs[best])
+    assert len(set(round(x, 7) for x in losses)) > 1  # the models differ on this photo
+
+
+def test_denoising_score_is_each_persons_loss_on_unseen_photos(toy):
+    """Batched with one set of factors per image; checked image by image with shared factors, same draws."""
+    _, world = toy
+    people = list(world.heldout_seeds[:2])
+    betas = torch.stack([sample_identity(world.space, s, pcs=world.space.pcs).coefficients for s in (1, 2)])
+    scores = denoising_score(world, betas, people, views=2, draws=2, seed=3)
+    abar, gen = alphas_cumprod().float(), torch.Generator().manual_seed(3)
+    denoiser, ctx = MicroDenoiser(world.unet, world.layout.scale), world.context(world.config.lora.prompt)
+    x0 = torch.cat([identity_images(s, 2, 100, 32) for s in people])  # views from REFERENCE_VIEW = 100
+    expected = torch.zeros(2)
+    for k in range(2):
+        t = torch.tensor([int((k + 0.5) * len(abar) / 2)])
+        noise = torch.randn(x0.shape, generator=gen)
+        for i in range(4):
+            x_t = abar[t].sqrt() * x0[i:i + 1] + (1 - abar[t]).sqrt() * noise[i:i + 1]
+            w = world.space.weights(betas[i // 2])
+            with torch.no_grad():
+                expected[i // 2] += float((denoiser(x_t, t, ctx, world.layout.factors(w)) - noise[i:i + 1]).square().mean())
+    torch.testing.assert_close(scores, expected / 4, rtol=1e-5, atol=1e-7)  # mean over 2 views x 2 draws
+    assert not torch.isclose(scores[0], scores[1])
+
+
+@pytest.mark.slow
+def test_targets_curves_and_contact_sheet_rows(toy, tmp_path):
+    _, world = toy
+    result = train_micro_encoder(world, dataclasses.replace(TINY, diffusion_weight=0.0), str(tmp_path / "w"),
+                                 log=lambda s: None)
+    config = TargetConfig(full_steps=4, record=(0, 2, 4), people=1, seeds=1, ddim_steps=2, references=2,
+                          nearest_draws=1, timing_repeats=1)
+    logs = []
+    measured = measure_targets(world, result.encoder, config, workdir=str(tmp_path / "t"), log=logs.append)
+    assert measured["record"] == (0, 2, 4) and measured["people"] == 1
+    assert set(measured["curves"]) == {"mean", "nearest", "encoder"}
+    assert all(len(v[0]) == 3 and all(-1 <= x <= 1 for x in v[0]) for v in measured["curves"].values())
+    assert measured["encoder_only"] == measured["curves"]["encoder"][0][0]
+    assert measured["full_inversion"] == measured["curves"]["mean"][0][2]
+    again = measure_targets(world, result.encoder, config, workdir=str(tmp_path / "t"), log=logs.append)
+    assert again["curves"] == measured["curves"]  # read back from the work folder's cache
+    assert sum("inversions of 1/1" in line for line in logs) == 1
+    text = targets_markdown(measured)
+    assert "encoder alone vs full inversion" in text and "| 4 |" in text
+    rows = pcs_curve(world, result.encoder, people=2, pcs=(2, 0), log=lambda s: None)
+    assert [r["pcs"] for r in rows] == [2, world.space.pcs]
+    sheet = contact_sheet_rows(world, result.encoder, world.heldout_seeds[0], seeds=[0, 11], refine_steps=2,
+                               full_steps=3)
+    assert [r[0].split(" (")[0] for r in sheet] == ["encoder only", "encoder + 2 steps", "full inversion, 3 steps"]
+    assert all(len(cells) == 3 and cells[1][1].shape == (3, 32, 32) for _, cells in sheet)
+
+
+SHIPPED = Path(DEFAULT_DIR) / "micro-encoder.safetensors"
+
+
+@pytest.mark.ci_may_skip("a rebuilt miniature world ships without an encoder until benchmarks/micro_encoder.py "
+                         "--write-encoder is run on it")
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no micro encoder in models/micro of this checkout")
+def test_shipped_micro_encoder_fits_the_budget_and_its_world():
+    folder = SHIPPED.parent
+    total = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    assert total <= 25 * 2**20, f"models/micro holds {total / 2**20:.1f} MB (limit 25 MB)"
+    world = load_world(str(folder))
+    encoder = load_encoder(str(SHIPPED), world.space)
+    assert encoder.pcs <= world.space.pcs

@@ -41,6 +41,8 @@ def main() -> int:
                    help="with --rebuild: the first miniature world (240 LoRAs of plain photos) instead of the second")
     p.add_argument("--no-tables", action="store_true", help="with --rebuild: stop after writing the artifacts")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="with --rebuild: processes (one thread each) that train the LoRAs; 2 suits a 2-core machine")
     p.add_argument("--markdown", help="write the tables as Markdown to this file")
     p.add_argument("--json", help="write the raw tables as JSON to this file")
     p.add_argument("--quick", action="store_true", help="fewer people, seeds and steps (a smoke run, not the figures)")
@@ -50,7 +52,8 @@ def main() -> int:
     if args.rebuild:
         if not args.workdir:
             p.error("--rebuild needs --workdir (where the resumable checkpoints go)")
-        world = build_world(args.workdir, args.artifacts, first_world_config() if args.first_world else WorldConfig())
+        world = build_world(args.workdir, args.artifacts, first_world_config() if args.first_world else WorldConfig(),
+                            workers=args.workers)
         print(f"rebuilt the world in {time.perf_counter() - t0:.0f} s: " + json.dumps(world.info))
         if args.no_tables:
             return 0

@@ -208,13 +208,32 @@ def test_toy_world_resumes_and_refuses_other_settings(toy_world):
     assert any("resuming" in line for line in logs), logs
     torch.testing.assert_close(again.weights, world.weights, rtol=0, atol=0)
     more = replace(toy_config(), models=toy_config().models + 1)
-    with pytest.raises(ValueError, match="loras.ckpt holds a checkpoint made with another configuration"):
+    with pytest.raises(ValueError, match=r"loras.chunk-00000.ckpt holds a checkpoint made with another configuration"):
         build_world(str(root / "work"), None, more, log=logs.append)
     other_lora = replace(toy_config(), lora=replace(toy_config().lora, lr=3e-2))
     logs.clear()
-    with pytest.raises(ValueError, match="loras.ckpt"):  # base and judge resume; the LoRA stage refuses
+    with pytest.raises(ValueError, match="loras.chunk"):  # base and judge resume; the LoRA stage refuses
         build_world(str(root / "work"), None, other_lora, log=logs.append)
     assert any("base model: resuming" in line for line in logs), logs
+
+
+def test_lora_stage_in_two_processes_equals_one(tiny_model, tmp_path):
+    """Chunks trained by two worker processes give the LoRAs one process gives (shared noise), in seed order."""
+    from w2w.micro.train import stage_stamp
+    from w2w.micro.world import _lora_stage
+
+    unet, text = tiny_model
+    cfg = LoraConfig(images=2, steps=2, per_step=2, parallel=2, shared_noise=True)
+    seeds = [11, 12, 13]
+    stamp = stage_stamp("test", cfg)
+    one, _ = _lora_stage(str(tmp_path / "a"), "loras", unet, text, seeds, cfg, "hard", stamp, lambda s: None)
+    two, secs = _lora_stage(str(tmp_path / "b"), "loras", unet, text, seeds, cfg, "hard", stamp, lambda s: None,
+                            workers=2)
+    assert one.shape == (3, micro_layout(unet).dim) and secs > 0
+    torch.testing.assert_close(two, one, rtol=1e-3, atol=1e-5)
+    logs: list[str] = []
+    again, _ = _lora_stage(str(tmp_path / "b"), "loras", unet, text, seeds, cfg, "hard", stamp, logs.append)
+    assert logs == ["loras: resuming with 2/2 chunks done"] and torch.equal(again, two)
 
 
 def test_world_config_round_trips_and_checks_styles():

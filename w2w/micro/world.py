@@ -160,25 +160,51 @@ def _freeze(*modules: torch.nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def _lora_stage(workdir: str, name: str, unet, text, seeds: list[int], config: LoraConfig, photos: str,
-                stamp: str, log: Log, start_view: int = 0) -> tuple[torch.Tensor, float]:
-    """LoRAs for ``seeds`` in chunks of ``config.parallel``, checkpointed after every chunk; (weights, seconds)."""
-    path = os.path.join(workdir, f"{name}.ckpt")
-    state = resume_stage(path, stamp)
-    done = state["weights"] if state is not None else torch.zeros(0, micro_layout(unet).dim)
-    spent = float(state["seconds"]) if state is not None else 0.0
-    if done.shape[0]:
-        log(f"{name}: resuming after {done.shape[0]}/{len(seeds)} identities")
-    t0 = time.perf_counter()
-    while done.shape[0] < len(seeds):
-        chunk = seeds[done.shape[0]: done.shape[0] + config.parallel]
-        images = [identity_images(s, config.images, start_view, unet.config.image, photos) for s in chunk]
+def _chunk_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"chunk-{index:05d}.ckpt")
+
+
+def _train_chunks(states: tuple[dict, dict], model: MicroConfig, chunks: list[tuple[int, list[int]]], folder: str,
+                  config: LoraConfig, photos: str, stamp: str, share: float, threads: int = 0) -> None:
+    """Train LoRA chunks (index, seeds) and write one checkpoint per chunk (also the body of a worker process)."""
+    if threads:
+        torch.set_num_threads(threads)
+    unet, text = MicroUNet(model), TextEncoder(model.context)
+    unet.load_state_dict(states[0]), text.load_state_dict(states[1])
+    _freeze(unet, text)
+    for index, seeds in chunks:
+        t0 = time.perf_counter()
+        images = [identity_images(s, config.images, 0, model.image, photos) for s in seeds]
         # with shared noise every chunk draws the same (an identity's LoRA does not depend on its chunk)
-        w = train_loras(unet, text, images, config, seed=17 if config.shared_noise else done.shape[0] + 17)
-        done = torch.cat([done, w])
-        atomic_save({"weights": done, "stamp": stamp, "seconds": spent + time.perf_counter() - t0}, path)
-        log(f"{name}: {done.shape[0]}/{len(seeds)} identities ({spent + time.perf_counter() - t0:.0f} s)")
-    return done, spent + time.perf_counter() - t0
+        w = train_loras(unet, text, images, config, seed=17 if config.shared_noise else index * config.parallel + 17)
+        seconds = time.perf_counter() - t0
+        atomic_save({"weights": w, "stamp": stamp, "seconds": seconds * share}, _chunk_path(folder, index))
+        print(f"{os.path.basename(folder)}: chunk {index} ({len(seeds)} identities) in {seconds:.0f} s", flush=True)
+
+
+def _lora_stage(workdir: str, name: str, unet, text, seeds: list[int], config: LoraConfig, photos: str,
+                stamp: str, log: Log, workers: int = 1) -> tuple[torch.Tensor, float]:
+    """LoRAs for ``seeds`` in chunks of ``config.parallel``, one checkpoint per chunk, by ``workers`` processes
+    (one thread each); (weights, seconds of the stage: each chunk's time divided by the processes sharing the work)."""
+    folder = os.path.join(workdir, name)
+    os.makedirs(folder, exist_ok=True)
+    chunks = [(i, seeds[s:s + config.parallel]) for i, s in enumerate(range(0, len(seeds), config.parallel))]
+    todo = [c for c in chunks if resume_stage(_chunk_path(folder, c[0]), stamp) is None]
+    if len(todo) < len(chunks):
+        log(f"{name}: resuming with {len(chunks) - len(todo)}/{len(chunks)} chunks done")
+    states = (unet.state_dict(), text.state_dict())
+    workers = max(1, min(workers, len(todo)))
+    args = (states, unet.config)
+    if workers == 1:
+        _train_chunks(*args, todo, folder, config, photos, stamp, 1.0)
+    elif todo:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.starmap(_train_chunks, [(*args, todo[w::workers], folder, config, photos, stamp, 1.0 / workers, 1)
+                                         for w in range(workers)])
+    parts = [load_checkpoint(_chunk_path(folder, i)) for i, _ in chunks]
+    return torch.cat([p["weights"] for p in parts]), sum(float(p["seconds"]) for p in parts)
 
 
 def _stage_seconds(workdir: str, name: str) -> float:
@@ -186,8 +212,13 @@ def _stage_seconds(workdir: str, name: str) -> float:
     return round(float(state.get("seconds", 0.0)), 1) if state is not None else 0.0
 
 
-def build_world(workdir: str, out: str | None = None, config: WorldConfig = WorldConfig(), log: Log = print) -> World:
-    """Train every stage (resuming what ``workdir`` already holds) and, with ``out``, write the artifacts there."""
+def build_world(workdir: str, out: str | None = None, config: WorldConfig = WorldConfig(), log: Log = print,
+                workers: int = 1) -> World:
+    """Train every stage (resuming what ``workdir`` already holds) and, with ``out``, write the artifacts there.
+
+    ``workers`` > 1 trains the LoRA stages in that many processes of one thread each (the results do not change:
+    with shared noise a LoRA does not depend on its chunk); the other stages use torch's thread setting.
+    """
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:  # for the record; stages check their own stamps
         f.write(config.to_json())
@@ -201,10 +232,12 @@ def build_world(workdir: str, out: str | None = None, config: WorldConfig = Worl
     model_seeds = [MODEL_SEEDS + i for i in range(config.models)]
     heldout_seeds = [HELDOUT_SEEDS + i for i in range(config.heldout)]
     weights, secs = _lora_stage(workdir, "loras", unet, text, model_seeds, config.lora, config.photos,
-                                stage_stamp("loras", config.lora, base_stamp, MODEL_SEEDS, config.models), log)
+                                stage_stamp("loras", config.lora, base_stamp, MODEL_SEEDS, config.models), log,
+                                workers)
     info["seconds_loras"] = round(secs, 1)
     heldout, secs = _lora_stage(workdir, "heldout", unet, text, heldout_seeds, config.lora, config.photos,
-                                stage_stamp("heldout", config.lora, base_stamp, HELDOUT_SEEDS, config.heldout), log)
+                                stage_stamp("heldout", config.lora, base_stamp, HELDOUT_SEEDS, config.heldout), log,
+                                workers)
     info["seconds_heldout_loras"] = round(secs, 1)
     t0 = time.perf_counter()
     space = make_space(unet, weights, model_seeds, config.pcs, config.sample_pcs)

@@ -61,8 +61,8 @@ def main() -> int:
         world = load_world(args.artifacts)
     config = EvalConfig()
     if args.quick:
-        config = EvalConfig(samples=6, seeds=2, ddim_steps=10, people=6, edit_strengths=(0.5, 1.0), invert_steps=60,
-                            references=4, vae_people=4, curve_sizes=(300, 5000), curve_people=2)
+        config = EvalConfig(samples=6, seeds=2, ddim_steps=10, people=6, edit_people=6, edit_strengths=(0.5, 1.0),
+                            invert_steps=60, references=4, vae_people=4, curve_sizes=(300, 5000), curve_people=2)
     tables = run_tables(world, config)
     text = to_markdown(tables)
     print(text)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["ATTRIBUTES", "WORDS", "FaceParams", "identity_params", "attributes", "render", "render_batch",
-           "caption_words"]
+           "caption_words", "STYLES", "STYLE_VERSIONS", "Pose", "hard_pose"]
 
 ATTRIBUTES = ("Male", "Beard", "Eyeglasses", "Blond_Hair", "Chubby", "Young")
 # the prompt word of each attribute (prompting baseline: "photo sks person <word>")
@@ -28,6 +28,7 @@ _CANVAS = 64  # drawn at 64 x 64, then reduced to the output size with a box fil
 # "plain": position, scale, brightness and a grey backdrop vary a little (the first miniature world);
 # "hard": what one photo cannot separate from identity varies widely (see _render_hard)
 STYLES = ("plain", "hard")
+STYLE_VERSIONS = {"plain": 1, "hard": 2}  # raised when a style's pixels change (training checkpoints record it)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _random_rgb(r: np.random.Generator, low: int = 0, high: int = 256) -> tuple[
 
 
 def _background(r: np.random.Generator, s: int) -> Image.Image:
-    """A backdrop: a plain colour, a gradient, stripes or clutter (shapes of random colours)."""
+    """A backdrop: a plain colour, a gradient, stripes or clutter (shapes of random colours), out of focus."""
     kind = r.choice(["plain", "gradient", "stripes", "clutter"], p=[0.2, 0.25, 0.15, 0.4])
     img = Image.new("RGB", (s, s), _random_rgb(r, 20, 236))
     d = ImageDraw.Draw(img)
@@ -244,12 +245,13 @@ def _background(r: np.random.Generator, s: int) -> Image.Image:
         for k in range(0, s, 2 * width):
             d.rectangle([k, 0, k + width - 1, s] if vertical else [0, k, s, k + width - 1], fill=other)
     elif kind == "clutter":
-        for _ in range(int(r.integers(5, 14))):
+        for _ in range(int(r.integers(4, 11))):
             x0, y0 = r.uniform(-10, s), r.uniform(-10, s)
-            w, h = r.uniform(4, 28), r.uniform(4, 28)
+            w, h = r.uniform(6, 30), r.uniform(6, 30)
             shape = [x0, y0, x0 + w, y0 + h]
             (d.rectangle if r.random() < 0.5 else d.ellipse)(shape, fill=_random_rgb(r))
-    return img
+    # the backdrop is behind the focal plane, as in a portrait
+    return img.filter(ImageFilter.GaussianBlur(float(r.uniform(1.5, 3.5))))
 
 
 def hard_pose(r: np.random.Generator) -> Pose:
@@ -289,8 +291,6 @@ def _render_hard(p: FaceParams, view_seed: int, size: int) -> np.ndarray:
         y0 = cy + r.uniform(0.12, 0.3) * scale
         d.rectangle([x0 - 0.08 * scale, y0, x0 + 0.08 * scale, s], fill=_random_rgb(r))
     if r.random() < 0.25:
-        from PIL import ImageFilter
-
         img = img.filter(ImageFilter.GaussianBlur(float(r.uniform(0.6, 1.3))))
     arr = np.asarray(img, dtype=np.float32)
     # light: a colour cast (warm .. cool, a green or magenta tint), an overall level, and a direction

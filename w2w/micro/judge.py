@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .faces import ATTRIBUTES, attributes, identity_params, render_batch
-from .train import JUDGE_SEEDS, HELDOUT_SEEDS, Log, atomic_save, resume_stage, stage_stamp
+from .train import JUDGE_SEEDS, HELDOUT_SEEDS, Log, atomic_save, photo_version, resume_stage, stage_stamp
 
 __all__ = ["JudgeNet", "JudgeConfig", "train_judge", "judge_quality", "id_score"]
 
@@ -88,7 +88,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_judge(workdir: str, config: JudgeConfig = JudgeConfig(), log: Log = print) -> JudgeNet:
     path = os.path.join(workdir, "judge.ckpt")
-    stamp = stage_stamp("judge", config)
+    stamp = stage_stamp("judge", config, photo_version(config.photos))
     torch.manual_seed(config.seed)
     net = JudgeNet(width=config.width)
     classes = nn.Parameter(torch.randn(config.identities, net.embed.out_features) * 0.1)

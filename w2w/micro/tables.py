@@ -38,14 +38,15 @@ class EvalConfig:
     seeds: int = 4  # images per model (noise seeds)
     ddim_steps: int = 25
     cfg: float = 1.0
-    people: int = 0  # held-out people evaluated (0 = all)
+    people: int = 0  # held-out people inverted (0 = all)
+    edit_people: int = 24  # held-out people whose LoRAs are edited
     edit_strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # w2w edits, × the largest training projection
     invert_steps: int = 400  # the paper's inversion: 400 Adam steps, lr 0.1, weight decay 1e-10
     invert_lr: float = 0.1
     references: int = 8  # unseen photos per held-out person
     vae_people: int = 16  # held-out people whose LoRAs the PCA vs VAE table reconstructs
     curve_sizes: tuple[int, ...] = (100, 300, 1000, 2000, 5000)
-    curve_people: int = 16
+    curve_people: int = 12
     seed: int = 0
 
 
@@ -179,7 +180,7 @@ def edit_weights(space: Space, weights: torch.Tensor, name: str, amount: float) 
 def editing_table(world: World, gen: Generator, cfg: EvalConfig) -> tuple[list[dict], list[dict]]:
     """w2w edits at a sweep of strengths vs adding the attribute's word to the prompt, on held-out people's LoRAs."""
     space = world.space
-    people = _people(world, cfg)
+    people = _people(world, cfg, cfg.edit_people)
     w0 = world.heldout_weights[: len(people)]
     emb0, prob0 = gen.read_models(w0)
     truth = np.stack([attributes(identity_params(s)) for s in people])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .faces import caption_words, identity_params, render_batch
+from .faces import STYLE_VERSIONS, caption_words, identity_params, render_batch
 from .model import MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize, v_target
 
 __all__ = ["BaseConfig", "train_base", "LoraConfig", "train_loras", "initial_factors", "view_seeds", "identity_images",
@@ -58,6 +58,11 @@ def stage_stamp(*parts) -> str:
     return json.dumps([asdict(p) if is_dataclass(p) else p for p in parts], sort_keys=True)
 
 
+def photo_version(style: str) -> str:
+    """The photo style and the version of its drawing code, for stage stamps."""
+    return f"{style}-{STYLE_VERSIONS[style]}"
+
+
 def resume_stage(path: str, stamp: str):
     """The checkpoint at ``path`` if it was made with ``stamp`` (None if there is none); another stamp is an error."""
     state = load_checkpoint(path)
@@ -95,7 +100,7 @@ class BaseConfig:
 def train_base(workdir: str, config: BaseConfig = BaseConfig(), log: Log = print) -> tuple[MicroUNet, TextEncoder]:
     """Train (or resume) the text-conditioned base model on many random identities; returns the EMA weights."""
     path = os.path.join(workdir, "base.ckpt")
-    stamp = stage_stamp("base", config)
+    stamp = stage_stamp("base", config, photo_version(config.photos))
     torch.manual_seed(config.seed)
     unet, text = MicroUNet(config.model), TextEncoder(config.model.context)
     params = list(unet.parameters()) + list(text.parameters())

@@ -28,7 +28,7 @@ from .faces import ATTRIBUTES, attributes, identity_params
 from .judge import JudgeConfig, JudgeNet, train_judge
 from .model import VOCAB, MicroConfig, MicroUNet, TextEncoder, micro_layout
 from .train import (HELDOUT_SEEDS, MODEL_SEEDS, BaseConfig, Log, LoraConfig, atomic_save, identity_images,
-                    load_checkpoint, resume_stage, stage_stamp, train_base, train_loras)
+                    load_checkpoint, photo_version, resume_stage, stage_stamp, train_base, train_loras)
 
 __all__ = ["WorldConfig", "World", "build_world", "load_world", "save_world", "ARTIFACTS", "toy_config",
            "first_world_config", "DEFAULT_DIR", "make_space", "make_vaes", "vae_artifact"]
@@ -228,7 +228,7 @@ def build_world(workdir: str, out: str | None = None, config: WorldConfig = Worl
     info["seconds_base"] = _stage_seconds(workdir, "base.ckpt")
     judge = train_judge(workdir, config.judge, log)
     info["seconds_judge"] = _stage_seconds(workdir, "judge.ckpt")
-    base_stamp = stage_stamp("base", config.base)
+    base_stamp = stage_stamp("base", config.base, photo_version(config.photos))
     model_seeds = [MODEL_SEEDS + i for i in range(config.models)]
     heldout_seeds = [HELDOUT_SEEDS + i for i in range(config.heldout)]
     weights, secs = _lora_stage(workdir, "loras", unet, text, model_seeds, config.lora, config.photos,

@@ -2,7 +2,7 @@
 
 Two synthetic data sets in the coefficient space of a released-layout w2w space (``--dim`` PCs per model):
 
-- ``manifold``: models on a planted smooth non-linear ``--intrinsic``-dimensional manifold (w2w.vae.planted_manifold),
+- ``manifold``: models on a planted smooth non-linear ``--intrinsic``-dimensional manifold (w2w.synthetic.planted_manifold),
   the case where a non-linear latent space should beat a linear one;
 - ``isotropic``: i.i.d. N(0, I) coefficients, no low-dimensional structure, where nothing can beat PCA.
 
@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from w2w.synthetic import planted_manifold  # noqa: E402
 from w2w.vae import (TrainConfig, VAEConfig, active_units, informative_units,  # noqa: E402
-                     pca_reconstruction_error, planted_manifold, reconstruction_error, train_vae)
+                     pca_reconstruction_error, reconstruction_error, train_vae)
 
 
 def data(kind: str, args) -> tuple[torch.Tensor, torch.Tensor]:

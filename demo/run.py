@@ -156,6 +156,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _stop_with_parent() -> None:
+    """In the server's process before it starts (Linux): SIGTERM it when the process that started it dies, so that a
+    killed demo or test run never leaves a server holding gigabytes of models."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # another C library: the server is still stopped by ComfyServer.stop() in the normal case
+
+
 class ComfyServer:
     """`python main.py --cpu` on loopback with a given base directory; a context manager that always stops it."""
 
@@ -205,7 +218,8 @@ class ComfyServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "w", encoding="utf-8")
         say(f"starting ComfyUI ({self.comfyui}) on {self.url}; log: {self.log_path}")
-        self.process = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_stop_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

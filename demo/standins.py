@@ -6,9 +6,12 @@ fp16 as a single .safetensors with the original ldm checkpoint key names, so the
 CheckpointLoaderSimple loads it and detects SD15. It is built once per cache in a subprocess that
 runs this file with ComfyUI on sys.path; this module itself imports only the standard library.
 
+`ensure_controlnet_standin(comfyui)` does the same for an SD1.5 ControlNet (ComfyUI's own `cldm.ControlNet` with the
+SD1.5 UNet config and a 3-channel hint, ldm keys under `control_model.`), which the stock ControlNetLoader loads.
+
 Run as a script:
-    python demo/standins.py build --comfyui PATH [--out FILE] [--seed N]   # build (needs ComfyUI)
-    python demo/standins.py path [--seed N]                                  # print the cache path
+    python demo/standins.py build --comfyui PATH [--kind sd15|controlnet] [--out FILE] [--seed N]  # needs ComfyUI
+    python demo/standins.py path [--kind sd15|controlnet] [--seed N]                                 # the cache path
 """
 from __future__ import annotations
 
@@ -47,10 +50,20 @@ SD15_VAE_DDCONFIG = {
 }
 
 
-def sd15_standin_path(seed: int = DEFAULT_SEED, cache: Path | None = None) -> Path:
-    """Cache location of the SD1.5 stand-in for `seed` (the name carries STANDIN_VERSION)."""
+KINDS = {"sd15": "SD1.5 stand-in checkpoint", "controlnet": "SD1.5 ControlNet stand-in"}
+
+
+def standin_path(kind: str = "sd15", seed: int = DEFAULT_SEED, cache: Path | None = None) -> Path:
+    """Cache location of the stand-in of `kind` for `seed` (the name carries STANDIN_VERSION)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown stand-in kind {kind!r}; choose one of {', '.join(KINDS)}")
     directory = cache_dir() if cache is None else Path(cache)
-    return directory / f"w2w-standin-sd15-v{STANDIN_VERSION}-seed{seed}-fp16.safetensors"
+    name = "sd15" if kind == "sd15" else "controlnet-sd15"
+    return directory / f"w2w-standin-{name}-v{STANDIN_VERSION}-seed{seed}-fp16.safetensors"
+
+
+def sd15_standin_path(seed: int = DEFAULT_SEED, cache: Path | None = None) -> Path:
+    return standin_path("sd15", seed, cache)
 
 
 @contextlib.contextmanager
@@ -73,20 +86,32 @@ def _build_lock(target: Path):
 def ensure_sd15_standin(comfyui: str | os.PathLike, seed: int = DEFAULT_SEED, cache: Path | None = None,
                         log=print, timeout: float = 1800.0, python: str = sys.executable) -> Path:
     """Return the cached SD1.5 stand-in, building it first (in a subprocess) if it is missing."""
-    target = sd15_standin_path(seed, cache)
+    return ensure_standin(comfyui, "sd15", seed, cache, log, timeout, python)
+
+
+def ensure_controlnet_standin(comfyui: str | os.PathLike, seed: int = DEFAULT_SEED, cache: Path | None = None,
+                              log=print, timeout: float = 1800.0, python: str = sys.executable) -> Path:
+    """Return the cached SD1.5 ControlNet stand-in, building it first (in a subprocess) if it is missing."""
+    return ensure_standin(comfyui, "controlnet", seed, cache, log, timeout, python)
+
+
+def ensure_standin(comfyui: str | os.PathLike, kind: str = "sd15", seed: int = DEFAULT_SEED, cache: Path | None = None,
+                   log=print, timeout: float = 1800.0, python: str = sys.executable) -> Path:
+    """Return the cached stand-in of `kind`, building it first (in a subprocess) if it is missing."""
+    target = standin_path(kind, seed, cache)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(target):
         if target.is_file():  # built by another process while we waited
             return target
-        log(f"[w2w] building the SD1.5 stand-in checkpoint (random weights, not a real model) -> {target}")
-        cmd = [python, str(Path(__file__).resolve()), "build", "--comfyui", str(comfyui),
+        log(f"[w2w] building the {KINDS[kind]} (random weights, not a real model) -> {target}")
+        cmd = [python, str(Path(__file__).resolve()), "build", "--comfyui", str(comfyui), "--kind", kind,
                "--out", str(target), "--seed", str(seed)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0 or not target.is_file():
             raise RuntimeError(
-                f"building the SD1.5 stand-in failed (exit {done.returncode}); command: {' '.join(cmd)}\n"
+                f"building the {KINDS[kind]} failed (exit {done.returncode}); command: {' '.join(cmd)}\n"
                 f"--- stderr (tail) ---\n{done.stderr[-4000:]}"
             )
         stats = _last_json_line(done.stdout)
@@ -145,21 +170,51 @@ def _sd15_shapes():
     return unet.state_dict_for_saving(clip.state_dict(), vae.state_dict())
 
 
-def build_sd15_checkpoint(out_path: Path, seed: int = DEFAULT_SEED) -> dict:
-    """Build the stand-in into `out_path` atomically; ComfyUI must be importable. Returns stats."""
+def _controlnet_shapes():
+    """{file key: meta tensor} of an SD1.5 ControlNet (ldm names under `control_model.`, as the .pth releases)."""
     import torch
+    import comfy.cldm.cldm
+
+    config = {k: v for k, v in SD15_UNET_CONFIG.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, dtype=torch.float16, device="meta")
+    return {f"control_model.{k}": v for k, v in net.state_dict().items()}
+
+
+def build_sd15_checkpoint(out_path: Path, seed: int = DEFAULT_SEED) -> dict:
+    """Build the SD1.5 stand-in into `out_path` atomically; ComfyUI must be importable. Returns stats."""
     import comfy.model_detection
     import comfy.supported_models
+
+    def check(state_dict):
+        detected = comfy.model_detection.model_config_from_unet(state_dict, "model.diffusion_model.")
+        if not isinstance(detected, comfy.supported_models.SD15):
+            raise RuntimeError(f"ComfyUI detects the stand-in as {type(detected).__name__}, expected SD15")
+
+    return _build(out_path, seed, _sd15_shapes(), "SD15", check)
+
+
+def build_controlnet(out_path: Path, seed: int = DEFAULT_SEED) -> dict:
+    """Build the SD1.5 ControlNet stand-in into `out_path` atomically; ComfyUI must be importable. Returns stats."""
+    import comfy.model_detection
+    import comfy.supported_models
+
+    def check(state_dict):
+        detected = comfy.model_detection.model_config_from_unet(state_dict, "control_model.", True)
+        if not isinstance(detected, comfy.supported_models.SD15):
+            raise RuntimeError(f"ComfyUI detects the ControlNet stand-in as {type(detected).__name__}, expected SD15")
+
+    return _build(out_path, seed, _controlnet_shapes(), "SD15 ControlNet", check)
+
+
+def _build(out_path: Path, seed: int, shapes: dict, architecture: str, check) -> dict:
+    import torch
     import comfy.utils
 
     start = time.perf_counter()
-    shapes = _sd15_shapes()
     state_dict = {key: _init_tensor(key, tuple(meta.shape), seed, torch.float16) for key, meta in sorted(shapes.items())}
-    detected = comfy.model_detection.model_config_from_unet(state_dict, "model.diffusion_model.")
-    if not isinstance(detected, comfy.supported_models.SD15):
-        raise RuntimeError(f"ComfyUI detects the stand-in as {type(detected).__name__}, expected SD15")
+    check(state_dict)
     metadata = {"w2w.standin": LABEL, "w2w.standin.version": str(STANDIN_VERSION), "w2w.standin.seed": str(seed),
-                "w2w.standin.architecture": "SD15"}
+                "w2w.standin.architecture": architecture}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
@@ -194,21 +249,24 @@ def _import_comfyui(comfyui: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build the SD1.5 stand-in (needs ComfyUI)")
+    build = sub.add_parser("build", help="build a stand-in (needs ComfyUI)")
     build.add_argument("--comfyui", required=True, type=Path, help="ComfyUI checkout to import")
+    build.add_argument("--kind", choices=sorted(KINDS), default="sd15")
     build.add_argument("--out", type=Path, help="output file (default: the cache path)")
     build.add_argument("--seed", type=int, default=DEFAULT_SEED)
     path = sub.add_parser("path", help="print where the stand-in is cached")
+    path.add_argument("--kind", choices=sorted(KINDS), default="sd15")
     path.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args(argv)
 
     if args.command == "path":
-        print(sd15_standin_path(args.seed))
+        print(standin_path(args.kind, args.seed))
         return 0
     if hasattr(os, "nice"):
         os.nice(10)  # a background build should not starve interactive work
     _import_comfyui(args.comfyui.resolve())
-    stats = build_sd15_checkpoint(args.out or sd15_standin_path(args.seed), args.seed)
+    build_fn = build_sd15_checkpoint if args.kind == "sd15" else build_controlnet
+    stats = build_fn(args.out or standin_path(args.kind, args.seed), args.seed)
     print(json.dumps(stats))
     return 0
 

@@ -1,24 +1,24 @@
 """The ComfyUI nodes of the pack: one module per feature, each exporting ``NODES = [...]``.
 
-Imported only by ComfyUI through the pack's top-level ``comfy_entrypoint()``. Add a feature by listing its
-module in ``FEATURES``.
+Imported only by ComfyUI through the pack's top-level ``comfy_entrypoint()``. Add a feature by importing its
+``NODES`` below.
 """
 from __future__ import annotations
 
-import importlib
-
 from comfy_api.latest import ComfyExtension, io
 
-from .common import register_model_folders
-
-FEATURES = ("space", "apply", "invert", "vae", "idscore")
+from .apply import NODES as APPLY_NODES
+from .folders import register_model_folders
+from .hooks import NODES as HOOK_NODES
+from .idscore import NODES as IDSCORE_NODES
+from .inversion import NODES as INVERSION_NODES
+from .routes import register_routes
+from .space import NODES as SPACE_NODES
+from .vae import NODES as VAE_NODES
 
 
 def collect_nodes() -> list[type[io.ComfyNode]]:
-    nodes: list[type[io.ComfyNode]] = []
-    for feature in FEATURES:
-        nodes.extend(importlib.import_module(f".{feature}", __name__).NODES)
-    return nodes
+    return [*SPACE_NODES, *APPLY_NODES, *HOOK_NODES, *INVERSION_NODES, *VAE_NODES, *IDSCORE_NODES]
 
 
 class W2WExtension(ComfyExtension):
@@ -28,8 +28,6 @@ class W2WExtension(ComfyExtension):
 
 def extension() -> W2WExtension:
     """Register the model folders and the web routes, then hand ComfyUI the extension."""
-    from .routes import register_routes
-
     register_model_folders()
     register_routes()
     return W2WExtension()

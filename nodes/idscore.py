@@ -2,51 +2,67 @@
 from __future__ import annotations
 
 import math
-import os
 
 from comfy_api.latest import io, ui
 
 from ..w2w.metrics.faces import FACENET_FILENAME, FACENET_SIZE_TEXT, FACENET_URL, find_facenet_weights, require_facenet
-from ..w2w.metrics.idscore import get_scorer, id_score, preview_crops
-from .common import CATEGORY, file_fingerprint
+from ..w2w.metrics.idscore import drop_scorers, get_scorer, id_score, preview_crops
+from .folders import FACENET_FOLDER, file_fingerprint, find_file, list_files, roots
+from .sockets import CATEGORY_METRICS, advanced, schema
 
-FACENET_FOLDER = "facenet"  # models/facenet
 AUTO = "auto"
+_PATCHERS: dict[int, object] = {}  # id(scorer) -> the ModelPatcher ComfyUI's model management knows it by
 
 
-def register_facenet_folder() -> None:
-    """Make sure ``models/facenet`` is a model folder (paths from extra_model_paths.yaml are kept)."""
-    import folder_paths
+def managed_scorer(weights_path: str):
+    """The scorer, loaded through ComfyUI's model management like any model: it goes to the GPU only when there is
+    room, and Unload Models (or ComfyUI freeing memory for another model) moves it off again."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
 
-    folder_paths.add_model_folder_path(FACENET_FOLDER, os.path.join(folder_paths.models_dir, FACENET_FOLDER))
-    folder_paths.folder_names_and_paths[FACENET_FOLDER][1].update({".pt", ".pth"})
+    scorer = get_scorer(weights_path, "cpu")  # built on the CPU; the model management moves it
+    patcher = _PATCHERS.get(id(scorer))
+    if patcher is None:
+        _PATCHERS.clear()  # get_scorer keeps one scorer at a time: so do we
+        patcher = comfy.model_patcher.ModelPatcher(scorer.modules(), load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        _PATCHERS[id(scorer)] = patcher
+    mm.load_models_gpu([patcher])
+    return scorer, patcher
+
+
+def release_scorer(patcher) -> None:
+    """Unload the scorer's networks now and forget them (the node's unload_after)."""
+    import comfy.model_management as mm
+
+    for i in reversed(range(len(mm.current_loaded_models))):
+        if mm.current_loaded_models[i].model is patcher:
+            mm.current_loaded_models.pop(i).model_unload()
+    _PATCHERS.clear()
+    drop_scorers()
+    mm.soft_empty_cache()
 
 
 def weights_choices() -> list[str]:
-    import folder_paths
-
-    register_facenet_folder()
-    return [AUTO] + sorted(folder_paths.get_filename_list(FACENET_FOLDER))
+    return [AUTO] + list_files(FACENET_FOLDER)
 
 
 def resolve_weights(choice: str) -> str:
     """Path of the chosen file; ``auto`` looks for the released file name in models/facenet, then TORCH_HOME."""
-    import folder_paths
-
-    register_facenet_folder()
     if choice != AUTO:
-        path = folder_paths.get_full_path(FACENET_FOLDER, choice)
+        path = find_file(FACENET_FOLDER, choice)
         return find_facenet_weights(path if path is not None else choice)
-    return find_facenet_weights(search_dirs=tuple(folder_paths.get_folder_paths(FACENET_FOLDER)))
+    return find_facenet_weights(search_dirs=tuple(roots(FACENET_FOLDER)))
 
 
 class W2WIDScore(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="W2WIDScore",
             display_name="w2w ID Score",
-            category=CATEGORY,
+            category=CATEGORY_METRICS,
+            search_aliases=["face similarity", "FaceNet", "identity score", "ID similarity"],
             description="Identity preservation as in the paper (Table 3): the largest face in each image is found with "
                         "MTCNN, embedded with FaceNet (InceptionResnetV1 trained on VGGFace2), and the cosine "
                         "similarity of reference and generated embeddings is reported per pair, 1.0 = same embedding. "
@@ -62,6 +78,10 @@ class W2WIDScore(io.ComfyNode):
                                tooltip=f"FaceNet weights file in models/facenet. 'auto' uses {FACENET_FILENAME} from "
                                        "models/facenet, else TORCH_HOME's checkpoints folder (where facenet-pytorch "
                                        "caches it). Never downloaded: get it from the facenet-pytorch v2.2.9 release."),
+                advanced(io.Boolean.Input("unload_after", default=False, optional=True,
+                                          tooltip="Free the MTCNN and FaceNet networks as soon as the score is "
+                                                  "computed. Otherwise they stay loaded for the next run until "
+                                                  "ComfyUI needs the memory or Unload Models is pressed.")),
             ],
             outputs=[
                 io.Float.Output(display_name="mean_score",
@@ -85,25 +105,29 @@ class W2WIDScore(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, reference, generated, facenet_weights: str = AUTO):
+    def fingerprint_inputs(cls, reference, generated, facenet_weights: str = AUTO, unload_after: bool = False):
         try:
             return file_fingerprint(resolve_weights(facenet_weights))
         except FileNotFoundError:
             return facenet_weights
 
     @classmethod
-    def execute(cls, reference, generated, facenet_weights: str = AUTO) -> io.NodeOutput:
+    def execute(cls, reference, generated, facenet_weights: str = AUTO, unload_after: bool = False) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
-        scorer = get_scorer(resolve_weights(facenet_weights), comfy.model_management.get_torch_device())
+        scorer, patcher = managed_scorer(resolve_weights(facenet_weights))
         progress = comfy.utils.ProgressBar(4)
 
         def callback(step: int, total: int, info: str) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
             progress.update_absolute(step, total)
 
-        result = id_score(scorer, reference, generated, callback=callback)
+        try:
+            result = id_score(scorer, reference, generated, callback=callback)
+        finally:
+            if unload_after:
+                release_scorer(patcher)
         crops = preview_crops(result)
         report = result.report()
         mean = result.mean

@@ -17,6 +17,7 @@ import threading
 
 from ..w2w.safeload import W2WFileError
 from ..w2w.space import load_space
+from .folders import file_fingerprint, list_spaces, resolve_space
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ def _file_size(path: str) -> int:
 
 def space_summary(name: str) -> dict:
     """What the UI shows about space ``name``: read once per file version (one PC and the training data)."""
-    from .common import file_fingerprint, resolve_space
-
     path = resolve_space(name)  # W2WFileError naming the folders when unknown
     stamp = file_fingerprint(path)
     with _LOCK:
@@ -86,8 +85,6 @@ def register_routes() -> bool:
     if server is None or _REGISTERED:
         return _REGISTERED
     from aiohttp import web
-
-    from .common import list_spaces
 
     @server.routes.get("/w2w/spaces")
     async def spaces(request):

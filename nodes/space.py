@@ -10,10 +10,10 @@ from ..w2w.export import export_lora
 from ..w2w.identity import load_identity, save_identity
 from ..w2w.safeload import W2WFileError
 from ..w2w.sampling import sample_identity
-from ..w2w.space import load_space
-from ..w2w.synthetic import CELEBA_ATTRIBUTES
-from .common import (CATEGORY, IDENTITY_FOLDER, IdentitySocket, SpaceSocket, file_fingerprint, list_identities,
-                     list_spaces, resolve_identity, resolve_space, save_target)
+from ..w2w.space import RELEASED_ATTRIBUTES, load_space
+from .folders import (IDENTITY_FOLDER, file_fingerprint, list_files, list_spaces, resolve_identity, resolve_space,
+                      save_target)
+from .sockets import CATEGORY_IDENTITY, CATEGORY_SPACE, SEED_MAX, IdentitySocket, SpaceSocket, advanced, schema
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +24,11 @@ IDENTITY_TIP = "An identity: coefficients in the space (Sample Identity, Apply E
 class W2WLoadSpace(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="W2WLoadSpace",
             display_name="Load w2w Space",
-            category=CATEGORY,
+            category=CATEGORY_SPACE,
+            search_aliases=["weights2weights", "w2w space", "identity space"],
             description="Loads a weights2weights space (PCA basis over identity LoRA weights, paper §3) from models/w2w: "
                         "a converted .safetensors space or a folder of the released files.",
             inputs=[
@@ -39,6 +40,7 @@ class W2WLoadSpace(io.ComfyNode):
                                      "10,000 for inversion. More PCs take more memory."),
             ],
             outputs=[SpaceSocket.Output(display_name="space", tooltip="The loaded space.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -55,7 +57,16 @@ class W2WLoadSpace(io.ComfyNode):
 
     @classmethod
     def execute(cls, space: str, pcs: int) -> io.NodeOutput:
-        loaded = load_space(resolve_space(space), pcs)
+        import comfy.model_management as mm
+        import comfy.utils
+
+        bar = comfy.utils.ProgressBar(100, node_id=getattr(cls.hidden, "unique_id", None))
+
+        def progress(done: int, total: int) -> None:  # the basis read, seconds for the released files: Cancel works
+            mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(round(100 * done / max(1, total)), 100)
+
+        loaded = load_space(resolve_space(space), pcs, progress=progress)
         log.info("w2w: loaded space %s (%d of %d PCs, fingerprint %s)", space, loaded.pcs, loaded.total_pcs, loaded.fingerprint)
         return io.NodeOutput(loaded)
 
@@ -63,15 +74,16 @@ class W2WLoadSpace(io.ComfyNode):
 class W2WSampleIdentity(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="W2WSampleIdentity",
             display_name="Sample Identity",
-            category=CATEGORY,
+            category=CATEGORY_IDENTITY,
+            search_aliases=["w2w sample", "random person", "new identity"],
             description="Samples a new identity (paper §3.2): each PC coefficient ~ Normal(mean, factor·std) of the "
                         "training identities. The same seed gives the same identity.",
             inputs=[
                 SpaceSocket.Input("space", tooltip=SPACE_TIP),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF_FFFF_FFFF, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
                              tooltip="Random seed; the same seed, pcs and factor give the same identity."),
                 io.Int.Input("pcs", default=1000, min=1, max=100_000,
                              tooltip="Number of PCs to sample (the release has statistics for 1000; paper default 1000)."),
@@ -83,23 +95,24 @@ class W2WSampleIdentity(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, space, seed: int, pcs: int, factor: float) -> io.NodeOutput:
+    def execute(cls, space: SpaceSocket.Type, seed: int, pcs: int, factor: float) -> io.NodeOutput:
         return io.NodeOutput(sample_identity(space, seed, pcs, factor))
 
 
 class W2WApplyEditDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="W2WApplyEditDirection",
             display_name="Apply Edit Direction",
-            category=CATEGORY,
+            category=CATEGORY_IDENTITY,
+            search_aliases=["w2w edit", "attribute edit", "age beard gender edit"],
             description="Moves an identity along an attribute direction fitted to the training identities' labels "
                         "(paper §3.3). Chain several to compose edits.",
             inputs=[
                 SpaceSocket.Input("space", tooltip=SPACE_TIP),
                 IdentitySocket.Input("identity", tooltip="The identity to edit."),
-                io.Combo.Input("attribute", options=list(CELEBA_ATTRIBUTES), default="Male",
+                io.Combo.Input("attribute", options=list(RELEASED_ATTRIBUTES), default="Male",
                                tooltip="The CelebA attribute to move along (the released space labels these 33)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="How far to move, in training-spread units: 1.0 = one standard deviation of "
@@ -107,9 +120,9 @@ class W2WApplyEditDirection(io.ComfyNode):
                 io.String.Input("debias", default="", optional=True,
                                 tooltip="Comma-separated attributes to keep unchanged, e.g. 'Male, Young' (their "
                                         "directions are projected out one after another, paper §3.3)."),
-                io.String.Input("attribute_override", default="", optional=True,
-                                tooltip="For spaces with other labels: an attribute name used instead of 'attribute'. "
-                                        "Leave empty to use 'attribute'."),
+                advanced(io.String.Input("attribute_override", default="", optional=True,
+                                         tooltip="For spaces with other labels: an attribute name used instead of "
+                                                 "'attribute'. Leave empty to use 'attribute'.")),
             ],
             outputs=[IdentitySocket.Output(display_name="identity", tooltip="The edited identity.")],
         )
@@ -120,8 +133,8 @@ class W2WApplyEditDirection(io.ComfyNode):
         return bool(attribute.strip()) or "attribute is empty: pick one of the space's attributes"
 
     @classmethod
-    def execute(cls, space, identity, attribute: str, strength: float, debias: str = "",
-                attribute_override: str = "") -> io.NodeOutput:
+    def execute(cls, space: SpaceSocket.Type, identity: IdentitySocket.Type, attribute: str, strength: float,
+                debias: str = "", attribute_override: str = "") -> io.NodeOutput:
         name = attribute_override.strip() or attribute
         if name not in space.attributes:
             known = ", ".join(space.attributes) or "none"
@@ -134,10 +147,11 @@ class W2WApplyEditDirection(io.ComfyNode):
 class W2WBlendIdentities(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="W2WBlendIdentities",
             display_name="Blend Identities",
-            category=CATEGORY,
+            category=CATEGORY_IDENTITY,
+            search_aliases=["w2w blend", "mix identities", "interpolate identities"],
             description="Interpolates two identities of the same space: (1 - t)·A + t·B (t outside 0..1 extrapolates).",
             inputs=[
                 SpaceSocket.Input("space", tooltip=SPACE_TIP),
@@ -150,17 +164,19 @@ class W2WBlendIdentities(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, space, identity_a, identity_b, t: float) -> io.NodeOutput:
+    def execute(cls, space: SpaceSocket.Type, identity_a: IdentitySocket.Type, identity_b: IdentitySocket.Type,
+                t: float) -> io.NodeOutput:
         return io.NodeOutput(blend(space, identity_a, identity_b, t))
 
 
 class W2WSaveIdentity(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="W2WSaveIdentity",
             display_name="Save w2w Identity",
-            category=CATEGORY,
+            category=CATEGORY_IDENTITY,
+            search_aliases=["w2w save identity"],
             description="Saves an identity's coefficients (a few kB, .safetensors) into models/w2w/identities, "
                         "tied to its space by fingerprint.",
             inputs=[
@@ -174,7 +190,7 @@ class W2WSaveIdentity(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, identity, filename_prefix: str) -> io.NodeOutput:
+    def execute(cls, identity: IdentitySocket.Type, filename_prefix: str) -> io.NodeOutput:
         path, name = save_target(IDENTITY_FOLDER, filename_prefix)
         save_identity(identity, path)
         return io.NodeOutput(ui=ui.PreviewText(f"saved identity {name}"))
@@ -183,13 +199,14 @@ class W2WSaveIdentity(io.ComfyNode):
 class W2WLoadIdentity(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="W2WLoadIdentity",
             display_name="Load w2w Identity",
-            category=CATEGORY,
+            category=CATEGORY_IDENTITY,
+            search_aliases=["w2w load identity"],
             description="Loads identity coefficients saved by Save w2w Identity or `python -m w2w sample/edit`.",
             inputs=[
-                io.Combo.Input("identity", options=list_identities(),
+                io.Combo.Input("identity", options=list_files(IDENTITY_FOLDER),
                                tooltip="An identity file in models/w2w/identities."),
             ],
             outputs=[IdentitySocket.Output(display_name="identity", tooltip="The loaded identity.")],
@@ -215,10 +232,11 @@ class W2WLoadIdentity(io.ComfyNode):
 class W2WSaveLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="W2WSaveLoRA",
             display_name="Save w2w LoRA",
-            category=CATEGORY,
+            category=CATEGORY_IDENTITY,
+            search_aliases=["w2w export LoRA", "identity to LoRA", "kohya LoRA"],
             description="Writes an identity as a standard kohya LoRA (rank 1, alpha 27) into the loras folder, so the "
                         "stock LoraLoader, A1111/Forge and kohya tools can use it.",
             inputs=[
@@ -236,7 +254,8 @@ class W2WSaveLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, space, identity, filename_prefix: str, dtype: str) -> io.NodeOutput:
+    def execute(cls, space: SpaceSocket.Type, identity: IdentitySocket.Type, filename_prefix: str,
+                dtype: str) -> io.NodeOutput:
         import torch
 
         path, name = save_target("loras", filename_prefix)

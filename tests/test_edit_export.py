@@ -9,7 +9,8 @@ from w2w.edit import apply_edit, blend, fit_directions, get_direction, nearest_t
 from w2w.export import export_lora, lora_state_dict
 from w2w.identity import Identity
 from w2w.sampling import sample_identity
-from w2w.space import convert_release, load_space
+from w2w.convert import convert_release
+from w2w.space import load_space
 from w2w_fixtures import make_release, released_reference_deltas, released_reference_weights
 
 
@@ -125,3 +126,45 @@ def test_export_reproduces_deltas(space, release, tmp_path, fmt):
 def test_export_refuses_foreign_identity(space):
     with pytest.raises(ValueError, match="belongs to space"):
         lora_state_dict(space, Identity(torch.zeros(4), "ffffffffffffffff"))
+
+
+# ---- the exports read by the libraries that consume them -----------------------------------------------------
+def test_peft_export_matches_peft_own_naming_on_diffusers_unet(space, tmp_path):
+    """PEFT itself reads our adapter_config.json and, injected into diffusers' own SD1.5 UNet (on the meta device:
+    names and shapes only), names every LoRA tensor exactly as our file does, with the same shapes."""
+    peft = pytest.importorskip("peft", reason="the test requirements install peft: pip install -r requirements-test.txt")
+    diffusers = pytest.importorskip("diffusers", reason="pip install -r requirements-test.txt")
+    out = export_lora(space, sample_identity(space, seed=3, pcs=16), str(tmp_path / "peft"), "peft")
+    config = peft.LoraConfig.from_pretrained(out)
+    assert (config.r, config.lora_alpha) == (1, 27)
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(cross_attention_dim=768)  # diffusers' SD1.5 UNet configuration
+    peft.inject_adapter_in_model(config, unet)
+    theirs = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(unet).items()}
+    with safe_open(f"{out}/adapter_model.safetensors", "pt") as f:
+        ours = {k.removeprefix("base_model.model."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert len(theirs) == 128 and ours == theirs
+
+
+def test_kohya_export_read_by_diffusers_equals_the_diffusers_export(space, tmp_path):
+    """diffusers' own kohya reader (its conversion to PEFT keys, alpha as a scale) turns our kohya file into our
+    diffusers file: same keys, A equal, B·alpha/rank equal to the B with the scale folded in."""
+    pytest.importorskip("diffusers", reason="the test requirements install diffusers: pip install -r requirements-test.txt")
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    identity = sample_identity(space, seed=4, pcs=16)
+    kohya = lora_state_dict(space, identity, "kohya")
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    # alphas come keyed 'unet.<path>.processor.to_q_lora.down.weight.alpha': by module path '<path>.to_q'
+    alpha_of = {k.removeprefix("unet.").removesuffix("_lora.down.weight.alpha").replace(".processor.", "."): v
+                for k, v in alphas.items()}
+    theirs = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    ours = {k.removeprefix("unet."): v for k, v in lora_state_dict(space, identity, "diffusers").items()}
+    assert theirs.keys() == ours.keys() and len(ours) == 128 and len(alpha_of) == 64
+    for key, value in ours.items():
+        if ".lora_A." in key:
+            assert torch.equal(theirs[key], value), key
+        else:
+            alpha = alpha_of[key.removesuffix(".lora_B.weight")]
+            torch.testing.assert_close(theirs[key] * alpha / theirs[key].shape[1], value, rtol=1e-6, atol=0)

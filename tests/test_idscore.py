@@ -11,10 +11,9 @@ import pytest
 import torch
 
 if importlib.util.find_spec("facenet_pytorch") is None:
-    reason = "facenet-pytorch is not installed: pip install --no-deps -r requirements-idscore.txt"
-    if os.environ.get("CI"):
-        raise RuntimeError(reason)  # CI must run these tests, not skip them
-    pytest.skip(reason, allow_module_level=True)
+    # under CI the suite's conftest turns this skip into a failure (the ID-score tier must run there)
+    pytest.skip("facenet-pytorch is not installed: pip install --no-deps -r requirements-idscore.txt",
+                allow_module_level=True)
 
 from w2w.metrics import (  # noqa: E402
     FACENET_FILENAME, FACENET_URL, DetectorConfig, FaceNetWeightsMissing, find_facenet_weights, get_scorer,
@@ -82,6 +81,23 @@ def test_mtcnn_finds_the_face_in_a_public_domain_photo(scorer, astronaut):
     head = (170, 40, 280, 190)  # the astronaut's head in skimage.data.astronaut(), (x1, y1, x2, y2)
     assert _iou(face.box, head) > 0.4, face.box
     assert face.probability > 0.99
+
+
+def test_detection_and_crop_equal_facenet_pytorch_own_mtcnn_on_a_real_photo(scorer, astronaut):
+    """facenet-pytorch's own MTCNN (largest face, no post-processing, default margin 0 and 160 px crops: the paper's
+    ID-score setting) on the public-domain photo: the same box and, pixel for pixel, the same crop."""
+    from facenet_pytorch import MTCNN
+    from PIL import Image
+
+    theirs = MTCNN(image_size=160, margin=0, select_largest=True, post_process=False, device="cpu")
+    photo = Image.fromarray(astronaut)
+    boxes, probs = theirs.detect(photo)
+    crop = theirs(photo)  # (3, 160, 160) float, 0..255 without post-processing
+    ours = scorer.faces(astronaut[None])[0]
+    np.testing.assert_allclose(np.asarray(ours.box), np.asarray(boxes[0], dtype=np.float64), rtol=0, atol=1e-3)
+    assert abs(ours.probability - float(probs[0])) < 1e-5
+    assert ours.crop.shape == crop.shape == (3, 160, 160)
+    assert int((ours.crop.int() - crop.round().int()).abs().max()) == 0
 
 
 @pytest.mark.parametrize("kind", ["blank", "noise", "featureless oval", "tiny"])

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 if importlib.util.find_spec("facenet_pytorch") is None:
-    reason = "facenet-pytorch is not installed: pip install --no-deps -r requirements-idscore.txt"
-    if os.environ.get("CI"):
-        raise RuntimeError(reason)
-    pytest.skip(reason, allow_module_level=True)
+    # under CI the suite's conftest turns this skip into a failure (the ID-score tier must run there)
+    pytest.skip("facenet-pytorch is not installed: pip install --no-deps -r requirements-idscore.txt",
+                allow_module_level=True)
 
 from PIL import Image  # noqa: E402
 
@@ -29,10 +28,7 @@ def weights(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def run(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", tuple(cli.COMMAND_MODULES) + ("w2w.metrics.cli",)
-                        if "w2w.metrics.cli" not in cli.COMMAND_MODULES else cli.COMMAND_MODULES)
-
+def run(capsys):
     def _run(*argv):
         code = cli.main([str(a) for a in argv])
         out = capsys.readouterr()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -11,10 +10,9 @@ import numpy as np
 import pytest
 
 if importlib.util.find_spec("facenet_pytorch") is None:
-    reason = "facenet-pytorch is not installed: pip install --no-deps -r requirements-idscore.txt"
-    if os.environ.get("CI"):
-        raise RuntimeError(reason)
-    pytest.skip(reason, allow_module_level=True)
+    # under CI the suite's conftest turns this skip into a failure (the ID-score tier must run there)
+    pytest.skip("facenet-pytorch is not installed: pip install --no-deps -r requirements-idscore.txt",
+                allow_module_level=True)
 
 from PIL import Image  # noqa: E402
 

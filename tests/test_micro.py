@@ -293,7 +293,7 @@ def test_demo_without_real_files_also_writes_the_micro_sheet(toy_world, tmp_path
     """The stand-in run's companion: the miniature world's contact sheet, or a loud reason why not."""
     import argparse
 
-    from w2w.cli_demo import MICRO_SHEET, _standin_sheet
+    from demo.cli import MICRO_SHEET, _standin_sheet
 
     root, _, _ = toy_world
     said: list[str] = []
@@ -307,7 +307,7 @@ def test_demo_without_real_files_also_writes_the_micro_sheet(toy_world, tmp_path
 
 @pytest.mark.slow
 def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
-    from w2w.cli import main
+    from demo.cli import main
     from w2w.micro.tables import EvalConfig, run_tables, to_markdown
 
     root, world, _ = toy_world
@@ -327,7 +327,7 @@ def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
     assert "Editing vs prompting" in md and "| w2w edit, 0.5 × max projection |" in md and "| prompt |" in md
     assert "The paper's orderings" in md
     out = tmp_path / "demo"
-    assert main(["demo", "--micro", "--micro-dir", str(root / "out"), "--out", str(out)]) == 0
+    assert main(["--micro", "--micro-dir", str(root / "out"), "--out", str(out)]) == 0
     from PIL import Image
 
     sheet = Image.open(out / "w2w-micro-contact-sheet.png")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import re
+import shutil
+import subprocess
 import sys
 import tomllib
 import types
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from w2w import cli
-from w2w.cli_demo import demo_graph
+from demo.cli import build_parser as demo_parser, demo_graph
 from w2w.space import load_space
 from w2w.synthetic import write_release
 
@@ -32,6 +34,27 @@ def pyproject() -> dict:
 
 def test_requirements_txt_and_pyproject_list_the_same_dependencies(pyproject):
     assert sorted(requirement_lines(ROOT / "requirements.txt")) == sorted(pyproject["project"]["dependencies"])
+
+
+def registry_archive_files() -> list[str]:
+    """What comfy-cli's `comfy node pack` puts in the registry archive of this checkout: the git-tracked files minus
+    the .comfyignore matches (evaluated by git itself with the same gitignore syntax)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the registry archive is made from the tracked files")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    ignored = subprocess.run(["git", "-c", f"core.excludesFile={ROOT / '.comfyignore'}", "check-ignore", "--no-index",
+                              "--stdin"], cwd=ROOT, input="\n".join(tracked), capture_output=True, text=True).stdout
+    return sorted(set(tracked) - set(ignored.split()))
+
+
+def test_registry_archive_ships_what_users_run_and_no_development_files():
+    files = registry_archive_files()
+    tops = {f.split("/", 1)[0] for f in files}
+    assert {"__init__.py", "nodes", "w2w", "web", "example_workflows", "demo", "docs", "README.md", "LICENSE",
+            "pyproject.toml", "requirements.txt", "requirements-idscore.txt"} <= tops
+    assert not {"tests", "benchmarks", "scripts", ".ci", "CONTRIBUTING.md"} & tops
+    assert "nodes/__init__.py" in files and "web/js/w2w.js" in files
+    assert any(f.startswith("models/micro/") and f.endswith(".safetensors") for f in files)  # python -m demo --micro
 
 
 def test_torch_is_never_a_dependency(pyproject):
@@ -61,10 +84,11 @@ def test_pack_root_imports_without_comfyui():
                    for name in set(sys.modules) - before)
 
 
-def test_cli_has_the_download_and_demo_commands():
+def test_cli_has_the_download_command_and_the_demo_its_own_entry_point():
     parser = cli.build_parser()
     choices = parser._subparsers._group_actions[0].choices
-    assert {"download", "demo"} <= set(choices)
+    assert "download" in set(choices) and "demo" not in set(choices)
+    assert demo_parser().prog == "python -m demo"
 
 
 # ---- download ------------------------------------------------------------------------------------------

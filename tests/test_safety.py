@@ -7,7 +7,8 @@ import torch
 
 from w2w.layout import LayoutError
 from w2w.safeload import W2WFileError, load_dataframe
-from w2w.space import convert_release, load_space
+from w2w.convert import convert_release
+from w2w.space import load_space
 from w2w_fixtures import make_release
 
 SLOTS = ("V.pt", "mean.pt", "std.pt", "weight_dimensions.pt", "proj_1000pc.pt", "pinverse_1000pc.pt", "identity_df.pt")

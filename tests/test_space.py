@@ -6,9 +6,9 @@ import torch
 from safetensors import safe_open
 
 from w2w.identity import Identity, IdentityMismatch, load_identity, save_identity
-from w2w.safeload import W2WFileError
 from w2w.sampling import sample_identity
-from w2w.space import convert_release, load_space
+from w2w.convert import convert_release
+from w2w.space import load_space
 from w2w_fixtures import make_release, released_reference_deltas, released_reference_weights
 
 
@@ -127,21 +127,49 @@ def test_project_recovers_coefficients(converted):
     torch.testing.assert_close(space.project(space.weights(coefs)), coefs, atol=1e-3, rtol=1e-3)
 
 
-def test_converted_file_written_atomically(release, tmp_path, monkeypatch):
-    import w2w.stfile as stfile
-
+def test_an_interrupted_conversion_leaves_no_half_written_space(release, tmp_path):
+    """The fault fires while the basis streams into the temporary file (bytes already written, before the rename): the
+    previous file at the target stays as it was and no temporary file is left behind."""
     out = tmp_path / "x.safetensors"
+    out.write_bytes(b"the previous, complete space")
+    seen = []
 
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
+    def fault(done, total, what):
+        if what == "converting basis":
+            partial = [p for p in tmp_path.iterdir() if p.name.startswith(".partial")]
+            seen.append([(p.name, p.stat().st_size) for p in partial])
+            raise RuntimeError("disk full")
 
-    monkeypatch.setattr(stfile.TensorSource, "nbytes", property(lambda self: boom()))
-    with pytest.raises(RuntimeError):
-        convert_release(release.folder, str(out))
-    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".partial")]
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert_release(release.folder, str(out), callback=fault)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0][1] > 0  # mid-write: one temporary file with bytes in it
+    assert out.read_bytes() == b"the previous, complete space"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".partial")]
 
 
 def test_tiny_conversion_keeps_source_fingerprint(release, tmp_path):
     out = str(tmp_path / "tiny.safetensors")
     convert_release(release.folder, out, pcs=3)
     assert load_space(out).fingerprint == load_space(release.folder).fingerprint
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_loading_reports_progress_and_stops_when_the_callback_raises(release, tmp_path, monkeypatch, kind):
+    import w2w.rawread as rawread
+
+    path = release.folder
+    if kind == "file":
+        path = str(tmp_path / "space.safetensors")
+        convert_release(release.folder, path)
+    monkeypatch.setattr(rawread, "_BLOCK_BYTES", 4096)  # many small reads, so that progress has steps to report
+    seen = []
+    space = load_space(path, 16, progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) > 2 and seen == sorted(seen) and seen[-1][0] == seen[-1][1]
+    torch.testing.assert_close(space.components, load_space(path, 16).components, rtol=0, atol=0)
+
+    def cancel(done, total):
+        if done > total // 2:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt, match="cancelled"):
+        load_space(path, 16, progress=cancel)

@@ -1,5 +1,6 @@
 """VAE-w2w: training against collapse, the planted-manifold check against PCA, save/load, determinism, streaming,
 use (decode/encode/sample/interpolate) and inversion through the decoder with a tiny stand-in denoiser."""
+import dataclasses
 import math
 import time
 
@@ -10,11 +11,12 @@ import torch
 from w2w.identity import Identity, IdentityMismatch
 from w2w.layout import Layout, ModuleSlot
 from w2w.safeload import W2WFileError
-from w2w.space import load_space, replace_space
+from w2w.space import load_space
 from w2w.stfile import write_safetensors
 from w2w.vae import (LatentParam, informative_units, StopTraining, TrainConfig, VAEConfig, WeightsMatrix, active_units, decode_identity,
-                     decode_weights, encode_identity, interpolate, load_vae, pca_reconstruction_error, planted_manifold,
+                     decode_weights, encode_identity, interpolate, load_vae, pca_reconstruction_error,
                      reconstruction_error, sample_latents, save_vae, train_from_space, train_vae)
+from w2w.synthetic import planted_manifold
 from w2w_fixtures import make_release
 
 PCS, INTRINSIC, N_TRAIN, N_TEST = 32, 3, 1500, 400
@@ -42,7 +44,7 @@ def space(tmp_path_factory, manifold):
     release = make_release(tmp_path_factory, "vae_release", pcs=PCS, models=N_TRAIN)
     base = load_space(release.folder)
     train = manifold[0]
-    return replace_space(base, train_coefs=train, coef_mean=train.mean(0), coef_std=train.std(0))
+    return dataclasses.replace(base, train_coefs=train, coef_mean=train.mean(0), coef_std=train.std(0))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_vae_beats_pca_on_planted_nonlinear_manifold(trained, manifold):
     assert vae_err < 0.8 * pca_err
     assert active >= math.ceil(0.5 * INTRINSIC), variance
     assert informative_units(result.vae, test) >= math.ceil(0.5 * INTRINSIC)
-    assert result.final.informative >= 0
+    assert result.final.informative >= math.ceil(0.5 * INTRINSIC)  # the training record says so too
 
 
 def test_isotropic_gaussian_gives_pca_no_edge_and_is_reported(space):
@@ -175,15 +177,23 @@ def test_decode_encode_identity_tied_to_space(trained, space, manifold):
     assert identity.space_fingerprint == space.fingerprint and identity.pcs == PCS
     assert torch.allclose(decode_weights(vae, z, space), space.weights(identity.coefficients), atol=1e-5)
     assert space.weights(identity.coefficients).shape == (99_648,)
-    x = manifold[1][0]
+    train, test = manifold
+    x = test[0]
     mu, logvar = encode_identity(vae, Identity(x, space.fingerprint))
     assert mu.shape == logvar.shape == (INTRINSIC,)
     back = decode_identity(vae, space, mu).coefficients
-    assert float((back - x).norm() / x.norm()) < 0.8  # a point of the manifold comes back near itself
+    # the identity path adds nothing to the model's own round trip (input units, normalisation undone) ...
+    with torch.no_grad():
+        torch.testing.assert_close(back, vae.decode(vae.encode(x)[0]), rtol=1e-5, atol=1e-6)
+    # ... which on held-out points of the manifold beats PCA with as many components (the claim of the VAE)
+    backs = torch.stack([decode_identity(vae, space, encode_identity(vae, Identity(p, space.fingerprint))[0])
+                         .coefficients for p in test[:200]])
+    err = float(((backs - test[:200]) ** 2).sum() / ((test[:200] - train.mean(0)) ** 2).sum())
+    assert err < 0.8 * pca_reconstruction_error(train, test[:200], INTRINSIC)
     with pytest.raises(IdentityMismatch, match="space"):
         encode_identity(vae, Identity(x, "0123456789abcdef"))
     with pytest.raises(IdentityMismatch, match="load the space it was trained with"):
-        decode_identity(vae, replace_space(space, fingerprint="0123456789abcdef"), z)
+        decode_identity(vae, dataclasses.replace(space, fingerprint="0123456789abcdef"), z)
     with pytest.raises(ValueError, match="latent units"):
         decode_identity(vae, space, torch.zeros(INTRINSIC + 1))
 
@@ -275,7 +285,7 @@ def test_coefs_input_from_weights_matrix_projects_blocks(weights_space):
 def test_whitening_or_one_common_scale(space):
     cfg = TrainConfig(epochs=1)
     spread = torch.linspace(3.0, 0.5, PCS)
-    scaled = replace_space(space, train_coefs=space.train_coefs * spread)
+    scaled = dataclasses.replace(space, train_coefs=space.train_coefs * spread)
     white = train_from_space(scaled, latent=2, hidden=(8,), train=cfg).vae
     common = train_from_space(scaled, latent=2, hidden=(8,), train=cfg, whiten=False).vae
     data = scaled.train_coefs
@@ -412,7 +422,7 @@ def test_prior_term(trained, space):
     assert gauss.prior_loss().item() == pytest.approx(0.0, abs=1e-6)  # N(0, I) itself
     assert point.pcs == PCS and point.coefficients().shape == (PCS,)
     with pytest.raises(IdentityMismatch):
-        LatentParam(vae, replace_space(space, fingerprint="0123456789abcdef"))
+        LatentParam(vae, dataclasses.replace(space, fingerprint="0123456789abcdef"))
 
 
 def test_latent_param_works_on_a_vae_loaded_under_inference_mode(pixel_space, pixel_vaes, tmp_path):

@@ -11,11 +11,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Layout": "layout", "ModuleSlot": "layout", "LayoutError": "layout", "sd15_layout": "layout",
     "W2WFileError": "safeload",
-    "Space": "space", "Direction": "space", "load_space": "space", "save_space": "space", "convert_release": "space",
+    "Space": "space", "Direction": "space", "load_space": "space", "save_space": "space", "convert_release": "convert",
     "Identity": "identity", "IdentityMismatch": "identity", "save_identity": "identity", "load_identity": "identity",
-    "sample_identity": "sampling", "mean_identity": "sampling",
+    "sample_identity": "sampling",
     "apply_edit": "edit", "get_direction": "edit", "fit_directions": "edit", "blend": "edit", "nearest_training": "edit",
-    "export_lora": "export", "lora_state_dict": "export",
+    "export_lora": "export", "lora_state_dict": "export", "identity_factors": "export",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -20,6 +20,8 @@ such as the released ``all_weights.pt``); :mod:`w2w.rawread` finds the matrix in
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -35,7 +37,7 @@ import torch
 from .layout import Layout, LayoutError, ModuleSlot, module_path_from_key, sd15_layout
 from .rawread import MatrixSpan, npy_span, pread_into, safetensors_span, torch_file_span
 from .safeload import W2WFileError
-from .space import Space, load_space, replace_space, save_space
+from .space import Space, load_space, save_space
 
 __all__ = ["BuildConfig", "BuildResult", "BuildError", "RowSource", "ArraySource", "MatrixFileSource",
            "LoraFolderSource", "open_source", "build_space", "read_labels_csv", "attach_labels", "layout_of_lora",
@@ -705,7 +707,7 @@ def attach_labels(space: Space, labels: torch.Tensor, attributes: Sequence[str])
     """A copy of ``space`` carrying training labels (N rows, same order as its training coefficients)."""
     if space.train_coefs is None:
         raise BuildError("this space has no training coefficients; labels can only be attached to a built space")
-    return replace_space(space, labels=labels, attribute_names=tuple(attributes), directions={})
+    return dataclasses.replace(space, labels=labels, attribute_names=tuple(attributes), directions={})
 
 
 def load_for_labels(path: str) -> Space:

@@ -2,22 +2,21 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
 
-__all__ = ["main", "COMMAND_MODULES"]
+from . import cli_build, cli_space, cli_vae, download
+from .metrics import cli as metrics_cli
 
-# Each module exposes register(subparsers); its parsers set `func(args) -> int`.
-COMMAND_MODULES = ("w2w.cli_space", "w2w.cli_build", "w2w.cli_vae", "w2w.metrics.cli", "w2w.download", "w2w.cli_demo")
+__all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m w2w", description="weights2weights spaces for ComfyUI and the command line")
+    parser = argparse.ArgumentParser(prog="python -m w2w", description="weights2weights spaces for ComfyUI and the "
+                                     "command line (the headless ComfyUI demo is `python -m demo`)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in (cli_space, cli_build, cli_vae, metrics_cli, download):  # each adds its commands; func(args) -> int
+        module.register(sub)
     return parser
 
 
@@ -28,7 +27,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def print_json(data) -> None:
-    print(json.dumps(data, indent=2))

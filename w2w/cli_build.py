@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .cli import print_json
+from .cli_common import print_json
 
 
 def register(sub) -> None:

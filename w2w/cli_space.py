@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .cli import print_json
+from .cli_common import print_json
 
 SPACE_HELP = "a w2w space: our .safetensors file or a folder of the released files (V.pt, mean.pt, ...)"
 
@@ -83,7 +83,7 @@ def _attributes(args) -> int:
 
 
 def _convert(args) -> int:
-    from .space import convert_release
+    from .convert import convert_release
 
     def progress(i, n, what):
         print(f"\r{what}: {i}/{n}", end="", flush=True)

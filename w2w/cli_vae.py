@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import sys
 
-from .cli import print_json
+from .cli_common import print_json
 
 SPACE_HELP = "a w2w space: our .safetensors file or a folder of the released files (V.pt, mean.pt, ...)"
 

@@ -63,7 +63,7 @@ def download_and_convert(w2w_dir: str | os.PathLike, *, convert: bool = True, pc
     """Download into ``w2w_dir/weights2weights/files`` and (``convert``) write ``w2w_dir/weights2weights.safetensors``."""
     import torch
 
-    from .space import convert_release
+    from .convert import convert_release
 
     w2w_dir = Path(w2w_dir)
     folder = download_release(w2w_dir / RELEASE_NAME, revision=revision)

@@ -8,12 +8,13 @@ when ``raw = strength · spread / |direction|`` (:meth:`Direction.raw_multiplier
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Sequence
 
 import torch
 
 from .identity import Identity
-from .space import Direction, Space, replace_space
+from .space import Direction, Space
 
 __all__ = ["fit_directions", "get_direction", "apply_edit", "blend", "nearest_training", "METHODS", "pad_to"]
 
@@ -44,34 +45,31 @@ def _label_column(space: Space, name: str) -> torch.Tensor:
 
 
 def _raw_direction(space: Space, name: str, method: str) -> torch.Tensor:
-    key = ("raw", name, method)
-    if key in space._cache:
-        return space._cache[key]
-    if name in space.directions and method == space.directions[name].method and not space.directions[name].debias:
-        vec = space.directions[name].vector
-    else:
-        _require_training(space, f"the direction {name!r}")
-        y = _label_column(space, name)
-        if method == "lstsq":
-            vec = _lstsq_all(space)[:, space.attribute_names.index(name)]
-        elif method == "logistic":
-            vec = _logistic(space, y, name)
-        else:
-            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    space._cache[key] = vec
-    return vec
+    """The fitted (not debiased) direction of ``name``: a stored one, or fitted once per space."""
+    stored = space.directions.get(name)
+    if stored is not None and method == stored.method and not stored.debias:
+        return stored.vector
+    return space.cached(("raw", name, method), lambda: _fit_raw(space, name, method))
+
+
+def _fit_raw(space: Space, name: str, method: str) -> torch.Tensor:
+    _require_training(space, f"the direction {name!r}")
+    y = _label_column(space, name)
+    if method == "lstsq":
+        return space.cached("lstsq_all", lambda: _lstsq_all(space))[:, space.attribute_names.index(name)]
+    if method == "logistic":
+        return _logistic(space, y, name)
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
 def _lstsq_all(space: Space) -> torch.Tensor:
     """Least-squares directions for every attribute at once: pinverse @ labels, (k, A)."""
-    if "lstsq_all" not in space._cache:
-        if space.pinverse is not None:
-            sol = space.pinverse.double() @ space.labels.double()
-        else:
-            x = space.train_coefs.double()
-            sol = torch.linalg.lstsq(x, space.labels.double(), driver="gelsd").solution
-        space._cache["lstsq_all"] = sol.float()
-    return space._cache["lstsq_all"]
+    if space.pinverse is not None:
+        sol = space.pinverse.double() @ space.labels.double()
+    else:
+        x = space.train_coefs.double()
+        sol = torch.linalg.lstsq(x, space.labels.double(), driver="gelsd").solution
+    return sol.float()
 
 
 def _logistic(space: Space, y: torch.Tensor, name: str) -> torch.Tensor:
@@ -106,15 +104,16 @@ def get_direction(space: Space, name: str, debias: Sequence[str] = (), method: s
     cached = space.directions.get(name)
     if cached is not None and cached.debias == debias and cached.method == method:
         return cached
-    key = ("dir", name, debias, method)
-    if key not in space._cache:
-        vec = _raw_direction(space, name, method).clone()
-        for other in debias:
-            e = _raw_direction(space, other, method)
-            k = min(vec.shape[0], e.shape[0])
-            vec[:k] -= (vec[:k] @ e[:k]) / (e[:k] @ e[:k]) * e[:k]
-        space._cache[key] = Direction(name, vec, _spread(space, vec / vec.norm()), method, debias)
-    return space._cache[key]
+    return space.cached(("dir", name, debias, method), lambda: _debiased(space, name, debias, method))
+
+
+def _debiased(space: Space, name: str, debias: tuple[str, ...], method: str) -> Direction:
+    vec = _raw_direction(space, name, method).clone()
+    for other in debias:
+        e = _raw_direction(space, other, method)
+        k = min(vec.shape[0], e.shape[0])
+        vec[:k] -= (vec[:k] @ e[:k]) / (e[:k] @ e[:k]) * e[:k]
+    return Direction(name, vec, _spread(space, vec / vec.norm()), method, debias)
 
 
 def fit_directions(space: Space, names: Iterable[str] | None = None, *, method: str = "lstsq",
@@ -126,7 +125,7 @@ def fit_directions(space: Space, names: Iterable[str] | None = None, *, method: 
     dirs = dict(space.directions)
     for name in names:
         dirs[name] = get_direction(space, name, debias.get(name, ()), method)
-    return replace_space(space, directions=dirs)
+    return dataclasses.replace(space, directions=dirs)
 
 
 def apply_edit(space: Space, identity: Identity, name: str, strength: float, debias: Sequence[str] = (),

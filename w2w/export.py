@@ -7,12 +7,24 @@ import os
 import torch
 
 from .identity import Identity
+from .layout import ModuleSlot
 from .space import Space
 from .stfile import atomic_path, write_safetensors
 
-__all__ = ["lora_state_dict", "export_lora", "FORMATS"]
+__all__ = ["identity_factors", "lora_state_dict", "export_lora", "FORMATS"]
 
 FORMATS = ("kohya", "peft", "diffusers")
+
+
+def identity_factors(space: Space, identity: Identity) -> list[tuple[ModuleSlot, torch.Tensor, torch.Tensor]]:
+    """(module, A (rank, in), B (out, rank)) float32 of every module: ΔW = alpha/rank · B @ A (paper §3).
+
+    The one owner of an identity's LoRA factors: the exports below and the MODEL patches use it.
+    """
+    identity.check_space(space)
+    layout = space.layout
+    weights = space.weights(identity.coefficients)  # (d,)
+    return [(slot, a.contiguous(), b.contiguous()) for slot, (a, b) in zip(layout.modules, layout.factors(weights))]
 
 
 def lora_state_dict(space: Space, identity: Identity, fmt: str = "kohya", dtype: torch.dtype = torch.float32,
@@ -26,11 +38,9 @@ def lora_state_dict(space: Space, identity: Identity, fmt: str = "kohya", dtype:
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    identity.check_space(space)
     layout = space.layout
-    w = space.weights(identity.coefficients)
     out: dict[str, torch.Tensor] = {}
-    for m, (a, b) in zip(layout.modules, layout.factors(w)):
+    for m, a, b in identity_factors(space, identity):
         b = b * strength
         if fmt == "kohya":
             out[f"{m.kohya_name}.lora_down.weight"] = a.to(dtype).contiguous()

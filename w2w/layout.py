@@ -267,9 +267,6 @@ class Layout:
         entries.sort()
         return {key: ((shape[0] * shape[1],), torch.Size(shape)) for _, key, shape in entries}
 
-    def is_sd15(self) -> bool:
-        return all(m.comfy_key is not None for m in self.modules)
-
 
 def _parse_dim_value(key: str, value) -> tuple[int, tuple[int, ...]]:
     try:

@@ -13,6 +13,7 @@ import os
 import struct
 import zipfile
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -158,9 +159,18 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy() if tensor.numel() else bytearray()).cast("B")
 
 
-def read_rows(span: MatrixSpan, rows: int) -> torch.Tensor:
-    """The first ``rows`` rows, in one read."""
-    return pread_into(span.path, span.offset, torch.empty(rows, span.shape[1], dtype=span.dtype))
+def read_rows(span: MatrixSpan, rows: int, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """The first ``rows`` rows: one read, or ~64 MB reads with ``progress(rows_done, rows)`` after each (it may raise
+    to stop)."""
+    out = torch.empty(rows, span.shape[1], dtype=span.dtype)
+    if progress is None:
+        return pread_into(span.path, span.offset, out)
+    block_rows = max(1, _BLOCK_BYTES // max(1, span.row_bytes))
+    for start in range(0, rows, block_rows):
+        stop = min(rows, start + block_rows)
+        pread_into(span.path, span.offset + start * span.row_bytes, out[start:stop])
+        progress(stop, rows)
+    return out
 
 
 def row_blocks(span: MatrixSpan):
@@ -174,11 +184,15 @@ def row_blocks(span: MatrixSpan):
         yield start, pread_into(span.path, span.offset + start * span.row_bytes, buf[:n])
 
 
-def read_columns_t(span: MatrixSpan, cols: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The first ``cols`` columns of the matrix, transposed: (cols, rows), in one sequential pass."""
+def read_columns_t(span: MatrixSpan, cols: int, dtype: torch.dtype | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """The first ``cols`` columns of the matrix, transposed: (cols, rows), in one sequential pass;
+    ``progress(rows_done, rows)`` after each block (it may raise to stop)."""
     out = torch.empty(cols, span.shape[0], dtype=dtype or span.dtype)
     for start, block in row_blocks(span):
         out[:, start:start + block.shape[0]] = block[:, :cols].T
+        if progress is not None:
+            progress(start + block.shape[0], span.shape[0])
     return out
 
 

@@ -6,7 +6,7 @@ import torch
 from .identity import Identity
 from .space import Space
 
-__all__ = ["sample_identity", "mean_identity"]
+__all__ = ["sample_identity"]
 
 
 def sample_identity(space: Space, seed: int, pcs: int = 1000, factor: float = 1.0) -> Identity:
@@ -24,7 +24,3 @@ def sample_identity(space: Space, seed: int, pcs: int = 1000, factor: float = 1.
     coefs = space.coef_mean[:pcs] + factor * space.coef_std[:pcs] * z
     return Identity(coefs, space.fingerprint, f"sample-{seed}", (f"sample seed={seed} pcs={pcs} factor={factor:g}",))
 
-
-def mean_identity(space: Space, pcs: int = 1) -> Identity:
-    """The mean model (all coefficients 0)."""
-    return Identity(torch.zeros(pcs), space.fingerprint, "mean", ("mean",))

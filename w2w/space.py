@@ -4,7 +4,8 @@ Weights of a model with coefficients β (k,) are ``w = (β @ components[:k]) * s
 the standardised weights), then ``ΔW = alpha/rank · B @ A`` per module (see :mod:`w2w.layout`).
 
 Two on-disk forms load the same way (:func:`load_space`): a directory of the released files (``V.pt`` ...), and
-our single ``.safetensors`` file (:func:`save_space`, :func:`convert_release`). See README "Space format".
+our single ``.safetensors`` file (:func:`save_space`; :func:`w2w.convert.convert_release` writes one from the
+released files). See README "Space format".
 """
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from typing import Callable, Mapping
 import torch
 
 from .layout import Layout, LayoutError
-from .rawread import read_columns_t, read_rows, safetensors_span, torch_file_span, write_columns_t
+from .rawread import read_columns_t, read_rows, safetensors_span, torch_file_span
 from .safeload import W2WFileError, load_dataframe, load_object, load_tensor
 from .stfile import TensorSource, write_safetensors
 
-__all__ = ["Space", "Direction", "load_space", "save_space", "convert_release", "space_fingerprint",
-           "RELEASE_FILES", "FORMAT", "FORMAT_VERSION", "replace_space", "labels_from_dataframe", "coefficient_covariance"]
+__all__ = ["Space", "Direction", "load_space", "save_space", "space_fingerprint", "RELEASE_FILES", "FORMAT",
+           "FORMAT_VERSION", "RELEASED_ATTRIBUTES", "labels_from_dataframe", "coefficient_covariance"]
 
 FORMAT = "w2w-space"
 FORMAT_VERSION = 1
@@ -31,6 +32,15 @@ RELEASE_FILES = ("V.pt", "mean.pt", "std.pt", "weight_dimensions.pt")
 OPTIONAL_RELEASE_FILES = ("proj_1000pc.pt", "pinverse_1000pc.pt", "identity_df.pt", "adapter_config.json")
 FINGERPRINT_PCS = 8  # leading PCs that enter the fingerprint
 _CHUNK = 256  # rows of a half-precision basis converted to float32 at a time (~100 MB)
+
+# The 33 CelebA attributes labelled in the released space's identity_df.pt (REFERENCE: "Attributes exposed").
+RELEASED_ATTRIBUTES = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
+    "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee",
+    "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face",
+    "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Straight_Hair", "Wavy_Hair",
+    "Wearing_Lipstick", "Young",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +99,9 @@ class Space:
     source: str = ""
     total_pcs: int = 0  # PCs in the file it came from (>= pcs)
     fingerprint: str = ""
-    _cache: dict = field(default_factory=dict, repr=False)
+    # Derived values (fitted directions, least-squares solutions), computed once per Space object. Not an init
+    # field: dataclasses.replace gives the copy an empty cache, since its labels or coefficients may differ.
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         m, d = self.components.shape if self.components.dim() == 2 else (0, 0)
@@ -125,6 +137,12 @@ class Space:
             object.__setattr__(self, "fingerprint", space_fingerprint(self.layout, self.mean, self.std, self.components))
         if self.total_pcs < m:
             object.__setattr__(self, "total_pcs", m)
+
+    def cached(self, key, compute: Callable[[], object]):
+        """``compute()`` once per space and ``key``; later calls return the stored value."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     # ---- sizes -----------------------------------------------------------------------------------------
     @property
@@ -211,21 +229,23 @@ def _all_finite(t: torch.Tensor, rows: int = 64) -> bool:
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
-def load_space(path: str, pcs: int | None = None, *, training: bool = True) -> Space:
+def load_space(path: str, pcs: int | None = None, *, training: bool = True,
+               progress: Callable[[int, int], None] | None = None) -> Space:
     """Load a space from a released-files directory or our ``.safetensors`` file, holding only ``pcs`` PCs.
 
     ``pcs=None`` keeps every PC in the file. ``training=False`` skips training coefficients and labels.
+    ``progress(done, total)`` follows the read of the basis, the long part (it may raise to stop the load).
     """
     if pcs is not None and (not isinstance(pcs, int) or pcs < 1):
         raise ValueError(f"pcs must be a positive integer or None, got {pcs!r}")
     path = os.fspath(path)
     if os.path.isdir(path):
-        return _load_release_dir(path, pcs, training)
+        return _load_release_dir(path, pcs, training, progress)
     if not os.path.exists(path):
         raise W2WFileError(f"space not found: {path}. Put our .safetensors space or a folder of the released files "
                            "(V.pt, mean.pt, std.pt, weight_dimensions.pt) there; `python -m w2w download` fetches them.")
     if path.endswith(".safetensors"):
-        return _load_ours(path, pcs, training)
+        return _load_ours(path, pcs, training, progress)
     raise W2WFileError(f"{path}: a space is a .safetensors file or a folder of released files")
 
 
@@ -237,12 +257,17 @@ def _pcs_to_keep(pcs: int | None, available: int, where: str) -> int:
     return pcs
 
 
-def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
+def check_release_folder(folder: str) -> None:
+    """W2WFileError naming the missing files and where they come from, unless ``folder`` holds the released files."""
     missing = [f for f in RELEASE_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise W2WFileError(f"the w2w space folder {folder} lacks {', '.join(missing)}. Download the released files "
                            "(Hugging Face snap-research/weights2weights, folder files/) into it, or run "
                            "`python -m w2w download`.")
+
+
+def _load_release_dir(folder: str, pcs: int | None, training: bool, progress=None) -> Space:
+    check_release_folder(folder)
     p = lambda name: os.path.join(folder, name)  # noqa: E731
     alpha = _release_alpha(p("adapter_config.json"))
     dims = load_object(p("weight_dimensions.pt"), mmap=False)
@@ -260,12 +285,12 @@ def _load_release_dir(folder: str, pcs: int | None, training: bool) -> Space:
         raise LayoutError(f"{p('V.pt')} has {span.shape[0]:,} rows; weight_dimensions adds up to {d:,}")
     m = _pcs_to_keep(pcs, span.shape[1], p("V.pt"))
     head_pcs = min(FINGERPRINT_PCS, span.shape[1])
-    components = read_columns_t(span, max(m, head_pcs), torch.float32)  # (m, d): one pass over the file
+    components = read_columns_t(span, max(m, head_pcs), torch.float32, progress)  # (m, d): one pass over the file
     fingerprint = space_fingerprint(layout, mean, std, components[:head_pcs])
     components = components[:m]
     kw: dict = {}
     if training:
-        kw = _release_training(folder, m)
+        kw = release_training_data(folder, m)
     try:
         return Space(components, mean, std, layout, total_pcs=span.shape[1], source=f"released files: {folder}",
                      fingerprint=fingerprint, **kw)
@@ -284,7 +309,8 @@ def _release_alpha(config_path: str) -> tuple[float, int | None]:
         raise W2WFileError(f"{config_path} is not a valid PEFT adapter config: {exc}") from None
 
 
-def _release_training(folder: str, m: int) -> dict:
+def release_training_data(folder: str, m: int) -> dict:
+    """The Space fields a released folder's optional files give (coefficients over ``m`` PCs, statistics, labels)."""
     out: dict = {}
     proj_path = os.path.join(folder, "proj_1000pc.pt")
     if os.path.isfile(proj_path):
@@ -341,7 +367,7 @@ def _meta_json(meta: dict, key: str, path: str, default=None):
         raise W2WFileError(f"{path}: metadata {key!r} is not valid JSON: {exc}") from None
 
 
-def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
+def _load_ours(path: str, pcs: int | None, training: bool, progress=None) -> Space:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -362,7 +388,7 @@ def _load_ours(path: str, pcs: int | None, training: bool) -> Space:
             span = safetensors_span(path, "components")  # plain reads of the first rows, no memory map
             total = span.shape[0]
             m = _pcs_to_keep(pcs, total, path)
-            components = read_rows(span, max(m, min(total, FINGERPRINT_PCS)))
+            components = read_rows(span, max(m, min(total, FINGERPRINT_PCS)), progress)
             head = components[:min(total, FINGERPRINT_PCS)]
             components = components[:m]
             kw: dict = {"mean": f.get_tensor("mean").float(), "std": f.get_tensor("std").float()}
@@ -437,45 +463,3 @@ def save_space(space: Space, path: str, *, dtype: torch.dtype = torch.float32, t
     meta["directions"] = dirs
     meta.update(extra_metadata or {})
     write_safetensors(path, tensors, _metadata(meta))
-
-
-def convert_release(folder: str, out: str, *, pcs: int | None = None, dtype: torch.dtype = torch.float32,
-                    training: bool = True, directions: bool = True,
-                    callback: Callable[[int, int, str], None] | None = None) -> Space:
-    """Convert a released-files folder to our format, streaming the basis so it is never held whole."""
-    from .edit import fit_directions
-
-    span = torch_file_span(os.path.join(folder, "V.pt"), "V")  # (d, M)
-    m = _pcs_to_keep(pcs, span.shape[1], os.path.join(folder, "V.pt"))
-    head = _load_release_dir(folder, min(FINGERPRINT_PCS, span.shape[1]), training=False)
-
-    def fill(f, offset: int) -> None:
-        progress = None if callback is None else (lambda i, n: callback(i, n, "converting basis"))
-        write_columns_t(span, m, dtype, f, offset, progress)
-
-    extra = _release_training(folder, m) if training else {}
-    space = Space(head.components, head.mean, head.std, head.layout, **extra, total_pcs=span.shape[1],
-                  source=f"converted from released files ({os.path.basename(os.path.normpath(folder))})",
-                  fingerprint=head.fingerprint)
-    if directions and space.labels is not None:
-        space = fit_directions(space)
-    save_space(space, out, dtype=dtype, training=training, components=TensorSource(dtype, (m, span.shape[0]), fill=fill))
-    if callback is not None:
-        callback(m, m, "done")
-    return load_space(out, pcs=min(m, 1000))
-
-
-def replace_space(space: Space, **changes) -> Space:
-    """A copy of ``space`` with some fields changed (tensors are shared, never modified)."""
-    fields = {"components": space.components, "mean": space.mean, "std": space.std, "layout": space.layout,
-              "source": space.source, "total_pcs": space.total_pcs, "fingerprint": space.fingerprint,
-              **_space_fields(space)}
-    fields.update(changes)
-    return Space(**fields)
-
-
-def _space_fields(space: Space) -> dict:
-    return {"coef_mean": space.coef_mean, "coef_std": space.coef_std, "train_coefs": space.train_coefs,
-            "coef_cov": space.coef_cov,
-            "labels": space.labels, "attribute_names": space.attribute_names, "train_names": space.train_names,
-            "directions": dict(space.directions), "pinverse": space.pinverse, "base_model": space.base_model}

@@ -1,11 +1,13 @@
-"""Synthetic spaces written in exactly the released file format, for tests, benchmarks and the demo stand-in.
+"""Synthetic data for tests, benchmarks and the demo stand-in: spaces written in exactly the released file format,
+and points on a planted non-linear manifold (for the VAE).
 
-They have the released layout (or any layout), real file names and types, random values. They test mechanics,
+Spaces have the released layout (or any layout), real file names and types, random values. They test mechanics,
 never quality: nothing made here is a model of a person.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -13,15 +15,7 @@ import torch
 
 from .layout import Layout, sd15_layout
 
-__all__ = ["SyntheticRelease", "write_release", "CELEBA_ATTRIBUTES", "DEFAULT_ATTRIBUTES"]
-
-CELEBA_ATTRIBUTES = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
-    "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee",
-    "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face",
-    "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Straight_Hair", "Wavy_Hair",
-    "Wearing_Lipstick", "Young",
-)
+__all__ = ["SyntheticRelease", "write_release", "planted_manifold", "DEFAULT_ATTRIBUTES"]
 
 DEFAULT_ATTRIBUTES = ("Male", "Young", "No_Beard", "Eyeglasses", "Chubby", "Blond_Hair", "Bald", "Big_Nose")
 
@@ -81,3 +75,19 @@ def _write_dataframe(path: str, labels: torch.Tensor, attributes: tuple[str, ...
     df = pd.DataFrame(labels.numpy(), columns=list(attributes), index=names)
     df["file"] = names
     torch.save(df, path)
+
+
+def planted_manifold(n: int, dim: int, intrinsic: int, *, seed: int = 0, features: int = 64, frequency: float = 1.0,
+                     noise: float = 0.01, spread: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, dim) points on a smooth non-linear ``intrinsic``-dimensional manifold: x = sin(z·W + b)·A + noise,
+    z ~ N(0, I). Its linear span has ``features`` directions, so PCA needs many more than ``intrinsic`` components
+    while a VAE with ``intrinsic`` latent units can represent it. Test and benchmark data, a model of nothing.
+    ``spread`` (dim,) rescales the output dimensions (e.g. the decreasing per-PC spread of a w2w space)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(intrinsic, features, generator=gen) * frequency
+    b = torch.rand(features, generator=gen) * 2 * math.pi
+    a = torch.randn(features, dim, generator=gen) / math.sqrt(features)
+    z = torch.randn(n, intrinsic, generator=gen)
+    x = torch.sin(z @ w + b) @ a
+    x = x + noise * x.std() * torch.randn(n, dim, generator=gen)
+    return x * spread if spread is not None else x

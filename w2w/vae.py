@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -37,7 +37,7 @@ from .stfile import write_safetensors
 __all__ = ["VAEConfig", "TrainConfig", "EpochStats", "TrainResult", "StopTraining", "W2WVAE", "WeightsMatrix",
            "train_vae", "save_vae", "load_vae", "decode_identity", "decode_weights", "encode_identity",
            "sample_latents", "interpolate", "active_units", "reconstruction_error", "pca_reconstruction_error",
-           "LatentParam", "planted_manifold", "VAE_FORMAT", "INPUTS", "VAELatent", "describe_vae", "informative_units",
+           "LatentParam", "VAE_FORMAT", "INPUTS", "VAELatent", "describe_vae", "informative_units",
            "train_from_space"]
 
 VAE_FORMAT = "w2w-vae"
@@ -746,20 +746,3 @@ def _plain_copy(vae: W2WVAE) -> W2WVAE:
     copy.history = getattr(vae, "history", ())
     copy.train_config = getattr(vae, "train_config", None)
     return copy
-
-
-# ---- synthetic data with a planted non-linear manifold -------------------------------------------------------
-def planted_manifold(n: int, dim: int, intrinsic: int, *, seed: int = 0, features: int = 64, frequency: float = 1.0,
-                     noise: float = 0.01, spread: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, dim) points on a smooth non-linear ``intrinsic``-dimensional manifold: x = sin(z·W + b)·A + noise,
-    z ~ N(0, I). Its linear span has ``features`` directions, so PCA needs many more than ``intrinsic`` components
-    while a VAE with ``intrinsic`` latent units can represent it. Test and benchmark data, a model of nothing.
-    ``spread`` (dim,) rescales the output dimensions (e.g. the decreasing per-PC spread of a w2w space)."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(intrinsic, features, generator=gen) * frequency
-    b = torch.rand(features, generator=gen) * 2 * math.pi
-    a = torch.randn(features, dim, generator=gen) / math.sqrt(features)
-    z = torch.randn(n, intrinsic, generator=gen)
-    x = torch.sin(z @ w + b) @ a
-    x = x + noise * x.std() * torch.randn(n, dim, generator=gen)
-    return x * spread if spread is not None else x

@@ -16,6 +16,9 @@ directory can become part of it): keep the `test_*`, `conftest`, `comfyhost` nam
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
+import inspect
 import json
 import logging
 import os
@@ -52,6 +55,35 @@ def png_pixels(path: str | os.PathLike):
     with Image.open(path) as image:
         rgb = image.convert("RGB")
         return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
+
+
+# ---- executor generations ------------------------------------------------------------------------------------
+# ComfyUI 0.3.64: PromptExecutor(server, cache_type=...); cache.get(node_id) returns the output lists.
+# Late-2026 releases (read from 0.38.1's execution.py): PromptExecutor(server, cache_type=..., cache_args=...), where
+# execute reads cache_args["ram"] and ["ram_inactive"] whatever the cache type; the cache's get is a coroutine
+# returning CacheEntry(ui, outputs). The harness speaks both.
+def new_prompt_executor(execution, server):
+    """A classic-cache PromptExecutor, with the cache arguments newer hosts require."""
+    kwargs = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}  # as main.py's --cache-classic
+    return execution.PromptExecutor(server, **kwargs)
+
+
+def cached_outputs(cache, node_id: str):
+    """The output lists of ``node_id`` in an executor's output cache, or None, whatever the host's cache API."""
+    value = cache.get(node_id)
+    if inspect.isawaitable(value):
+        value = asyncio.run(value)
+    return getattr(value, "outputs", value)  # newer hosts wrap them in CacheEntry(ui, outputs)
+
+
+def _return_free_memory_to_the_os() -> None:
+    """glibc keeps freed large blocks mapped; give them back so the next module starts from a low RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
 
 
 class GraphError(RuntimeError):
@@ -167,6 +199,13 @@ class ComfyHost:
 
         args = comfy.cli_args.args
         args.cpu = True
+        # The UNet stored in float16 and computed in float32 (ComfyUI's manual cast, as for an fp16 checkpoint on a
+        # device without fast fp16): half the memory of the float32 CPU default, the path GPU users' fp16 weights
+        # take, and the tests' tolerances follow the stored dtype. W2W_TEST_UNET_DTYPE=fp32 runs the CPU default.
+        unet_dtype = os.environ.get("W2W_TEST_UNET_DTYPE", "fp16")
+        if unet_dtype not in ("fp16", "fp32"):
+            raise ValueError(f"W2W_TEST_UNET_DTYPE must be fp16 or fp32, got {unet_dtype!r}")
+        args.fp16_unet = unet_dtype == "fp16"
         args.base_directory = str(self.base_dir)
         args.front_end_root = str(self.base_dir / "frontend")  # empty: no web UI is served
         args.disable_api_nodes = True
@@ -272,11 +311,13 @@ class ComfyHost:
         if not valid:
             raise GraphError(f"graph is invalid: {error.get('message')}: {error.get('details')}; "
                              f"node errors: {node_errors}", {"error": error, "node_errors": node_errors})
-        executor = executor or self.new_executor()
+        if executor is None:
+            gc.collect()  # executors hold each other's caches in reference cycles: free earlier ones' models first
+            executor = self.new_executor()
         executor.execute(prompt, prompt_id, {}, outputs)
         node_outputs = {}
         for node_id in prompt:
-            value = executor.caches.outputs.get(node_id)
+            value = cached_outputs(executor.caches.outputs, node_id)
             if value is not None:
                 node_outputs[node_id] = value
         result = GraphResult(prompt_id=prompt_id, success=executor.success,
@@ -299,13 +340,15 @@ class ComfyHost:
     def new_executor(self):
         import execution
 
-        return execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        return new_prompt_executor(execution, self.server)
 
     def unload_models(self) -> None:
         """Drop cached outputs and loaded models (frees the memory the last graphs held)."""
         import comfy.model_management
 
         self._shared_executor = None
-
+        gc.collect()
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
+        gc.collect()
+        _return_free_memory_to_the_os()

@@ -63,6 +63,31 @@ def comfy_host(comfyui_path, sd15_standin, tmp_path_factory):
     host.unload_models()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_models_after_each_module():
+    """After a test module (and its module-scoped results) is done, drop every model the in-process host loaded, so
+    that modules never stack full-size UNets in memory."""
+    yield
+    import comfyhost
+
+    if comfyhost._STARTED is not None:
+        comfyhost._STARTED.unload_models()
+
+
+@pytest.fixture(scope="module")
+def float32_unet(comfy_host):
+    """For a module whose checks are derived for float32 weights: the UNet is stored in float32 while it runs (the
+    suite's default is float16 storage). Use with ``pytestmark = pytest.mark.usefixtures("float32_unet")``."""
+    import comfy.cli_args
+
+    args = comfy.cli_args.args
+    before = args.fp16_unet
+    comfy_host.unload_models()  # nothing loaded in the other dtype may be reused
+    args.fp16_unet = False
+    yield
+    args.fp16_unet = before
+
+
 @pytest.fixture
 def stock_graph() -> dict:
     return load_stock_graph()

@@ -126,6 +126,78 @@ def invert_graph() -> dict:
     return g
 
 
+def _hook(identity, nid_space="2", edited=None, edit_start=0.3) -> dict:
+    inputs = {"space": [nid_space, 0], "identity": list(identity), "strength": 1.0, "edit_start": edit_start}
+    if edited is not None:
+        inputs["edited_identity"] = list(edited)
+    return {"class_type": "W2WIdentityHook", "inputs": inputs}
+
+
+def _halves(g: dict, width: int, height: int) -> None:
+    """Masks 20 (left half) and 23 (right half) of a width × height image, from stock mask nodes."""
+    g["20"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": width, "height": height}}
+    g["21"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": width // 2, "height": height}}
+    g["22"] = {"class_type": "MaskComposite", "inputs": {"destination": ["20", 0], "source": ["21", 0], "x": 0, "y": 0,
+                                                         "operation": "add"}}
+    g["23"] = {"class_type": "InvertMask", "inputs": {"mask": ["22", 0]}}
+
+
+def _two_regions(g: dict, left_identity, right_identity) -> None:
+    """Hooks of two identities on the left and right halves of one prompt (Cond Pair Set Props (+ Combine))."""
+    g["24"] = _hook(left_identity)
+    g["25"] = _hook(right_identity)
+    g["26"] = {"class_type": "PairConditioningSetProperties", "inputs": {
+        "positive_NEW": ["6", 0], "negative_NEW": ["7", 0], "strength": 1.0, "set_cond_area": "default",
+        "mask": ["22", 0], "hooks": ["24", 0]}}
+    g["27"] = {"class_type": "PairConditioningSetPropertiesAndCombine", "inputs": {
+        "positive": ["26", 0], "negative": ["26", 1], "positive_NEW": ["6", 0], "negative_NEW": ["7", 0],
+        "strength": 1.0, "set_cond_area": "default", "mask": ["23", 0], "hooks": ["25", 0]}}
+
+
+def two_people_graph() -> dict:
+    g = _base()
+    g["6"]["inputs"]["text"] = "photo of two people side by side, sks person"
+    g["8"]["inputs"].update(width=768, height=512)
+    g["4"] = {"class_type": "W2WSampleIdentity", "inputs": {"space": ["2", 0], "seed": 6, "pcs": 1000, "factor": 1.0}}
+    _halves(g, 768, 512)
+    _two_regions(g, ("3", 0), ("4", 0))
+    g["9"] = _sampler(("1", 0), positive=("27", 0), negative=("27", 1))
+    g.update(_decode_save(10, "9", "w2w/two_people"))
+    return g
+
+
+def late_identity_graph() -> dict:
+    g = _base()
+    g["4"] = _hook(("3", 0))
+    g["12"] = {"class_type": "CreateHookKeyframe", "inputs": {"strength_mult": 0.0, "start_percent": 0.0}}
+    g["13"] = {"class_type": "CreateHookKeyframe", "inputs": {"strength_mult": 1.0, "start_percent": 0.4,
+                                                              "prev_hook_kf": ["12", 0]}}
+    g["14"] = {"class_type": "SetHookKeyframes", "inputs": {"hooks": ["4", 0], "hook_kf": ["13", 0]}}
+    g["15"] = {"class_type": "PairConditioningSetProperties", "inputs": {
+        "positive_NEW": ["6", 0], "negative_NEW": ["7", 0], "strength": 1.0, "set_cond_area": "default",
+        "hooks": ["14", 0]}}
+    g["9"] = _sampler(("1", 0), positive=("15", 0), negative=("15", 1))
+    g.update(_decode_save(10, "9", "w2w/late_identity"))
+    return g
+
+
+def inverted_and_sampled_graph() -> dict:
+    g = _base()
+    g["2"]["inputs"]["pcs"] = 10_000
+    g["6"]["inputs"]["text"] = "photo of two people side by side, sks person"
+    g["8"]["inputs"].update(width=768, height=512)
+    g["12"] = {"class_type": "LoadImage", "inputs": {"image": PHOTO}}
+    g["4"] = {"class_type": "W2WInvertImage", "inputs": {
+        "model": ["1", 0], "vae": ["1", 2], "image": ["12", 0], "space": ["2", 0], "preset": "reference",
+        "pcs": 10_000, "steps": 400, "lr": 0.1, "seed": 0, "clip": ["1", 1], "prompt": "sks person",
+        "resolution": 512, "precision": "auto"}}
+    _halves(g, 768, 512)
+    _two_regions(g, ("4", 0), ("3", 0))
+    g["9"] = _sampler(("1", 0), positive=("27", 0), negative=("27", 1))
+    g.update(_decode_save(10, "9", "w2w/inverted_and_sampled"))
+    return g
+
+
 def _grid(graph: dict, columns: dict[str, int], rows: dict[str, int]) -> dict[str, tuple[int, int]]:
     return {nid: (40 + 380 * columns[nid], 40 + 260 * rows[nid]) for nid in graph}
 
@@ -160,6 +232,31 @@ WORKFLOWS = {
                      "paintings, cartoons). Batch several photos of one person (Batch Images) for a multi-image "
                      "inversion; paint the face in Load Image's mask editor and connect its MASK to restrict the "
                      "loss. The identity is then saved, edited (Male +1) and sampled with delayed injection."),
+    "w2w_two_people": (two_people_graph, {"1": 0, "2": 0, "3": 1, "4": 1, "6": 1, "7": 1, "8": 4, "9": 4, "10": 5,
+                                          "11": 5, "20": 1, "21": 1, "22": 2, "23": 2, "24": 2, "25": 2, "26": 3,
+                                          "27": 3},
+                       {"1": 0, "2": 2, "3": 2, "4": 3, "6": 0, "7": 1, "8": 2, "9": 0, "10": 0, "11": 1, "20": 4,
+                        "21": 5, "22": 4, "23": 5, "24": 2, "25": 3, "26": 0, "27": 1},
+                       "Two people in one image: each w2w Identity Hook is attached to the same prompt under a mask "
+                       "(left and right halves) with Cond Pair Set Props; the sampler runs each masked conditioning "
+                       "with its own identity's weights and blends them by mask. The MODEL is the plain checkpoint. "
+                       "Each hooked conditioning is one more UNet pass per step."),
+    "w2w_identity_late_steps": (late_identity_graph, {"1": 0, "2": 0, "3": 1, "4": 2, "6": 1, "7": 1, "8": 3, "9": 4,
+                                                      "10": 5, "11": 5, "12": 2, "13": 2, "14": 3, "15": 3},
+                                {"1": 0, "2": 2, "3": 2, "4": 2, "6": 0, "7": 1, "8": 3, "9": 0, "10": 0, "11": 1,
+                                 "12": 3, "13": 4, "14": 2, "15": 0},
+                                "The identity only for the late steps: keyframes give the hook strength 0 until 40 % "
+                                "of the schedule and 1 after, so the prompt sets pose and layout and the identity the "
+                                "face. The same keyframes can fade an identity out, or in gradually (Create Hook "
+                                "Keyframes Interp.)."),
+    "w2w_inverted_and_sampled": (inverted_and_sampled_graph, {"1": 0, "2": 0, "3": 1, "4": 1, "6": 1, "7": 1, "8": 4,
+                                                              "9": 4, "10": 5, "11": 5, "12": 0, "20": 1, "21": 1,
+                                                              "22": 2, "23": 2, "24": 2, "25": 2, "26": 3, "27": 3},
+                                 {"1": 0, "2": 2, "3": 3, "4": 2, "6": 0, "7": 1, "8": 2, "9": 0, "10": 0, "11": 1,
+                                  "12": 3, "20": 4, "21": 5, "22": 4, "23": 5, "24": 2, "25": 3, "26": 0, "27": 1},
+                                 "An inverted person (left) next to a sampled one (right): Invert Image to w2w turns "
+                                 "the photo into an identity of the space (load it with pcs 10,000), and both are "
+                                 "hooks on the two halves of one prompt."),
 }
 
 

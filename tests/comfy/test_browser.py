@@ -49,7 +49,7 @@ def browser_api():
 
 @pytest.fixture(scope="module")
 def ui_server(comfyui_path, sd15_standin, tmp_path_factory):
-    from w2w.space import convert_release
+    from w2w.convert import convert_release
     from w2w.synthetic import write_release
 
     root = tmp_path_factory.mktemp("browser")
@@ -68,7 +68,8 @@ def ui_server(comfyui_path, sd15_standin, tmp_path_factory):
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}), encoding="utf-8")
-    with ComfyServer(comfyui_path, base, installed_frontend=True) as server:
+    # UNet stored in float16 (computed in float32), as in the in-process host: half the memory of the CPU default
+    with ComfyServer(comfyui_path, base, installed_frontend=True, extra_args=("--fp16-unet",)) as server:
         yield server
 
 

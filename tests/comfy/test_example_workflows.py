@@ -10,7 +10,7 @@ from PIL import Image
 
 import make_example_workflows as examples
 from comfyhost import SD15_STANDIN_NAME
-from w2w.space import convert_release
+from w2w.convert import convert_release
 from w2w.synthetic import write_release
 from workflow_convert import FRONTEND_ONLY, ui_to_api
 
@@ -20,7 +20,7 @@ TEST_SPACE = "w2w-workflow-space.safetensors"
 PCS = 16
 
 
-def test_the_four_example_workflows_exist():
+def test_every_example_workflow_exists():
     assert {p.stem for p in WORKFLOWS} == set(examples.WORKFLOWS)
 
 
@@ -88,6 +88,14 @@ def test_save_lora_workflow_runs_and_writes_a_lora_and_an_identity(comfy_host, s
 @pytest.mark.slow
 def test_sample_workflow_runs_at_a_small_size(comfy_host, staged):
     graph = as_standins(load_api(WORKFLOW_DIR / "w2w_sample_identity.json"), pcs=PCS, size=64, steps=1)
+    result = comfy_host.run_graph(graph)
+    files = result.image_files()
+    assert len(files) == 1 and Image.open(files[0]).size == (64, 64)
+
+
+def test_two_people_workflow_runs_at_a_small_size(comfy_host, staged):
+    """Two hooked identities under the left/right masks of the example (768×512 masks, resized by ComfyUI)."""
+    graph = as_standins(load_api(WORKFLOW_DIR / "w2w_two_people.json"), pcs=PCS, size=64, steps=1)
     result = comfy_host.run_graph(graph)
     files = result.image_files()
     assert len(files) == 1 and Image.open(files[0]).size == (64, 64)

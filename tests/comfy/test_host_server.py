@@ -7,6 +7,8 @@ import pytest
 
 from comfyhost import load_stock_graph, png_pixels
 from demo import run as demo_run
+from w2w.convert import convert_release
+from w2w.synthetic import write_release
 
 
 @pytest.mark.slow
@@ -34,3 +36,31 @@ def test_demo_cli_runs_the_stock_graph_on_the_server_with_the_standin(comfyui_pa
     assert len(images) == 1
     pixels = png_pixels(images[0])
     assert pixels.shape == (64, 64, 3) and pixels.float().std() > 1.0
+
+
+# ---------------------------------------------------------------------------------------------- the demo command
+@pytest.mark.slow
+def test_demo_command_runs_the_graph_on_the_server_and_prefers_real_files(comfyui_path, sd15_standin, tmp_path,
+                                                                           capsys):
+    """`python -m demo` with a user's space file present (ours, under the real name) and no checkpoint."""
+    from demo import cli
+
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    release = tmp_path / "release"
+    write_release(str(release), pcs=16, models=100, seed=4, weight_scale=0.02)
+    (models / "w2w").mkdir()
+    convert_release(str(release), str(models / "w2w" / "weights2weights.safetensors"))
+
+    code = cli.main(["--comfyui", str(comfyui_path), "--models", str(models), "--out", str(tmp_path / "out"),
+                     "--timeout", "900"])
+
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "STAND-INS IN USE" in printed and "realisticVisionV51_v51VAE.safetensors not found" in printed
+    assert "w2w/weights2weights.safetensors not found" not in printed  # the user's space is used as is
+    images = sorted((tmp_path / "out").glob("w2w-demo_*.png"))
+    assert len(images) == 1
+    from PIL import Image
+
+    assert Image.open(images[0]).size == (64, 64)

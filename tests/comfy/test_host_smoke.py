@@ -154,3 +154,41 @@ def test_invalid_graph_reports_the_node(comfy_host, stock_graph):
     with pytest.raises(GraphError) as caught:
         comfy_host.run_graph(stock_graph)
     assert "3" in caught.value.details["node_errors"]
+
+
+def test_harness_speaks_both_executor_generations():
+    """The harness against 0.38.1's executor API (read from its execution.py: cache_args with 'ram' and
+    'ram_inactive', an async cache get returning CacheEntry(ui, outputs)) and 0.3.64's (no cache_args, a plain get)."""
+    import types
+    from typing import NamedTuple
+
+    from comfyhost import cached_outputs, new_prompt_executor
+
+    class CacheEntry(NamedTuple):
+        ui: dict
+        outputs: list
+
+    class NewExecutor:
+        def __init__(self, server, cache_type=False, cache_args=None, asset_manager=None):
+            self.cache_args = cache_args
+
+    class OldExecutor:
+        def __init__(self, server, cache_type=False):
+            self.cache_type = cache_type
+
+    class AsyncCache:
+        async def get(self, node_id):
+            return CacheEntry(ui={}, outputs=[["value"]]) if node_id == "1" else None
+
+    class PlainCache:
+        def get(self, node_id):
+            return [["value"]] if node_id == "1" else None
+
+    new = new_prompt_executor(types.SimpleNamespace(PromptExecutor=NewExecutor, CacheType=types.SimpleNamespace(
+        CLASSIC="classic")), server=None)
+    assert {"ram", "ram_inactive", "lru"} <= set(new.cache_args) and new.cache_args["ram"] == 0
+    old = new_prompt_executor(types.SimpleNamespace(PromptExecutor=OldExecutor, CacheType=types.SimpleNamespace(
+        CLASSIC="classic")), server=None)
+    assert old.cache_type == "classic"
+    assert cached_outputs(AsyncCache(), "1") == [["value"]] and cached_outputs(AsyncCache(), "2") is None
+    assert cached_outputs(PlainCache(), "1") == [["value"]] and cached_outputs(PlainCache(), "2") is None

@@ -13,16 +13,22 @@ import torch
 from safetensors import safe_open
 
 from comfyhost import SD15_STANDIN_NAME, GraphError
-from w2w.cli_demo import demo_graph
+from demo.cli import demo_graph
 from w2w.identity import Identity
-from w2w.space import convert_release, load_space
+from w2w.convert import convert_release
+from w2w.space import load_space
 from w2w.synthetic import write_release
+
+# Patch exactness and the delayed-injection trajectory are checked to float32 rounding: the UNet is stored in float32
+# for this module (the suite's default is float16 storage, see comfyhost.py).
+pytestmark = pytest.mark.usefixtures("float32_unet")
 
 PCS = 16
 SPACE_FILE = "w2w-test-space.safetensors"
 SPACE_DIR = "w2w-test-release"
+CATEGORIES = {"w2w/space", "w2w/identity", "w2w/inversion", "w2w/vae", "w2w/metrics"}
 NODE_IDS = {"W2WLoadSpace", "W2WSampleIdentity", "W2WApplyEditDirection", "W2WBlendIdentities", "W2WSaveIdentity",
-            "W2WLoadIdentity", "W2WSaveLoRA", "W2WApplyLoRA"}
+            "W2WLoadIdentity", "W2WSaveLoRA", "W2WApplyLoRA", "W2WIdentityHook"}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -100,7 +106,7 @@ def test_pack_loads_without_import_errors_and_registers_every_node(comfy_host):
 def test_every_node_has_a_description_category_and_input_tooltips(comfy_host, node_id):
     node = comfy_host.node_class(node_id)
     schema = node.GET_SCHEMA()
-    assert schema.node_id.startswith("W2W") and schema.category == "w2w"
+    assert schema.node_id.startswith("W2W") and schema.category in CATEGORIES
     assert len(schema.description) > 40
     assert schema.display_name
     for item in schema.inputs:
@@ -114,10 +120,26 @@ def test_every_node_of_the_pack_follows_the_conventions(comfy_host):
     problems = []
     for node_id in comfy_host.pack_node_ids:
         schema = comfy_host.node_class(node_id).GET_SCHEMA()
-        if not (node_id.startswith("W2W") and schema.category == "w2w" and schema.description):
+        if not (node_id.startswith("W2W") and schema.category in CATEGORIES and schema.description):
             problems.append(f"{node_id}: id/category/description")
         problems += [f"{node_id}.{i.id}: no tooltip" for i in schema.inputs if not i.tooltip]
     assert problems == []
+
+
+def test_nodes_sit_in_nested_categories_and_flag_experimental_and_advanced_inputs(comfy_host):
+    """Add Node menu w2w/<group>; VAE-w2w nodes (never trained on the released space) are experimental; the custom
+    preset's and expert inputs are advanced; everything else is neither."""
+    expected = {"W2WLoadSpace": "w2w/space", "W2WSampleIdentity": "w2w/identity", "W2WApplyLoRA": "w2w/identity",
+                "W2WIdentityHook": "w2w/identity",
+                "W2WInvertImage": "w2w/inversion", "W2WVAEInvert": "w2w/inversion", "W2WVAEDecode": "w2w/vae",
+                "W2WIDScore": "w2w/metrics"}
+    schemas = {node_id: comfy_host.node_class(node_id).GET_SCHEMA() for node_id in comfy_host.pack_node_ids}
+    assert {k: schemas[k].category for k in expected} == expected
+    assert sorted(k for k, s in schemas.items() if s.is_experimental) == sorted(
+        k for k in schemas if k.startswith("W2WVAE"))
+    advanced = {(k, i.id) for k, s in schemas.items() for i in s.inputs if i.as_dict().get("advanced")}
+    assert {("W2WInvertImage", name) for name in ("pcs", "steps", "lr", "resolution", "precision")} <= advanced
+    assert not {(k, i) for k, i in advanced if i in ("image", "space", "model", "seed", "preset", "identity")}
 
 
 def test_model_folders_list_the_converted_space_and_the_released_folder(comfy_host, space_files):
@@ -165,18 +187,44 @@ def test_apply_patches_exactly_the_64_targets_with_base_plus_27_BA(e2e, referenc
         assert float(deltas[slot.name].abs().max()) > 1e-3  # the patch is visible, not lost in rounding
 
 
-def test_stock_lora_loader_on_the_saved_lora_gives_the_same_weights(comfy_host, e2e, reference_space):
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+def test_stock_lora_loader_on_the_saved_lora_gives_the_same_weights(comfy_host, e2e, reference_space, strength):
+    """Apply w2w LoRA at `strength` = the stock LoraLoader on the file Save w2w LoRA wrote, at the same strength."""
     import folder_paths
 
-    base, patched = e2e.output("1"), e2e.output("5")
+    base, space, identity = e2e.output("1"), e2e.output("2"), e2e.output("4")
+    patched = comfy_host.node_class("W2WApplyLoRA").execute(base, space, identity, strength).result[0]
     names = [n for n in folder_paths.get_filename_list("loras") if n.startswith("w2w-test/edited_")]
     assert len(names) == 1, names
-    (stock,) = comfy_host.node_class("LoraLoaderModelOnly")().load_lora_model_only(base, names[0], 1.0)
+    (stock,) = comfy_host.node_class("LoraLoaderModelOnly")().load_lora_model_only(base, names[0], strength)
     keys = target_keys(reference_space)
     assert sorted(stock.patches) == sorted(keys)
     ours, theirs = loaded_weights(patched, keys), loaded_weights(stock, keys)
     worst = max(float((ours[k].float() - theirs[k].float()).abs().max()) for k in keys)
-    assert worst <= 1e-6, f"max difference {worst:.3g}"
+    assert worst <= 1e-6, f"max difference {worst:.3g}"  # the same LoRA adapter math on the same float32 weights
+    file_weights = checkpoint_weights(comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME, keys)
+    moved = max(float((ours[k].float() - file_weights[k].float()).abs().max()) for k in keys)
+    assert moved > 1e-3  # the strength reached the weights (0 would leave them as in the file)
+
+
+def test_plain_apply_adds_no_per_call_weight_function(comfy_host, e2e, reference_space):
+    """Apply's patches are baked when the model loads: no module recomputes its weight at each UNet call (delayed
+    injection is the one feature that does, on the 64 targets only)."""
+    import comfy.model_management as mm
+
+    base, space, first, second = e2e.output("1"), e2e.output("2"), e2e.output("3"), e2e.output("4")
+    apply = comfy_host.node_class("W2WApplyLoRA")
+
+    def per_call_functions(model) -> int:
+        mm.load_models_gpu([model], force_full_load=True)
+        try:
+            return sum(1 for m in model.model.modules()
+                       if getattr(m, "weight_function", None) or getattr(m, "bias_function", None))
+        finally:
+            mm.unload_all_models()
+
+    assert per_call_functions(apply.execute(base, space, second, 1.0).result[0]) == 0
+    assert per_call_functions(apply.execute(base, space, first, 1.0, second, 0.3).result[0]) == 64
 
 
 def test_a_stock_lora_downstream_adds_to_the_w2w_patch(comfy_host, e2e, reference_space, sd15_standin):
@@ -313,6 +361,45 @@ def test_delayed_injection_switches_identity_at_edit_start(comfy_host, e2e):
     assert relative(halfway, only_first) > 1e-2 * apart and relative(halfway, only_second) > 1e-2 * apart
 
 
+@pytest.mark.parametrize("edit_start", [0.0, 0.3, 0.55, 1.0])
+def test_delayed_injection_trajectory_uses_one_identity_per_step_switching_at_T(comfy_host, e2e, reference_space,
+                                                                                  edit_start):
+    """At every UNet call, record sigma and the weight the sampler really uses for one target: it is the first
+    identity's (W + ΔW₁) while sigma > σ(T), the second's (W + ΔW₂) from then on, never anything in between, where
+    T = 999·(1 − edit_start) is the paper's switch timestep (ComfyUI's percent_to_sigma)."""
+    base, space, first, second = e2e.output("1"), e2e.output("2"), e2e.output("3"), e2e.output("4")
+    model = comfy_host.node_class("W2WApplyLoRA").execute(base, space, first, 1.0, second, edit_start).result[0]
+    slot = reference_space.layout.modules[10]
+    key = slot.comfy_key
+    module = model.model.get_submodule(key.removesuffix(".weight"))
+    file_weight = checkpoint_weights(comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME, [key])[key].float()
+    expected = {name: file_weight + reference_space.deltas(identity.coefficients.clone())[slot.name]
+                for name, identity in (("first", first), ("second", second))}
+    calls = []
+
+    def record(executor, x, t, *args, **kwargs):  # runs inside the switch's own APPLY_MODEL wrapper
+        weight = module.weight
+        for f in module.weight_function:
+            weight = f(weight)
+        errors = {name: float((weight.float() - w).abs().max()) for name, w in expected.items()}
+        calls.append((float(t.max()), min(errors, key=errors.get), min(errors.values())))
+        return executor(x, t, *args, **kwargs)
+
+    model.add_wrapper_with_key("apply_model", "w2w_test_recorder", record)
+    sample_latent(comfy_host, model, e2e, 4)
+    sampling = model.model.model_sampling
+    threshold = sampling.percent_to_sigma(edit_start)
+    if 0.0 < edit_start < 1.0:
+        assert threshold == pytest.approx(float(sampling.sigma(torch.tensor(999.0 * (1.0 - edit_start)))), rel=1e-6)
+    apart = float((expected["first"] - expected["second"]).abs().max())
+    assert len(calls) >= 4 and apart > 1e-3
+    for sigma, used, error in calls:
+        assert used == ("second" if sigma <= threshold else "first"), (sigma, threshold, used)
+        assert error <= 1e-5 * apart + 2 * torch.finfo(torch.float32).eps * float(file_weight.abs().max()), (sigma, error)
+    used = [u for _, u, _ in calls]
+    assert used == sorted(used, key=["first", "second"].index)  # one switch, never back
+
+
 def test_delayed_injection_leaves_the_input_model_without_wrappers(comfy_host, e2e):
     base = e2e.output("1")
     before = (copy.copy(base.weight_wrapper_patches), copy.copy(base.wrappers))
@@ -320,31 +407,3 @@ def test_delayed_injection_leaves_the_input_model_without_wrappers(comfy_host, e
                                                           e2e.output("4"), 0.3).result[0]
     assert len(model.weight_wrapper_patches) == 64 and "apply_model" in model.wrappers
     assert (base.weight_wrapper_patches, base.wrappers) == before
-
-
-# ---------------------------------------------------------------------------------------------- the demo command
-@pytest.mark.slow
-def test_demo_command_runs_the_graph_on_the_server_and_prefers_real_files(comfyui_path, sd15_standin, tmp_path,
-                                                                           capsys):
-    """`python -m w2w demo` with a user's space file present (ours, under the real name) and no checkpoint."""
-    from w2w import cli
-
-    models = tmp_path / "models"
-    (models / "checkpoints").mkdir(parents=True)
-    release = tmp_path / "release"
-    write_release(str(release), pcs=PCS, models=100, seed=4, weight_scale=0.02)
-    (models / "w2w").mkdir()
-    convert_release(str(release), str(models / "w2w" / "weights2weights.safetensors"))
-
-    code = cli.main(["demo", "--comfyui", str(comfyui_path), "--models", str(models), "--out", str(tmp_path / "out"),
-                     "--timeout", "900"])
-
-    printed = capsys.readouterr().out
-    assert code == 0, printed
-    assert "STAND-INS IN USE" in printed and "realisticVisionV51_v51VAE.safetensors not found" in printed
-    assert "w2w/weights2weights.safetensors not found" not in printed  # the user's space is used as is
-    images = sorted((tmp_path / "out").glob("w2w-demo_*.png"))
-    assert len(images) == 1
-    from PIL import Image
-
-    assert Image.open(images[0]).size == (64, 64)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from comfyhost import SD15_STANDIN_NAME
-from w2w.space import convert_release, load_space
+from w2w.convert import convert_release
+from w2w.space import load_space
 from w2w.synthetic import write_release
 from w2w.vae import TrainConfig, decode_identity, load_vae, sample_latents, save_vae, train_from_space
 
@@ -120,7 +121,7 @@ def test_invert_through_the_decoder(comfy_host, vae_files):
         "5": {"class_type": "W2WVAEInvert", "inputs": {
             "model": ["1", 0], "vae": ["1", 2], "image": ["4", 0], "space": ["2", 0], "w2w_vae": ["3", 0],
             "steps": 3, "lr": 0.5, "prior_weight": 1e-3, "gaussian": False, "seed": 1, "clip": ["1", 1],
-            "prompt": "sks person", "resolution": 64}},
+            "prompt": "sks person", "resolution": 64, "face": "off"}},
         "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 2]}},
         "7": {"class_type": "W2WSaveIdentity", "inputs": {"identity": ["5", 0], "filename_prefix": "w2w-vae-inv"}},
     }

@@ -166,14 +166,18 @@ class FaceDetector:
         from ..safeload import load_object
         fn = require_facenet()
         self.config = config
-        self.device = torch.device(device)
         self._detect_face = fn.detect_face
         nets = []
         for cls, name in ((fn.PNet, "pnet.pt"), (fn.RNet, "rnet.pt"), (fn.ONet, "onet.pt")):
             net = cls(pretrained=False)
             net.load_state_dict(load_object(os.path.normpath(os.path.join(fn.data_dir, name)), mmap=False))
-            nets.append(net.to(self.device).eval())
+            nets.append(net.to(torch.device(device)).eval())
         self.pnet, self.rnet, self.onet = nets
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks are now (a host's model management may have moved them)."""
+        return next(self.pnet.parameters()).device
 
     def detect(self, images: list[np.ndarray], batch_size: int = 8) -> list[Face | None]:
         """The largest face in each (H, W, 3) uint8 image, or None where MTCNN finds none."""
@@ -229,10 +233,13 @@ class FaceEmbedder:
     def __init__(self, weights_path: str, device: str | torch.device = "cpu"):
         fn = require_facenet()
         self.weights_path = weights_path
-        self.device = torch.device(device)
         model = fn.InceptionResnetV1(pretrained=None, classify=False)
         model.load_state_dict(_facenet_state_dict(weights_path, model), strict=False)
-        self.model = model.float().to(self.device).eval()
+        self.model = model.float().to(torch.device(device)).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def embed(self, crops: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """(N, 3, S, S) uint8 crops -> (N, 512) float32 unit vectors, on the CPU."""

@@ -79,6 +79,12 @@ class IDScorer:
         self.detector = FaceDetector(config, device)
         self.embedder = FaceEmbedder(weights_path, device)
 
+    def modules(self) -> torch.nn.Module:
+        """Every network of the scorer in one module (for a host that moves models between devices: the scorer then
+        runs wherever the networks are)."""
+        return torch.nn.ModuleDict({"pnet": self.detector.pnet, "rnet": self.detector.rnet,
+                                    "onet": self.detector.onet, "facenet": self.embedder.model})
+
     def faces(self, images) -> list[Face | None]:
         return self.detector.detect(to_uint8_images(images))
 
@@ -105,6 +111,11 @@ def get_scorer(weights_path: str | None = None, device: str | torch.device = "cp
         _SCORER_CACHE.clear()
         _SCORER_CACHE[key] = IDScorer(path, device, config)
     return _SCORER_CACHE[key]
+
+
+def drop_scorers() -> None:
+    """Forget the kept scorer (its networks are freed once nothing else holds them)."""
+    _SCORER_CACHE.clear()
 
 
 def pair_indices(n_references: int, n_generated: int) -> list[tuple[int, int]]:

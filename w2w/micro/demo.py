@@ -1,4 +1,4 @@
-"""``python -m w2w demo --micro``: a contact sheet of the miniature world made by the pack's own code, on a CPU.
+"""``python -m demo --micro``: a contact sheet of the miniature world made by the pack's own code, on a CPU.
 
 Rows: sampled identities across seeds; edits of two sampled identities along the learned directions; a
 single-photo inversion next to its input and an unseen photo of the same person.

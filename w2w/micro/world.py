@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
 from ..build import ArraySource, BuildConfig, attach_labels, build_space
 from ..edit import fit_directions
-from ..space import Space, load_space, replace_space, save_space
+from ..space import Space, load_space, save_space
 from ..stfile import write_safetensors
 from ..vae import TrainConfig, W2WVAE, load_vae, save_vae, train_from_space
 from .faces import ATTRIBUTES, attributes, identity_params
@@ -271,8 +271,8 @@ def make_space(unet: MicroUNet, weights: torch.Tensor, seeds: list[int], pcs: in
     space = attach_labels(result.space, labels, ATTRIBUTES)
     varied = [a for a, col in zip(ATTRIBUTES, labels.T) if 0 < float(col.sum()) < n]  # both classes present
     m = min(sample_pcs or k, k)
-    head = replace_space(space, train_coefs=space.train_coefs[:, :m], pinverse=None, coef_cov=None)
-    return replace_space(space, directions=fit_directions(head, varied, method="lstsq").directions)
+    head = replace(space, train_coefs=space.train_coefs[:, :m], pinverse=None, coef_cov=None)
+    return replace(space, directions=fit_directions(head, varied, method="lstsq").directions)
 
 
 def make_vaes(space: Space, config: WorldConfig, log: Log = print) -> dict[int, W2WVAE]:

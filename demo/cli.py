@@ -1,13 +1,17 @@
-"""``python -m w2w demo``: run the example graph (load space → sample → edit → apply → KSampler → decode) headlessly
+"""``python -m demo``: run the example graph (load space → sample → edit → apply → KSampler → decode) headlessly
 in a real ComfyUI, on the user's files when present and on clearly labelled stand-ins otherwise.
 
 The server part is ``demo/run.py`` (standard library only); this module builds the graph and the stand-in space.
+``--micro`` needs no ComfyUI: it writes the miniature world's contact sheet (``w2w.micro.demo``).
+Run it from the pack's folder (where ``demo/`` and ``w2w/`` are).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from . import locate, run
 
 REAL_CHECKPOINT = "realisticVisionV51_v51VAE.safetensors"
 REAL_SPACE = "weights2weights.safetensors"
@@ -42,8 +46,8 @@ def demo_graph(ckpt_name: str, space_name: str, pcs: int = 1000, *, size: int = 
 
 def ensure_standin_space(cache: Path) -> Path:
     """The stand-in space (.safetensors, released layout, random values), built once into ``cache``."""
-    from .space import convert_release
-    from .synthetic import write_release
+    from w2w.convert import convert_release
+    from w2w.synthetic import write_release
 
     out = cache / f"w2w-standin-space-v{STANDIN_SPACE_VERSION}.safetensors"
     if out.is_file():
@@ -68,21 +72,9 @@ def _space_pcs(path: Path, wanted: int = 1000) -> int:
     return wanted
 
 
-def _demo_modules():
-    """``demo.run`` and ``demo.locate`` from the pack root (the folder above this package)."""
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    try:
-        from demo import locate, run
-    except ImportError as exc:
-        raise ImportError(f"`python -m w2w demo` needs the pack's demo/ folder next to w2w/ ({root}): {exc}") from exc
-    return run, locate
-
-
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the example graph headlessly in a real ComfyUI (stand-ins when files are absent)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comfyui", type=Path, help="ComfyUI checkout (default: $COMFYUI_PATH, the checkout containing "
                                                 "this pack, then ~/ComfyUI)")
     p.add_argument("--models", type=Path, help="models folder with checkpoints/ and w2w/ (default: <ComfyUI>/models)")
@@ -99,15 +91,24 @@ def register(sub) -> None:
                    help="no ComfyUI needed: sample, edit and invert in the shipped miniature w2w world (models/micro) "
                         "and write a contact sheet PNG to --out")
     p.add_argument("--micro-dir", type=Path, default=None, help="micro-world artifacts (default: the pack's models/micro)")
-    p.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _demo(args)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 MICRO_SHEET = "w2w-micro-contact-sheet.png"
 
 
 def _micro_sheet(args) -> Path:
-    from .micro.demo import contact_sheet
-    from .micro.world import DEFAULT_DIR
+    from w2w.micro.demo import contact_sheet
+    from w2w.micro.world import DEFAULT_DIR
 
     return Path(contact_sheet(str(args.out / MICRO_SHEET), str(args.micro_dir or DEFAULT_DIR)))
 
@@ -125,7 +126,6 @@ def _demo(args) -> int:
     if args.micro:
         _micro_sheet(args)
         return 0
-    run, locate = _demo_modules()
     comfyui = args.comfyui or locate.find_comfyui()
     if comfyui is None:
         raise FileNotFoundError("ComfyUI not found: " + locate.HOW_TO_PROVIDE)

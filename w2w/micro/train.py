@@ -72,11 +72,11 @@ def resume_stage(path: str, stamp: str):
     return state
 
 
-def _noised(x0: torch.Tensor, gen: torch.Generator, abar: torch.Tensor, groups: int = 1):
-    """x_t, t and the v-prediction target; ``groups`` > 1: x0 is that many equal groups sharing one draw of t and
-    noise (group g's item j gets the same t and noise as every other group's item j)."""
+def _noised(x0: torch.Tensor, gen: torch.Generator, abar: torch.Tensor, groups: int = 1, t_min: int = 0):
+    """x_t, t ~ U{t_min..T-1} and the v-prediction target; ``groups`` > 1: x0 is that many equal groups sharing one
+    draw of t and noise (group g's item j gets the same t and noise as every other group's item j)."""
     k = x0.shape[0] // groups
-    t = torch.randint(0, len(abar), (k,), generator=gen).repeat(groups)
+    t = torch.randint(t_min, len(abar), (k,), generator=gen).repeat(groups)
     noise = torch.randn((k, *x0.shape[1:]), generator=gen).repeat(groups, *([1] * (x0.dim() - 1)))
     a = abar[t].float().view(-1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, v_target(x0, noise, abar[t].float())
@@ -166,12 +166,15 @@ class LoraConfig:
     prompt: str = "photo sks person"
     shared_noise: bool = False  # every identity gets the same timesteps, noise and photo slots at each step
     final_lr: float = 1.0  # learning rate at the last step as a fraction of lr (linear decay; 1 = constant)
+    t_min: int = 0  # timesteps drawn from t_min..999 (the nearly clean ones carry little of the identity)
 
     def __post_init__(self) -> None:
         if min(self.images, self.steps, self.per_step, self.parallel) < 1:
             raise ValueError(f"images, steps, per_step and parallel must be >= 1, got {self}")
         if not (self.lr > 0 and 0 <= self.final_lr <= 1):
             raise ValueError(f"lr must be > 0 and final_lr in [0, 1], got {self.lr} and {self.final_lr}")
+        if not 0 <= self.t_min < 1000:
+            raise ValueError(f"t_min must be in 0..999, got {self.t_min}")
 
 
 def initial_factors(layout, seed: int) -> torch.Tensor:
@@ -218,10 +221,10 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
     for step in range(config.steps):
         if config.shared_noise:
             pick = _slots(images[0].shape[0], k, gen)
-            x_t, t, target = _noised(torch.cat([x[pick] for x in images]), gen, abar, groups=n)
+            x_t, t, target = _noised(torch.cat([x[pick] for x in images]), gen, abar, groups=n, t_min=config.t_min)
         else:
             x0 = torch.cat([x[_slots(x.shape[0], k, gen)] for x in images])
-            x_t, t, target = _noised(x0, gen, abar)
+            x_t, t, target = _noised(x0, gen, abar, t_min=config.t_min)
         for g in opt.param_groups:
             g["lr"] = config.lr * (1 - (1 - config.final_lr) * step / max(1, config.steps - 1))
         factors = [(a[owner], b[owner]) for a, b in layout.factors(w)]

@@ -2,10 +2,12 @@
 
     python benchmarks/micro_world.py                         # tables from models/micro (minutes on 2 cores)
     python benchmarks/micro_world.py --rebuild --workdir W   # train everything again into W, write models/micro,
-                                                             # then the tables (resumes if stopped; see README)
+                                                             # then the tables (resumes if stopped; see
+                                                             # docs/micro-world.md)
     python benchmarks/micro_world.py --markdown results.md   # also write the tables as Markdown
 
-Every figure is measured on images the micro model generates, read by the micro judge network.
+Every figure is measured on images the micro model generates, read by the micro judge network, for held-out people.
+The first table lists the paper's orderings and whether the world meets them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from w2w.micro.tables import EvalConfig, run_tables, to_markdown  # noqa: E402
-from w2w.micro.world import DEFAULT_DIR, WorldConfig, build_world, load_world  # noqa: E402
+from w2w.micro.world import DEFAULT_DIR, WorldConfig, build_world, first_world_config, load_world  # noqa: E402
+
+
+def _write(path: str, data: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def main() -> int:
@@ -28,34 +37,42 @@ def main() -> int:
     p.add_argument("--artifacts", default=DEFAULT_DIR, help="micro-world folder (default: the pack's models/micro)")
     p.add_argument("--rebuild", action="store_true", help="train the whole world first (needs --workdir)")
     p.add_argument("--workdir", help="checkpoints of the rebuild (kept, so a stopped rebuild resumes)")
+    p.add_argument("--first-world", action="store_true",
+                   help="with --rebuild: the first miniature world (240 LoRAs of plain photos) instead of the second")
+    p.add_argument("--no-tables", action="store_true", help="with --rebuild: stop after writing the artifacts")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="with --rebuild: processes (one thread each) that train the LoRAs; 2 suits a 2-core machine")
     p.add_argument("--markdown", help="write the tables as Markdown to this file")
     p.add_argument("--json", help="write the raw tables as JSON to this file")
-    p.add_argument("--quick", action="store_true", help="fewer models, seeds and steps (a smoke run, not the README figures)")
+    p.add_argument("--quick", action="store_true", help="fewer people, seeds and steps (a smoke run, not the figures)")
     args = p.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.perf_counter()
     if args.rebuild:
         if not args.workdir:
             p.error("--rebuild needs --workdir (where the resumable checkpoints go)")
-        world = build_world(args.workdir, args.artifacts, WorldConfig())
+        world = build_world(args.workdir, args.artifacts, first_world_config() if args.first_world else WorldConfig(),
+                            workers=args.workers)
         print(f"rebuilt the world in {time.perf_counter() - t0:.0f} s: " + json.dumps(world.info))
+        if args.no_tables:
+            return 0
     else:
         world = load_world(args.artifacts)
     config = EvalConfig()
     if args.quick:
-        config = EvalConfig(samples=6, seeds=2, ddim_steps=10, edit_people=6, invert_steps=60, references=4,
-                            curve_sizes=(30, 240), curve_people=2)
+        config = EvalConfig(samples=6, seeds=2, ddim_steps=10, people=6, edit_people=6, edit_strengths=(0.5, 1.0),
+                            invert_steps=60, references=4, vae_people=4, curve_sizes=(300, 5000), curve_people=2)
     tables = run_tables(world, config)
     text = to_markdown(tables)
     print(text)
-    print(f"tables in {tables['seconds']:.0f} s; world: {world.weights.shape[0]} models, {world.space.pcs} PCs, "
-          f"{world.layout.dim:,} weights per model; build stage seconds: {json.dumps(world.info)}")
-    for path, data in ((args.markdown, text), (args.json, json.dumps(tables, indent=1, default=str))):
-        if path:
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(data)
-            os.replace(tmp, path)
+    print(f"tables in {tables['seconds']:.0f} s; world: {world.space.train_coefs.shape[0]:,} models, "
+          f"{world.space.pcs} PCs ({world.sample_pcs} for sampling and edits), {world.layout.dim:,} weights per "
+          f"model; build stage seconds: {json.dumps(world.info)}")
+    if args.markdown:
+        _write(args.markdown, text)
+    if args.json:
+        _write(args.json, json.dumps(tables, indent=1, default=str))
     return 0
 
 

@@ -103,13 +103,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+MICRO_SHEET = "w2w-micro-contact-sheet.png"
+
+
+def _micro_sheet(args) -> Path:
+    from w2w.micro.demo import contact_sheet
+    from w2w.micro.world import DEFAULT_DIR
+
+    return Path(contact_sheet(str(args.out / MICRO_SHEET), str(args.micro_dir or DEFAULT_DIR)))
+
+
+def _standin_sheet(args, say) -> Path | None:
+    """Without the real files, the miniature world's contact sheet shows real (miniature) people beside the noise."""
+    try:
+        return _micro_sheet(args)
+    except (FileNotFoundError, ValueError) as exc:
+        say(f"no miniature-world contact sheet: {exc}")
+        return None
+
+
 def _demo(args) -> int:
     if args.micro:
-        from w2w.micro.demo import contact_sheet
-        from w2w.micro.world import DEFAULT_DIR
-
-        out = args.out / "w2w-micro-contact-sheet.png"
-        contact_sheet(str(out), str(args.micro_dir or DEFAULT_DIR))
+        _micro_sheet(args)
         return 0
     comfyui = args.comfyui or locate.find_comfyui()
     if comfyui is None:
@@ -136,6 +151,13 @@ def _demo(args) -> int:
         return 1
     run.say(f"done in {result.seconds:.1f} s; image(s): {', '.join(str(p) for p in result.images)}")
     run.loud(result.standins_used)
+    if result.standins_used:
+        sheet = _standin_sheet(args, run.say)
+        run.say(f"stand-in image (random weights, noise: it proves the ComfyUI path only): "
+                f"{', '.join(str(p) for p in result.images) or 'none'}")
+        if sheet is not None:
+            run.say(f"miniature-world contact sheet (real trained miniature models: sampled, edited and inverted "
+                    f"people, made by the same w2w code on a CPU): {sheet}")
     if result.pack_import_errors:
         return 1
     return 0 if result.images else 1

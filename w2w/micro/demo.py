@@ -1,4 +1,4 @@
-"""``python -m w2w demo --micro``: a contact sheet of the miniature world made by the pack's own code, on a CPU.
+"""``python -m demo --micro``: a contact sheet of the miniature world made by the pack's own code, on a CPU.
 
 Rows: sampled identities across seeds; edits of two sampled identities along the learned directions; a
 single-photo inversion next to its input and an unseen photo of the same person.
@@ -8,14 +8,11 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..edit import apply_edit
 from ..sampling import sample_identity
-from .tables import REFERENCE_VIEW, EvalConfig, Generator, invert_person
-from .train import identity_images
+from .tables import REFERENCE_VIEW, SAMPLE_SEED, EvalConfig, Generator, edit_norms, edit_weights, invert_person
 from .world import DEFAULT_DIR, load_world
 
 __all__ = ["contact_sheet"]
@@ -49,40 +46,43 @@ def _sheet(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], title: str) -
 
 
 def contact_sheet(out_path: str, folder: str = DEFAULT_DIR, *, identities: int = 5, seeds: int = 5,
-                  invert_steps: int = 300, person: int = 0, log=print) -> str:
+                  invert_steps: int = 400, person: int = 0, edit_strength: float = 0.75, log=print) -> str:
+    """Write the contact sheet PNG to ``out_path``: samples, edits (``edit_strength`` × the paper's edit norm) and a
+    single-photo inversion of held-out person ``person``."""
     t0 = time.perf_counter()
     world = load_world(folder)
-    config = EvalConfig(invert_steps=invert_steps)
+    config = EvalConfig(invert_steps=invert_steps, seeds=seeds)
     gen = Generator(world, config)
     space = world.space
-    seed_list = [11 * k for k in range(seeds)]
     rows = []
-    people = [sample_identity(space, 10_000 + i, pcs=space.pcs) for i in range(identities)]
+    people = [sample_identity(space, SAMPLE_SEED + i, pcs=world.sample_pcs) for i in range(identities)]
     weights = torch.stack([space.weights(p.coefficients) for p in people])
-    imgs = gen.images(weights, seed_list)
+    imgs = gen.images(weights)
     for p, row in zip(people, imgs):
-        rows.append((f"sampled {p.name}", [(f"seed {s}", im) for s, im in zip(seed_list, row)]))
+        rows.append((f"sampled {p.name}", [(f"seed {s}", im) for s, im in zip(gen.seeds, row)]))
     log(f"sampled {identities} identities x {seeds} seeds ({time.perf_counter() - t0:.0f} s)")
+    norms = edit_norms(space)
     edits = [a for a in ("Beard", "Eyeglasses", "Blond_Hair", "Chubby", "Male", "Young") if a in space.directions]
-    for p in people[:2]:
-        ws = [space.weights(p.coefficients)]
-        labels = ["original"]
+    for w in weights[:2]:
+        ws, labels = [w], ["original"]
         for a in edits:
             sign = -1.0 if a in ("Young", "Male") else 1.0
-            ws.append(space.weights(apply_edit(space, p, a, sign * config.edit_strength).coefficients))
+            ws.append(edit_weights(space, w[None], a, sign * edit_strength * norms[a])[0])
             labels.append(f"{'-' if sign < 0 else '+'}{a[:9]}")
-        out = gen.images(torch.stack(ws), [seed_list[0]])
-        rows.append((f"edits of {p.name}", list(zip(labels, out[:, 0]))))
+        out = gen.images(torch.stack(ws), gen.seeds[:1])
+        rows.append(("edits (same seed)", list(zip(labels, out[:, 0]))))
     log(f"edits ({time.perf_counter() - t0:.0f} s)")
     seed = world.heldout_seeds[person]
-    photo = identity_images(seed, 1, 0, world.unet.config.image)
+    photo = world.photos_of(seed, 1, 0)
     ident, secs = invert_person(world, photo, config, seed=0)
-    inv = gen.images(space.weights(ident.coefficients)[None], seed_list[:3])[0]
-    unseen = identity_images(seed, 1, REFERENCE_VIEW, world.unet.config.image)[0]
+    inv = gen.images(space.weights(ident.coefficients)[None], gen.seeds[:3])[0]
+    unseen = world.photos_of(seed, 2, REFERENCE_VIEW)
     rows.append(("inversion (1 photo)", [("input", photo[0])] + [(f"w2w seed {s}", im) for s, im in
-                                                                 zip(seed_list[:3], inv)] + [("unseen photo", unseen)]))
+                                                                 zip(gen.seeds[:3], inv)] +
+                 [("unseen photo", im) for im in unseen]))
     log(f"inversion of held-out person {seed}: {invert_steps} steps in {secs:.0f} s")
-    sheet = _sheet(rows, "w2w miniature world: samples, edits, inversion (pack code on the shipped micro artifacts)")
+    sheet = _sheet(rows, f"w2w miniature world: samples, edits, inversion ({space.train_coefs.shape[0]:,} models, "
+                         f"pack code on the shipped artifacts)")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp.png"
     sheet.save(tmp)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["ATTRIBUTES", "WORDS", "FaceParams", "identity_params", "attributes", "render", "render_batch",
-           "caption_words"]
+           "caption_words", "STYLES", "STYLE_VERSIONS", "Pose", "hard_pose"]
 
 ATTRIBUTES = ("Male", "Beard", "Eyeglasses", "Blond_Hair", "Chubby", "Young")
 # the prompt word of each attribute (prompting baseline: "photo sks person <word>")
@@ -25,6 +25,10 @@ _HAIR = {"black": (30, 25, 22), "brown": (105, 70, 40), "blond": (225, 195, 110)
 _SKIN_LIGHT, _SKIN_DARK = np.array([245, 210, 185]), np.array([110, 72, 48])
 _EYES = ((60, 40, 25), (50, 100, 170), (60, 120, 70), (20, 20, 20))
 _CANVAS = 64  # drawn at 64 x 64, then reduced to the output size with a box filter
+# "plain": position, scale, brightness and a grey backdrop vary a little (the first miniature world);
+# "hard": what one photo cannot separate from identity varies widely (see _render_hard)
+STYLES = ("plain", "hard")
+STYLE_VERSIONS = {"plain": 1, "hard": 2}  # raised when a style's pixels change (training checkpoints record it)
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,102 @@ def _colour(rgb, light: float) -> tuple[int, int, int]:
     return tuple(int(np.clip(c * light, 0, 255)) for c in rgb)
 
 
-def render(p: FaceParams, view_seed: int, size: int = 32) -> np.ndarray:
-    """One photo of ``p`` (uint8 (size, size, 3)); ``view_seed`` picks position, scale, lighting and background."""
+@dataclass(frozen=True)
+class Pose:
+    """How the head is held in one photo: turn, expression, headwear (all neutral in plain photos)."""
+
+    yaw: float = 0.0  # head turn, radians (+: the face turns to the image's right)
+    eye_open: float = 1.0  # eye height factor (squint < 1, blink ~0.2)
+    smile: float = 0.0  # 0 neutral .. 1 broad smile (wider, deeper mouth)
+    mouth_open: bool = False
+    brow_raise: float = 0.0  # eyebrows moved up by this fraction of the canvas
+    hat: tuple[int, int, int] | None = None  # colour of a cap hiding the top of the head
+    brim: bool = False  # the cap has a peak
+
+
+def _draw_head(d: ImageDraw.ImageDraw, box, p: FaceParams, light: float, pose: Pose = Pose()) -> None:
+    """Draw the head of ``p`` seen in ``pose``; ``box(x0, y0, x1, y1)`` maps face coordinates to the canvas.
+
+    The face is an ellipsoid turned by ``pose.yaw``: a feature at horizontal position x (depth z on the surface) is
+    drawn at x·cos φ + z·sin φ and its width is foreshortened by cos(θ + φ)/cos θ (θ its angle on the surface), so
+    the near eye grows, the far one shrinks and everything slides towards the turn. With a neutral pose this is the
+    plain photo's drawing, pixel for pixel.
+    """
+    fw, fh = p.face_w, p.face_h
+    phi = pose.yaw
+    c, s = float(np.cos(phi)), float(np.sin(phi))
+
+    def depth(x: float, bulge: float = 0.9) -> float:
+        return bulge * float(np.sqrt(max(fw * fw - x * x, 0.0)))
+
+    def at(x: float, bulge: float = 0.9) -> float:  # turned horizontal position
+        return x if phi == 0 else x * c + depth(x, bulge) * s
+
+    def fore(x: float) -> float:  # foreshortening of a width at x
+        if phi == 0:
+            return 1.0
+        theta = float(np.arcsin(np.clip(x / fw, -0.99, 0.99)))
+        return max(0.2, float(np.cos(theta + phi)) / float(np.cos(theta)))
+
+    hair = _colour(_HAIR[p.hair], light)
+    back = -0.5 * fw * s  # the back of the head moves against the turn
+    if p.style == "long" and pose.hat is None or p.style == "long" and not pose.brim:
+        d.rectangle(box(-fw - 0.06 + back, -fh * 0.4, fw + 0.06 + back, fh + 0.12), fill=hair)
+        d.ellipse(box(-fw - 0.06 + back, -fh - 0.07, fw + 0.06 + back, fh * 0.2), fill=hair)
+    elif p.style == "long":  # long hair under a peaked cap: only below it
+        d.rectangle(box(-fw - 0.06 + back, -fh * 0.4, fw + 0.06 + back, fh + 0.12), fill=hair)
+    skin = _colour(_SKIN_LIGHT + p.skin * (_SKIN_DARK - _SKIN_LIGHT), light)
+    half = fw * (1.0 if phi == 0 else float(np.sqrt(c * c + 0.81 * s * s)))  # outline of the turned ellipsoid
+    d.ellipse(box(-half, -fh, half, fh), fill=skin)
+    if p.style in ("short", "long"):
+        d.chord(box(-fw - 0.02 + back * 0.5, -fh - 0.05, fw + 0.02 + back * 0.5, fh * 0.5), 180, 360, fill=hair)
+    if not p.young:  # forehead lines
+        for k in range(2):
+            y = -fh * 0.55 + k * 0.035
+            d.line(box(at(-fw * 0.45), y, at(fw * 0.45), y)[:4], fill=_colour((90, 60, 45), light), width=1)
+    if p.beard:
+        w = fw * 0.95
+        d.chord(box(at(-w, 0.3), -fh * 0.1, at(w, 0.3), fh + 0.03), 0, 180, fill=hair)
+    eye_c = _colour(_EYES[p.eye_colour], light)
+    frame = _colour(((15, 15, 15), (150, 30, 30), (40, 40, 150))[p.frame], 1.0)
+    rims = []
+    for sign in (-1, 1):
+        ex, k = at(sign * p.eye_gap), fore(sign * p.eye_gap)
+        ew, eh = p.eye_size * k, p.eye_size * pose.eye_open
+        d.ellipse(box(ex - ew, p.eye_y - eh * 0.7, ex + ew, p.eye_y + eh * 0.7), fill=_colour((250, 250, 250), light))
+        d.ellipse(box(ex - ew * 0.5, p.eye_y - min(ew, eh) * 0.5, ex + ew * 0.5, p.eye_y + min(ew, eh) * 0.5),
+                  fill=eye_c)
+        by = p.eye_y - p.eye_size - 0.02 - pose.brow_raise
+        d.rectangle(box(ex - p.eye_size * 1.2 * k, by - p.brow, ex + p.eye_size * 1.2 * k, by), fill=hair)
+        if p.glasses:
+            rad = p.eye_size * 1.7
+            d.ellipse(box(ex - rad * k, p.eye_y - rad, ex + rad * k, p.eye_y + rad), outline=frame, width=2)
+            rims.append(ex + sign * -1 * rad * k)
+    if p.glasses:
+        d.line(box(rims[0], p.eye_y, rims[1], p.eye_y)[:4], fill=frame, width=2)
+    nose_c = _colour(_SKIN_LIGHT * 0.75 + p.skin * (_SKIN_DARK - _SKIN_LIGHT) * 0.75, light)
+    nx = at(0.0, 1.15)  # the nose stands out of the face
+    d.line(box(nx, p.eye_y + 0.02, nx, p.eye_y + 0.02 + p.nose)[:4], fill=nose_c, width=2)
+    lips = _colour((190 - 40 * (1 - p.lips), 90 + 40 * (1 - p.lips), 90), light)
+    mx, mw = at(0.0), p.mouth_w * fore(0.0) * (1 + 0.35 * pose.smile)
+    d.chord(box(mx - mw, p.mouth_y - 0.025, mx + mw, p.mouth_y + 0.03 + 0.025 * pose.smile), 0, 180, fill=lips)
+    if pose.mouth_open:
+        d.ellipse(box(mx - mw * 0.6, p.mouth_y - 0.005, mx + mw * 0.6, p.mouth_y + 0.03), fill=_colour((70, 20, 25), light))
+    if pose.hat is not None:  # a cap over the hair line, down to just above the brows
+        top = -fh - 0.09
+        low = p.eye_y - p.eye_size - 0.045
+        d.chord(box(-fw - 0.04 + back * 0.5, top, fw + 0.04 + back * 0.5, 2 * low - top), 180, 360, fill=pose.hat)
+        if pose.brim:
+            d.rectangle(box(at(-fw * 0.9) + 0.1 * s, low - 0.02, at(fw * 0.9) + 0.1 * s, low + 0.01),
+                        fill=tuple(int(v * 0.7) for v in pose.hat))
+
+
+def render(p: FaceParams, view_seed: int, size: int = 32, style: str = "plain") -> np.ndarray:
+    """One photo of ``p`` (uint8 (size, size, 3)); ``view_seed`` picks what the photo varies (see :data:`STYLES`)."""
+    if style == "hard":
+        return _render_hard(p, view_seed, size)
+    if style != "plain":
+        raise ValueError(f"unknown photo style {style!r}; choose one of {STYLES}")
     r = np.random.default_rng([int(view_seed) & 0xFFFF_FFFF, 0xFACE])
     s = _CANVAS
     scale = r.uniform(0.93, 1.07) * s
@@ -111,46 +209,11 @@ def render(p: FaceParams, view_seed: int, size: int = 32) -> np.ndarray:
     grey = int(r.integers(90, 200))  # a plain backdrop: its grey level and a slight tint vary
     bg = tuple(int(np.clip(grey + t, 0, 255)) for t in r.integers(-12, 13, 3))
     img = Image.new("RGB", (s, s), bg)
-    d = ImageDraw.Draw(img)
 
     def box(x0, y0, x1, y1):
         return [cx + x0 * scale, cy + y0 * scale, cx + x1 * scale, cy + y1 * scale]
 
-    skin = _colour(_SKIN_LIGHT + p.skin * (_SKIN_DARK - _SKIN_LIGHT), light)
-    hair = _colour(_HAIR[p.hair], light)
-    fw, fh = p.face_w, p.face_h
-    if p.style == "long":  # hair behind the face, down to the shoulders
-        d.rectangle(box(-fw - 0.06, -fh * 0.4, fw + 0.06, fh + 0.12), fill=hair)
-        d.ellipse(box(-fw - 0.06, -fh - 0.07, fw + 0.06, fh * 0.2), fill=hair)
-    d.ellipse(box(-fw, -fh, fw, fh), fill=skin)
-    if p.style in ("short", "long"):
-        d.chord(box(-fw - 0.02, -fh - 0.05, fw + 0.02, fh * 0.5), 180, 360, fill=hair)
-    if not p.young:  # forehead lines
-        for k in range(2):
-            y = -fh * 0.55 + k * 0.035
-            d.line(box(-fw * 0.45, y, fw * 0.45, y)[:4], fill=_colour((90, 60, 45), light), width=1)
-    if p.beard:
-        d.chord(box(-fw * 0.95, -fh * 0.1, fw * 0.95, fh + 0.03), 0, 180, fill=hair)
-    eye_c = _colour(_EYES[p.eye_colour], light)
-    for sign in (-1, 1):
-        ex = sign * p.eye_gap
-        d.ellipse(box(ex - p.eye_size, p.eye_y - p.eye_size * 0.7, ex + p.eye_size, p.eye_y + p.eye_size * 0.7),
-                  fill=_colour((250, 250, 250), light))
-        d.ellipse(box(ex - p.eye_size * 0.5, p.eye_y - p.eye_size * 0.5, ex + p.eye_size * 0.5,
-                      p.eye_y + p.eye_size * 0.5), fill=eye_c)
-        by = p.eye_y - p.eye_size - 0.02
-        d.rectangle(box(ex - p.eye_size * 1.2, by - p.brow, ex + p.eye_size * 1.2, by), fill=hair)
-        if p.glasses:
-            frame = _colour(((15, 15, 15), (150, 30, 30), (40, 40, 150))[p.frame], 1.0)
-            rad = p.eye_size * 1.7
-            d.ellipse(box(ex - rad, p.eye_y - rad, ex + rad, p.eye_y + rad), outline=frame, width=2)
-    if p.glasses:
-        d.line(box(-p.eye_gap + p.eye_size * 1.7, p.eye_y, p.eye_gap - p.eye_size * 1.7, p.eye_y)[:4],
-               fill=_colour(((15, 15, 15), (150, 30, 30), (40, 40, 150))[p.frame], 1.0), width=2)
-    nose_c = _colour(_SKIN_LIGHT * 0.75 + p.skin * (_SKIN_DARK - _SKIN_LIGHT) * 0.75, light)
-    d.line(box(0, p.eye_y + 0.02, 0, p.eye_y + 0.02 + p.nose)[:4], fill=nose_c, width=2)
-    lips = _colour((190 - 40 * (1 - p.lips), 90 + 40 * (1 - p.lips), 90), light)
-    d.chord(box(-p.mouth_w, p.mouth_y - 0.025, p.mouth_w, p.mouth_y + 0.03), 0, 180, fill=lips)
+    _draw_head(ImageDraw.Draw(img), box, p, light)
     # light from one side: a horizontal brightness gradient
     arr = np.asarray(img, dtype=np.float32)
     side = r.uniform(-0.15, 0.15)
@@ -161,7 +224,90 @@ def render(p: FaceParams, view_seed: int, size: int = 32) -> np.ndarray:
     return arr
 
 
-def render_batch(params: list[FaceParams], view_seeds: list[int], size: int = 32) -> np.ndarray:
+def _random_rgb(r: np.random.Generator, low: int = 0, high: int = 256) -> tuple[int, int, int]:
+    return tuple(int(v) for v in r.integers(low, high, 3))
+
+
+def _background(r: np.random.Generator, s: int) -> Image.Image:
+    """A backdrop: a plain colour, a gradient, stripes or clutter (shapes of random colours), out of focus."""
+    kind = r.choice(["plain", "gradient", "stripes", "clutter"], p=[0.2, 0.25, 0.15, 0.4])
+    img = Image.new("RGB", (s, s), _random_rgb(r, 20, 236))
+    d = ImageDraw.Draw(img)
+    if kind == "gradient":
+        a, b = np.array(_random_rgb(r, 20, 236)), np.array(_random_rgb(r, 20, 236))
+        angle = r.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:s, 0:s] / (s - 1) - 0.5
+        t = np.clip(0.5 + xx * np.cos(angle) + yy * np.sin(angle), 0, 1)[..., None]
+        img = Image.fromarray((a * (1 - t) + b * t).astype(np.uint8))
+    elif kind == "stripes":
+        other, width = _random_rgb(r, 20, 236), int(r.integers(3, 10))
+        vertical = bool(r.random() < 0.5)
+        for k in range(0, s, 2 * width):
+            d.rectangle([k, 0, k + width - 1, s] if vertical else [0, k, s, k + width - 1], fill=other)
+    elif kind == "clutter":
+        for _ in range(int(r.integers(4, 11))):
+            x0, y0 = r.uniform(-10, s), r.uniform(-10, s)
+            w, h = r.uniform(6, 30), r.uniform(6, 30)
+            shape = [x0, y0, x0 + w, y0 + h]
+            (d.rectangle if r.random() < 0.5 else d.ellipse)(shape, fill=_random_rgb(r))
+    # the backdrop is behind the focal plane, as in a portrait
+    return img.filter(ImageFilter.GaussianBlur(float(r.uniform(1.5, 3.5))))
+
+
+def hard_pose(r: np.random.Generator) -> Pose:
+    """The head pose, expression and headwear of one hard photo."""
+    hat = _random_rgb(r, 10, 246) if r.random() < 0.25 else None
+    blink = r.random() < 0.08
+    return Pose(yaw=float(r.uniform(-0.6, 0.6)), eye_open=0.2 if blink else float(r.uniform(0.45, 1.15)),
+                smile=float(r.uniform(0, 1)) if r.random() < 0.6 else 0.0, mouth_open=bool(r.random() < 0.25),
+                brow_raise=float(r.uniform(-0.01, 0.02)), hat=hat, brim=bool(hat is not None and r.random() < 0.5))
+
+
+def _render_hard(p: FaceParams, view_seed: int, size: int) -> np.ndarray:
+    """A hard photo: the head turned, tilted, with an expression, sometimes a cap, at any scale and place, on a
+    cluttered backdrop, in a coloured light from one direction, sometimes blurred; plus clothes and sensor noise."""
+    r = np.random.default_rng([int(view_seed) & 0xFFFF_FFFF, 0x4A4D])
+    s = _CANVAS
+    pose = hard_pose(r)
+    scale = float(np.exp(r.uniform(np.log(0.8), np.log(1.2)))) * s
+    cx, cy = s / 2 + r.uniform(-5, 5), s / 2 + 2 + r.uniform(-4, 4)
+    roll = r.uniform(-14, 14)
+    img = _background(r, s)
+    layer = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+
+    def box(x0, y0, x1, y1):
+        return [cx + x0 * scale, cy + y0 * scale, cx + x1 * scale, cy + y1 * scale]
+
+    skin = _colour(_SKIN_LIGHT + p.skin * (_SKIN_DARK - _SKIN_LIGHT), 1.0)
+    d.ellipse(box(-0.45, p.face_h + 0.08, 0.45, p.face_h + 0.75), fill=_random_rgb(r))  # shoulders and clothes
+    d.rectangle(box(-0.07, p.face_h - 0.1, 0.07, p.face_h + 0.12), fill=skin)  # neck
+    _draw_head(d, box, p, 1.0, pose)
+    layer = layer.rotate(roll, resample=Image.BILINEAR, center=(cx, cy))
+    img.paste(layer, (0, 0), layer)
+    if r.random() < 0.12:  # something in front of the lower face
+        d = ImageDraw.Draw(img)
+        x0 = cx + r.choice([-1, 1]) * r.uniform(0.1, 0.3) * scale
+        y0 = cy + r.uniform(0.12, 0.3) * scale
+        d.rectangle([x0 - 0.08 * scale, y0, x0 + 0.08 * scale, s], fill=_random_rgb(r))
+    if r.random() < 0.25:
+        img = img.filter(ImageFilter.GaussianBlur(float(r.uniform(0.6, 1.3))))
+    arr = np.asarray(img, dtype=np.float32)
+    # light: a colour cast (warm .. cool, a green or magenta tint), an overall level, and a direction
+    warm, tint = r.uniform(-1, 1), r.uniform(-1, 1)
+    cast = np.array([1 + 0.22 * warm, 1 + 0.1 * tint, 1 - 0.22 * warm], dtype=np.float32) * r.uniform(0.65, 1.25)
+    angle, strength = r.uniform(0, 2 * np.pi), r.uniform(0, 0.45)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / (s - 1) * 2 - 1
+    field = 1 + strength * (xx * np.cos(angle) + yy * np.sin(angle))
+    arr = arr * cast[None, None, :] * field[..., None]
+    arr += r.normal(0, r.uniform(0, 6), arr.shape).astype(np.float32)
+    arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if size != s:
+        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BOX))
+    return arr
+
+
+def render_batch(params: list[FaceParams], view_seeds: list[int], size: int = 32, style: str = "plain") -> np.ndarray:
     """Images as float32 (N, 3, size, size) in [-1, 1] (the diffusion model's pixel space)."""
-    out = np.stack([render(p, v, size) for p, v in zip(params, view_seeds)])
+    out = np.stack([render(p, v, size, style) for p, v in zip(params, view_seeds)])
     return out.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0

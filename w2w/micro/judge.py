@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .faces import ATTRIBUTES, attributes, identity_params, render_batch
-from .train import JUDGE_SEEDS, HELDOUT_SEEDS, Log, atomic_save, load_checkpoint
+from .train import JUDGE_SEEDS, HELDOUT_SEEDS, Log, atomic_save, photo_version, resume_stage, stage_stamp
 
 __all__ = ["JudgeNet", "JudgeConfig", "train_judge", "judge_quality", "id_score"]
 
@@ -58,14 +58,16 @@ def id_score(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    identities: int = 2000
-    steps: int = 1200
+    identities: int = 5000
+    steps: int = 4000
     batch: int = 96  # 48 identities x 2 photos
     lr: float = 2e-3
     margin: float = 0.25
     scale: float = 16.0
     seed: int = 0
     checkpoint_every: int = 500
+    photos: str = "hard"  # photo style it learns to read (faces.STYLES)
+    width: int = 32  # channels of the first convolution (doubled twice)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -86,13 +88,15 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_judge(workdir: str, config: JudgeConfig = JudgeConfig(), log: Log = print) -> JudgeNet:
     path = os.path.join(workdir, "judge.ckpt")
+    stamp = stage_stamp("judge", config, photo_version(config.photos))
     torch.manual_seed(config.seed)
-    net = JudgeNet()
+    net = JudgeNet(width=config.width)
     classes = nn.Parameter(torch.randn(config.identities, net.embed.out_features) * 0.1)
     opt = torch.optim.AdamW(list(net.parameters()) + [classes], lr=config.lr, weight_decay=1e-4)
-    step = 0
-    state = load_checkpoint(path)
+    step, spent = 0, 0.0
+    state = resume_stage(path, stamp)
     if state is not None:
+        spent = float(state["seconds"])
         net.load_state_dict(state["net"])
         with torch.no_grad():
             classes.copy_(state["classes"])
@@ -106,7 +110,8 @@ def train_judge(workdir: str, config: JudgeConfig = JudgeConfig(), log: Log = pr
     t0 = time.perf_counter()
     while step < config.steps:
         ids = np.repeat(rng.choice(config.identities, config.batch // 2, replace=False), 2)
-        x = torch.from_numpy(render_batch([faces[i] for i in ids], [int(v) for v in rng.integers(0, 2**31, len(ids))]))
+        x = torch.from_numpy(render_batch([faces[i] for i in ids], [int(v) for v in rng.integers(0, 2**31, len(ids))],
+                                          style=config.photos))
         emb, logits = net(_augment(x, gen))
         cos = emb @ F.normalize(classes, dim=1).T
         target = torch.from_numpy(ids)
@@ -125,20 +130,22 @@ def train_judge(workdir: str, config: JudgeConfig = JudgeConfig(), log: Log = pr
             log(f"judge: step {step}/{config.steps} id loss {float(loss_id.detach()):.3f} attribute loss "
                 f"{float(loss_attr.detach()):.3f} ({time.perf_counter() - t0:.0f} s)")
         if step % config.checkpoint_every == 0 or step == config.steps:
-            atomic_save({"net": net.state_dict(), "classes": classes.detach(), "opt": opt.state_dict(), "step": step},
-                        path)
+            atomic_save({"net": net.state_dict(), "classes": classes.detach(), "opt": opt.state_dict(), "step": step,
+                         "stamp": stamp, "seconds": spent + time.perf_counter() - t0}, path)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return net
 
 
-def judge_quality(net: JudgeNet, identities: int = 64, photos: int = 4, offset: int = HELDOUT_SEEDS + 100_000) -> dict:
+def judge_quality(net: JudgeNet, identities: int = 64, photos: int = 4, offset: int = HELDOUT_SEEDS + 100_000,
+                  style: str = "hard") -> dict:
     """On unseen identities: same/different-person ID scores, verification AUC and attribute accuracy."""
     faces = [identity_params(offset + i) for i in range(identities)]
     ids = np.repeat(np.arange(identities), photos)
     x = torch.from_numpy(render_batch([faces[i] for i in ids], [int(offset + 7919 * i + k) for i, k in
-                                                                 zip(ids, np.tile(np.arange(photos), identities))]))
+                                                                 zip(ids, np.tile(np.arange(photos), identities))],
+                                      style=style))
     emb, prob = net.embed_images(x)
     sim = emb @ emb.T
     same = torch.from_numpy(ids[:, None] == ids[None, :])

@@ -6,16 +6,17 @@ Every stage checkpoints to its work folder (atomic ``torch.save`` of plain state
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .faces import ATTRIBUTES, caption_words, identity_params, attributes, render_batch
+from .faces import STYLE_VERSIONS, caption_words, identity_params, render_batch
 from .model import MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize, v_target
 
 __all__ = ["BaseConfig", "train_base", "LoraConfig", "train_loras", "initial_factors", "view_seeds", "identity_images",
@@ -35,9 +36,10 @@ def view_seeds(identity_seed: int, count: int, start: int = 0) -> list[int]:
     return [int(identity_seed) * 1_000 + 7 + k for k in range(start, start + count)]
 
 
-def identity_images(identity_seed: int, count: int, start: int = 0, size: int = 32) -> torch.Tensor:
+def identity_images(identity_seed: int, count: int, start: int = 0, size: int = 32, photos: str = "hard") -> torch.Tensor:
+    """``count`` photos (count, 3, size, size) of an identity, from its view index ``start`` on, in style ``photos``."""
     p = identity_params(identity_seed)
-    return torch.from_numpy(render_batch([p] * count, view_seeds(identity_seed, count, start), size))
+    return torch.from_numpy(render_batch([p] * count, view_seeds(identity_seed, count, start), size, photos))
 
 
 def atomic_save(obj, path: str) -> None:
@@ -51,10 +53,31 @@ def load_checkpoint(path: str):
     return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
 
 
-def _noised(x0: torch.Tensor, gen: torch.Generator, abar: torch.Tensor):
-    """x_t, t and the v-prediction target."""
-    t = torch.randint(0, len(abar), (x0.shape[0],), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+def stage_stamp(*parts) -> str:
+    """What a stage's result depends on (its settings and the stamps of the stages it builds on), as one string."""
+    return json.dumps([asdict(p) if is_dataclass(p) else p for p in parts], sort_keys=True)
+
+
+def photo_version(style: str) -> str:
+    """The photo style and the version of its drawing code, for stage stamps."""
+    return f"{style}-{STYLE_VERSIONS[style]}"
+
+
+def resume_stage(path: str, stamp: str):
+    """The checkpoint at ``path`` if it was made with ``stamp`` (None if there is none); another stamp is an error."""
+    state = load_checkpoint(path)
+    if state is not None and state.get("stamp") != stamp:
+        raise ValueError(f"{path} holds a checkpoint made with another configuration: delete it (and the stages "
+                         "after it) or use an empty work folder to train with these settings")
+    return state
+
+
+def _noised(x0: torch.Tensor, gen: torch.Generator, abar: torch.Tensor, groups: int = 1, t_min: int = 0):
+    """x_t, t ~ U{t_min..T-1} and the v-prediction target; ``groups`` > 1: x0 is that many equal groups sharing one
+    draw of t and noise (group g's item j gets the same t and noise as every other group's item j)."""
+    k = x0.shape[0] // groups
+    t = torch.randint(t_min, len(abar), (k,), generator=gen).repeat(groups)
+    noise = torch.randn((k, *x0.shape[1:]), generator=gen).repeat(groups, *([1] * (x0.dim() - 1)))
     a = abar[t].float().view(-1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, v_target(x0, noise, abar[t].float())
 
@@ -62,7 +85,7 @@ def _noised(x0: torch.Tensor, gen: torch.Generator, abar: torch.Tensor):
 # ---- base model ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BaseConfig:
-    steps: int = 2400
+    steps: int = 4000
     batch: int = 32
     lr: float = 2e-3
     pool: int = 20_000  # random identities the base model sees
@@ -71,19 +94,22 @@ class BaseConfig:
     seed: int = 0
     model: MicroConfig = MicroConfig()
     checkpoint_every: int = 200
+    photos: str = "hard"  # photo style of the training images (faces.STYLES)
 
 
 def train_base(workdir: str, config: BaseConfig = BaseConfig(), log: Log = print) -> tuple[MicroUNet, TextEncoder]:
     """Train (or resume) the text-conditioned base model on many random identities; returns the EMA weights."""
     path = os.path.join(workdir, "base.ckpt")
+    stamp = stage_stamp("base", config, photo_version(config.photos))
     torch.manual_seed(config.seed)
     unet, text = MicroUNet(config.model), TextEncoder(config.model.context)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-4)
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
-    step = 0
-    state = load_checkpoint(path)
+    step, spent = 0, 0.0
+    state = resume_stage(path, stamp)
     if state is not None:
+        spent = float(state["seconds"])
         unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"])
         ema_unet.load_state_dict(state["ema_unet"]), ema_text.load_state_dict(state["ema_text"])
         opt.load_state_dict(state["opt"])
@@ -98,7 +124,7 @@ def train_base(workdir: str, config: BaseConfig = BaseConfig(), log: Log = print
         ids = rng.integers(0, config.pool, config.batch) + BASE_SEEDS
         faces = [identity_params(int(i)) for i in ids]
         x0 = torch.from_numpy(render_batch(faces, [int(v) for v in rng.integers(0, 2**31, config.batch)],
-                                           config.model.image))
+                                           config.model.image, config.photos))
         words = [caption_words(p, rng) if rng.random() >= config.drop_caption else [] for p in faces]
         x_t, t, target = _noised(x0, gen, abar)
         lr = config.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * min(1.0, 2 * (1 - step / config.steps)))
@@ -120,7 +146,8 @@ def train_base(workdir: str, config: BaseConfig = BaseConfig(), log: Log = print
             log(f"base model: step {step}/{config.steps} loss {running:.4f} ({time.perf_counter() - t0:.0f} s)")
         if step % config.checkpoint_every == 0 or step == config.steps:
             atomic_save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
-                         "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+                         "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step, "stamp": stamp,
+                         "seconds": spent + time.perf_counter() - t0}, path)
     ema_unet.eval(), ema_text.eval()
     for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
         p.requires_grad_(False)
@@ -132,11 +159,22 @@ def train_base(workdir: str, config: BaseConfig = BaseConfig(), log: Log = print
 class LoraConfig:
     images: int = 8  # photos per identity
     steps: int = 150
-    per_step: int = 4  # photos of each identity per step
+    per_step: int = 4  # photos of each identity per step (cycled copies when it has fewer)
     lr: float = 1e-2
     parallel: int = 12  # identities trained side by side in one batch
     init_seed: int = 1234  # the same A initialisation for every identity (see train_loras)
     prompt: str = "photo sks person"
+    shared_noise: bool = False  # every identity gets the same timesteps, noise and photo slots at each step
+    final_lr: float = 1.0  # learning rate at the last step as a fraction of lr (linear decay; 1 = constant)
+    t_min: int = 0  # timesteps drawn from t_min..999 (the nearly clean ones carry little of the identity)
+
+    def __post_init__(self) -> None:
+        if min(self.images, self.steps, self.per_step, self.parallel) < 1:
+            raise ValueError(f"images, steps, per_step and parallel must be >= 1, got {self}")
+        if not (self.lr > 0 and 0 <= self.final_lr <= 1):
+            raise ValueError(f"lr must be > 0 and final_lr in [0, 1], got {self.lr} and {self.final_lr}")
+        if not 0 <= self.t_min < 1000:
+            raise ValueError(f"t_min must be in 0..999, got {self.t_min}")
 
 
 def initial_factors(layout, seed: int) -> torch.Tensor:
@@ -150,6 +188,12 @@ def initial_factors(layout, seed: int) -> torch.Tensor:
     return w
 
 
+def _slots(photos: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Which of ``photos`` photos fill the ``k`` places of one step: a random order, cycled if k > photos."""
+    order = torch.randperm(photos, generator=gen)
+    return order.repeat(-(-k // photos))[:k]
+
+
 def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], config: LoraConfig = LoraConfig(),
                 *, seed: int = 0, log: Log | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
     """DreamBooth-style rank-1 LoRAs (to_q/to_v of attn1 and attn2), one per image set -> (len(images), dim).
@@ -158,10 +202,14 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
     live in one consistent chart — PCA over them is meaningful (a rank-1 LoRA is only defined up to the rescaling
     (A, B) -> (cA, B/c), which shared initialisation and equal training keep aligned). The identities of one call
     train side by side in one batch with per-item factors; each has its own parameters and its own Adam state, so
-    the result equals training them one by one, up to the random draws.
+    the result equals training them one by one, up to the random draws. With ``config.shared_noise`` the draws are
+    the same for every identity (timesteps, noise and which photo slot is used), so an identity's LoRA does not
+    depend on the batch it trained in, and LoRAs differ only through their photos (common random numbers).
     """
     layout = micro_layout(unet)
-    n = len(images)
+    n, k = len(images), config.per_step
+    if config.shared_noise and len({x.shape[0] for x in images}) > 1:
+        raise ValueError("shared_noise needs the same number of photos for every identity")
     w = (initial_factors(layout, config.init_seed) if init is None else init).repeat(n, 1).contiguous()
     w.requires_grad_(True)
     opt = torch.optim.Adam([w], lr=config.lr)
@@ -169,17 +217,21 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
     abar = alphas_cumprod()
     with torch.no_grad():
         ctx = text(tokenize([config.prompt]))
-    per = [min(config.per_step, x.shape[0]) for x in images]
-    owner = torch.cat([torch.full((k,), i) for i, k in enumerate(per)])
+    owner = torch.arange(n).repeat_interleave(k)
     for step in range(config.steps):
-        x0 = torch.cat([x[torch.randperm(x.shape[0], generator=gen)[:k]] for x, k in zip(images, per)])
-        x_t, t, target = _noised(x0, gen, abar)
+        if config.shared_noise:
+            pick = _slots(images[0].shape[0], k, gen)
+            x_t, t, target = _noised(torch.cat([x[pick] for x in images]), gen, abar, groups=n, t_min=config.t_min)
+        else:
+            x0 = torch.cat([x[_slots(x.shape[0], k, gen)] for x in images])
+            x_t, t, target = _noised(x0, gen, abar, t_min=config.t_min)
+        for g in opt.param_groups:
+            g["lr"] = config.lr * (1 - (1 - config.final_lr) * step / max(1, config.steps - 1))
         factors = [(a[owner], b[owner]) for a, b in layout.factors(w)]
         with unet.patched(factors, layout.scale):
-            pred = unet(x_t, t, ctx.expand(x0.shape[0], -1, -1))
+            pred = unet(x_t, t, ctx.expand(x_t.shape[0], -1, -1))
         # sum of per-identity mean losses: identity i's gradient is that of its own loss
-        err = (pred - target).square().flatten(1).mean(1)
-        loss = torch.zeros(n).index_add_(0, owner, err) / torch.tensor(per, dtype=torch.float32)
+        loss = (pred - target).square().flatten(1).mean(1).view(n, k).mean(1)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()

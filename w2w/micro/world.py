@@ -2,16 +2,19 @@
 
 ``build_world(workdir, out)`` runs the stages in order — base model, judge, one rank-1 LoRA per identity of the model
 dataset (the micro ``all_weights``), multi-image LoRAs of held-out people, the w2w space (our own streaming build),
-edit directions from the attribute labels (our own fit), a w2w++ VAE (our own trainer) — each resuming from its
+edit directions from the attribute labels (our own fit), w2w++ VAEs (our own trainer) — each resuming from its
 checkpoint in ``workdir``, then writes fp16 ``.safetensors`` artifacts to ``out`` (``models/micro/`` in the repo).
 ``load_world(out)`` reads them back (safetensors only, shapes and metadata checked).
+
+Every checkpoint carries a stamp of the settings it was made with (and of the stages it builds on), so a stage
+resumes only its own work and refuses a checkpoint made with other settings.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -25,32 +28,69 @@ from .faces import ATTRIBUTES, attributes, identity_params
 from .judge import JudgeConfig, JudgeNet, train_judge
 from .model import VOCAB, MicroConfig, MicroUNet, TextEncoder, micro_layout
 from .train import (HELDOUT_SEEDS, MODEL_SEEDS, BaseConfig, Log, LoraConfig, atomic_save, identity_images,
-                    load_checkpoint, train_base, train_loras)
+                    load_checkpoint, photo_version, resume_stage, stage_stamp, train_base, train_loras)
 
 __all__ = ["WorldConfig", "World", "build_world", "load_world", "save_world", "ARTIFACTS", "toy_config",
-           "DEFAULT_DIR"]
+           "first_world_config", "DEFAULT_DIR", "make_space", "make_vaes", "vae_artifact"]
 
 ARTIFACTS = ("micro-unet.safetensors", "micro-judge.safetensors", "micro-space.safetensors",
-             "micro-weights.safetensors", "micro-vae.safetensors")
+             "micro-weights.safetensors")
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "models", "micro")
 FORMAT = "w2w-micro-world"
 
 
+def vae_artifact(latent: int) -> str:
+    return f"micro-vae-{latent}.safetensors"
+
+
 @dataclass(frozen=True)
 class WorldConfig:
+    """The second miniature world (the defaults): 5,000 identity LoRAs of hard photos, a 240-PC space."""
+
     base: BaseConfig = BaseConfig()
     judge: JudgeConfig = JudgeConfig()
-    lora: LoraConfig = LoraConfig()
-    models: int = 240  # identities in the model dataset (rows of the micro all_weights)
-    heldout: int = 16  # people never in the space: inversion targets
-    vae_latent: int = 16
-    vae_hidden: tuple[int, ...] = (128, 64)
-    vae_epochs: int = 300
+    lora: LoraConfig = LoraConfig(steps=60, per_step=2, lr=2e-2, parallel=100, shared_noise=True, final_lr=0.1)
+    models: int = 5000  # identities in the model dataset (rows of the micro all_weights)
+    heldout: int = 40  # people never in the space: inversion and editing targets
+    pcs: int = 240  # PCs kept and optimised by inversion: 10 % of the 2,400 LoRA values (paper: 10,000 of 99,648);
+    #                 0 = all (models - 1)
+    sample_pcs: int = 24  # PCs that sampling draws and directions are fitted on: 1 % (paper: 1,000 of 99,648);
+    #                       0 = all of the space's
+    raw_models: int = 2000  # training LoRAs shipped as weights (all of them are in the space as coefficients)
+    vae_latents: tuple[int, ...] = (8, 16, 32)  # one w2w++ VAE per latent size
+    vae_hidden: tuple[int, ...] = (256, 256)
+    vae_epochs: int = 200
+    vae_beta: float = 0.05  # final KL weight
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.base.photos != self.judge.photos:
+            raise ValueError(f"the base model learns {self.base.photos!r} photos but the judge reads "
+                             f"{self.judge.photos!r} ones: give both the same style")
+        if self.models < 3 or self.heldout < 1:
+            raise ValueError(f"a world needs >= 3 models and >= 1 held-out person, got {self.models}, {self.heldout}")
+
+    @property
+    def photos(self) -> str:
+        return self.base.photos
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, model: MicroConfig | None = None) -> "WorldConfig":
+        """Settings saved by :meth:`to_json`; settings the first world's files lack take the first world's values."""
+        d = json.loads(text)
+        first = asdict(first_world_config())
+        for key in ("base", "judge", "lora"):
+            d[key] = {**first[key], **d[key]}
+        d = {**first, **d}
+        d["base"]["model"] = MicroConfig.from_dict(d["base"]["model"]) if model is None else model
+        known = {f.name for f in fields(cls)}
+        rest = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
+                if k in known and k not in ("base", "judge", "lora")}
+        return cls(base=BaseConfig(**d["base"]), judge=JudgeConfig(**d["judge"]), lora=LoraConfig(**d["lora"]), **rest)
 
 
 def toy_config() -> WorldConfig:
@@ -58,8 +98,17 @@ def toy_config() -> WorldConfig:
     model = MicroConfig(channels=(8, 16, 16), context=8, heads=2)
     return WorldConfig(base=BaseConfig(steps=3, batch=4, pool=20, model=model, checkpoint_every=2),
                        judge=JudgeConfig(identities=12, steps=3, batch=8, checkpoint_every=2),
-                       lora=LoraConfig(images=2, steps=2, per_step=2, parallel=4),
-                       models=10, heldout=2, vae_latent=2, vae_hidden=(8,), vae_epochs=3)
+                       lora=LoraConfig(images=2, steps=2, per_step=2, parallel=4, shared_noise=True),
+                       models=10, heldout=2, pcs=6, sample_pcs=3, raw_models=7, vae_latents=(2,), vae_hidden=(8,),
+                       vae_epochs=3)
+
+
+def first_world_config() -> WorldConfig:
+    """The first miniature world: 240 LoRAs of plain photos, every model its own PC (kept for comparison)."""
+    return WorldConfig(base=BaseConfig(steps=2400, photos="plain"),
+                       judge=JudgeConfig(identities=2000, steps=1200, photos="plain", width=24),
+                       lora=LoraConfig(), models=240, heldout=16, pcs=0, sample_pcs=0, raw_models=240,
+                       vae_latents=(16,), vae_hidden=(128, 64), vae_epochs=300, vae_beta=1.0)
 
 
 @dataclass(eq=False)
@@ -67,12 +116,12 @@ class World:
     unet: MicroUNet
     text: TextEncoder
     judge: JudgeNet
-    space: Space
-    weights: torch.Tensor  # (models, d) float32: the micro all_weights
-    model_seeds: tuple[int, ...]
+    space: Space  # every training LoRA is in it (space.train_coefs, one row per model seed)
+    weights: torch.Tensor  # (raw_models, d) float32: the first training LoRAs as weights (the micro all_weights)
+    model_seeds: tuple[int, ...]  # identity seed of every training model (space rows)
     heldout_weights: torch.Tensor  # (heldout, d): multi-image LoRAs of the held-out people
     heldout_seeds: tuple[int, ...]
-    vae: W2WVAE | None
+    vaes: dict[int, W2WVAE]  # w2w++ VAEs by latent size
     config: WorldConfig
     info: dict = field(default_factory=dict)  # stage timings etc.
 
@@ -80,11 +129,28 @@ class World:
     def layout(self):
         return self.space.layout
 
+    @property
+    def photos(self) -> str:
+        return self.config.photos
+
+    @property
+    def vae(self) -> W2WVAE | None:
+        """The w2w++ VAE with the largest latent (None without VAEs)."""
+        return self.vaes[max(self.vaes)] if self.vaes else None
+
+    @property
+    def sample_pcs(self) -> int:
+        return min(self.config.sample_pcs or self.space.pcs, self.space.pcs)
+
     def context(self, prompt: str) -> torch.Tensor:
         from .model import tokenize
 
         with torch.no_grad():
             return self.text(tokenize([prompt]))
+
+    def photos_of(self, seed: int, count: int, start: int = 0) -> torch.Tensor:
+        """``count`` photos (count, 3, H, W) of identity ``seed`` from view ``start``, in this world's style."""
+        return identity_images(seed, count, start, self.unet.config.image, self.photos)
 
 
 def _freeze(*modules: torch.nn.Module) -> None:
@@ -94,87 +160,133 @@ def _freeze(*modules: torch.nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def _lora_stage(workdir: str, name: str, unet, text, seeds: list[int], config: LoraConfig, log: Log,
-                start_view: int = 0) -> torch.Tensor:
-    """LoRAs for ``seeds`` in chunks of ``config.parallel``, checkpointed after every chunk."""
-    path = os.path.join(workdir, f"{name}.ckpt")
-    state = load_checkpoint(path)
-    done = state["weights"] if state is not None else torch.zeros(0, micro_layout(unet).dim)
-    if done.shape[0]:
-        log(f"{name}: resuming after {done.shape[0]}/{len(seeds)} identities")
-    t0 = time.perf_counter()
-    while done.shape[0] < len(seeds):
-        chunk = seeds[done.shape[0]: done.shape[0] + config.parallel]
-        images = [identity_images(s, config.images, start_view, unet.config.image) for s in chunk]
-        w = train_loras(unet, text, images, config, seed=done.shape[0] + 17)
-        done = torch.cat([done, w])
-        atomic_save({"weights": done}, path)
-        log(f"{name}: {done.shape[0]}/{len(seeds)} identities ({time.perf_counter() - t0:.0f} s)")
-    return done
+def _chunk_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"chunk-{index:05d}.ckpt")
 
 
-def build_world(workdir: str, out: str | None = None, config: WorldConfig = WorldConfig(), log: Log = print) -> World:
-    """Train every stage (resuming what ``workdir`` already holds) and, with ``out``, write the artifacts there."""
+def _train_chunks(states: tuple[dict, dict], model: MicroConfig, chunks: list[tuple[int, list[int]]], folder: str,
+                  config: LoraConfig, photos: str, stamp: str, share: float, threads: int = 0) -> None:
+    """Train LoRA chunks (index, seeds) and write one checkpoint per chunk (also the body of a worker process)."""
+    if threads:
+        torch.set_num_threads(threads)
+    unet, text = MicroUNet(model), TextEncoder(model.context)
+    unet.load_state_dict(states[0]), text.load_state_dict(states[1])
+    _freeze(unet, text)
+    for index, seeds in chunks:
+        t0 = time.perf_counter()
+        images = [identity_images(s, config.images, 0, model.image, photos) for s in seeds]
+        # with shared noise every chunk draws the same (an identity's LoRA does not depend on its chunk)
+        w = train_loras(unet, text, images, config, seed=17 if config.shared_noise else index * config.parallel + 17)
+        seconds = time.perf_counter() - t0
+        atomic_save({"weights": w, "stamp": stamp, "seconds": seconds * share}, _chunk_path(folder, index))
+        print(f"{os.path.basename(folder)}: chunk {index} ({len(seeds)} identities) in {seconds:.0f} s", flush=True)
+
+
+def _lora_stage(workdir: str, name: str, unet, text, seeds: list[int], config: LoraConfig, photos: str,
+                stamp: str, log: Log, workers: int = 1) -> tuple[torch.Tensor, float]:
+    """LoRAs for ``seeds`` in chunks of ``config.parallel``, one checkpoint per chunk, by ``workers`` processes
+    (one thread each); (weights, seconds of the stage: each chunk's time divided by the processes sharing the work)."""
+    folder = os.path.join(workdir, name)
+    os.makedirs(folder, exist_ok=True)
+    chunks = [(i, seeds[s:s + config.parallel]) for i, s in enumerate(range(0, len(seeds), config.parallel))]
+    todo = [c for c in chunks if resume_stage(_chunk_path(folder, c[0]), stamp) is None]
+    if len(todo) < len(chunks):
+        log(f"{name}: resuming with {len(chunks) - len(todo)}/{len(chunks)} chunks done")
+    states = (unet.state_dict(), text.state_dict())
+    workers = max(1, min(workers, len(todo)))
+    args = (states, unet.config)
+    if workers == 1:
+        _train_chunks(*args, todo, folder, config, photos, stamp, 1.0)
+    elif todo:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.starmap(_train_chunks, [(*args, todo[w::workers], folder, config, photos, stamp, 1.0 / workers, 1)
+                                         for w in range(workers)])
+    parts = [load_checkpoint(_chunk_path(folder, i)) for i, _ in chunks]
+    return torch.cat([p["weights"] for p in parts]), sum(float(p["seconds"]) for p in parts)
+
+
+def _stage_seconds(workdir: str, name: str) -> float:
+    state = load_checkpoint(os.path.join(workdir, name))
+    return round(float(state.get("seconds", 0.0)), 1) if state is not None else 0.0
+
+
+def build_world(workdir: str, out: str | None = None, config: WorldConfig = WorldConfig(), log: Log = print,
+                workers: int = 1) -> World:
+    """Train every stage (resuming what ``workdir`` already holds) and, with ``out``, write the artifacts there.
+
+    ``workers`` > 1 trains the LoRA stages in that many processes of one thread each (the results do not change:
+    with shared noise a LoRA does not depend on its chunk); the other stages use torch's thread setting.
+    """
     os.makedirs(workdir, exist_ok=True)
-    stamp = os.path.join(workdir, "config.json")
-    if os.path.isfile(stamp):
-        with open(stamp) as f:
-            if f.read() != config.to_json():
-                raise ValueError(f"{workdir} holds checkpoints of a world with another configuration: use an empty "
-                                 "work folder (or the same settings) to resume")
-    else:
-        with open(stamp, "w") as f:
-            f.write(config.to_json())
+    with open(os.path.join(workdir, "config.json"), "w") as f:  # for the record; stages check their own stamps
+        f.write(config.to_json())
     info: dict = {}
-    timer = time.perf_counter()
-
-    def lap(what: str) -> None:
-        nonlocal timer
-        now = time.perf_counter()
-        info[f"seconds_{what}"] = round(now - timer, 1)
-        timer = now
-
     torch.manual_seed(config.seed)
     unet, text = train_base(workdir, config.base, log)
-    lap("base")
+    info["seconds_base"] = _stage_seconds(workdir, "base.ckpt")
     judge = train_judge(workdir, config.judge, log)
-    lap("judge")
+    info["seconds_judge"] = _stage_seconds(workdir, "judge.ckpt")
+    base_stamp = stage_stamp("base", config.base, photo_version(config.photos))
     model_seeds = [MODEL_SEEDS + i for i in range(config.models)]
     heldout_seeds = [HELDOUT_SEEDS + i for i in range(config.heldout)]
-    weights = _lora_stage(workdir, "loras", unet, text, model_seeds, config.lora, log)
-    lap("loras")
-    heldout = _lora_stage(workdir, "heldout", unet, text, heldout_seeds, config.lora, log)
-    lap("heldout_loras")
-    space = make_space(unet, weights, model_seeds)
-    lap("space")
-    vae = make_vae(space, config)
-    lap("vae")
-    world = World(unet, text, judge, space, weights, tuple(model_seeds), heldout, tuple(heldout_seeds), vae, config,
-                  info)
+    weights, secs = _lora_stage(workdir, "loras", unet, text, model_seeds, config.lora, config.photos,
+                                stage_stamp("loras", config.lora, base_stamp, MODEL_SEEDS, config.models), log,
+                                workers)
+    info["seconds_loras"] = round(secs, 1)
+    heldout, secs = _lora_stage(workdir, "heldout", unet, text, heldout_seeds, config.lora, config.photos,
+                                stage_stamp("heldout", config.lora, base_stamp, HELDOUT_SEEDS, config.heldout), log,
+                                workers)
+    info["seconds_heldout_loras"] = round(secs, 1)
+    t0 = time.perf_counter()
+    space = make_space(unet, weights, model_seeds, config.pcs, config.sample_pcs)
+    info["seconds_space"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    vaes = make_vaes(space, config, log)
+    info["seconds_vae"] = round(time.perf_counter() - t0, 1)
+    info["vae_heldout_error"] = {str(k): v.history[-1].heldout_error for k, v in vaes.items()}
+    world = World(unet, text, judge, space, weights[: config.raw_models], tuple(model_seeds), heldout,
+                  tuple(heldout_seeds), vaes, config, info)
+    log(f"stage seconds: {json.dumps(info)}")
     if out is not None:
         save_world(world, out)
         log(f"artifacts written to {out}")
     return world
 
 
-def make_space(unet: MicroUNet, weights: torch.Tensor, seeds: list[int], pcs: int | None = None) -> Space:
-    """The w2w space of LoRA rows (our streaming build; exact here: the matrix is tiny) with labels and directions."""
+def make_space(unet: MicroUNet, weights: torch.Tensor, seeds: list[int], pcs: int = 0, sample_pcs: int = 0) -> Space:
+    """The w2w space of LoRA rows (our streaming build) with labels, and directions fitted on ``sample_pcs`` PCs.
+
+    ``pcs`` PCs are kept (0 or more than the rows allow: models − 1). Directions are least squares on the first
+    ``sample_pcs`` coefficients (0: all), as the paper fits them on 1,000 of its 10,000 PCs.
+    """
     layout = micro_layout(unet)
     names = [f"id{s}" for s in seeds]
     n = weights.shape[0]
-    k = min(n - 1, layout.dim) if pcs is None else pcs
-    result = build_space(ArraySource(weights.numpy(), names, layout), BuildConfig(pcs=k, power_iters=2),
+    k = min(n - 1, layout.dim) if not pcs else min(pcs, n - 1, layout.dim)
+    result = build_space(ArraySource(weights.numpy(), names, layout), BuildConfig(pcs=k, power_iters=3),
                          base_model="w2w-micro")
     labels = torch.from_numpy(np.stack([attributes(identity_params(s)) for s in seeds]))
     space = attach_labels(result.space, labels, ATTRIBUTES)
     varied = [a for a, col in zip(ATTRIBUTES, labels.T) if 0 < float(col.sum()) < n]  # both classes present
-    return fit_directions(space, varied, method="lstsq")
+    m = min(sample_pcs or k, k)
+    head = replace(space, train_coefs=space.train_coefs[:, :m], pinverse=None, coef_cov=None)
+    return replace(space, directions=fit_directions(head, varied, method="lstsq").directions)
 
 
-def make_vae(space: Space, config: WorldConfig) -> W2WVAE:
-    train = TrainConfig(epochs=config.vae_epochs, batch_size=32, lr=2e-3, warmup_epochs=max(1, config.vae_epochs // 10),
-                        ramp_epochs=max(1, config.vae_epochs // 5), holdout=0.1, seed=config.seed)
-    return train_from_space(space, input="coefs", latent=config.vae_latent, hidden=config.vae_hidden, train=train).vae
+def make_vaes(space: Space, config: WorldConfig, log: Log = print) -> dict[int, W2WVAE]:
+    """One w2w++ VAE per latent size, on the training models' coefficients (all PCs, whitened)."""
+    out = {}
+    for latent in config.vae_latents:
+        train = TrainConfig(epochs=config.vae_epochs, batch_size=64, lr=2e-3, beta=config.vae_beta,
+                            warmup_epochs=max(1, config.vae_epochs // 10), ramp_epochs=max(1, config.vae_epochs // 5),
+                            holdout=0.1, seed=config.seed)
+        vae = train_from_space(space, input="coefs", latent=latent, hidden=config.vae_hidden, train=train).vae
+        log(f"w2w++ VAE, latent {latent}: held-out error {vae.history[-1].heldout_error:.3f}, "
+            f"{vae.history[-1].active} active units")
+        out[latent] = vae
+    return out
 
 
 # ---- artifacts ----------------------------------------------------------------------------------------------
@@ -184,7 +296,7 @@ def _half(state: dict) -> dict:
 
 def save_world(world: World, out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    meta = {"format": FORMAT, "format_version": "1", "vocab": json.dumps(VOCAB),
+    meta = {"format": FORMAT, "format_version": "2", "vocab": json.dumps(VOCAB),
             "model_config": json.dumps(world.unet.config.to_dict()), "world_config": world.config.to_json(),
             "info": json.dumps(world.info), "prompt": world.config.lora.prompt}
     tensors = {f"unet.{k}": v for k, v in _half(world.unet.state_dict()).items()}
@@ -198,8 +310,12 @@ def save_world(world: World, out: str) -> None:
                       {"format": FORMAT, "model_seeds": json.dumps(list(world.model_seeds)),
                        "heldout_seeds": json.dumps(list(world.heldout_seeds)),
                        "layout": world.layout.to_json()})
-    if world.vae is not None:
-        save_vae(world.vae, os.path.join(out, ARTIFACTS[4]))
+    for name in os.listdir(out):  # VAEs of other latent sizes are stale
+        if name.startswith("micro-vae") and name.endswith(".safetensors") and \
+                name not in {vae_artifact(k) for k in world.vaes}:
+            os.remove(os.path.join(out, name))
+    for latent, vae in world.vaes.items():
+        save_vae(vae, os.path.join(out, vae_artifact(latent)))
 
 
 def _read(path: str) -> tuple[dict, dict]:
@@ -210,34 +326,37 @@ def _read(path: str) -> tuple[dict, dict]:
                                 f"--rebuild`, or restore models/micro/ from the repository)")
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != FORMAT and not path.endswith(("space.safetensors", "vae.safetensors")):
+        if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a micro-world artifact (format {meta.get('format')!r})")
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
 def load_world(folder: str = DEFAULT_DIR) -> World:
+    """The world in ``folder`` (default: the shipped ``models/micro``), frozen and ready to sample, edit and invert."""
     tensors, meta = _read(os.path.join(folder, ARTIFACTS[0]))
     if json.loads(meta["vocab"]) != list(VOCAB):
         raise ValueError(f"{folder}: the artifacts were made with another vocabulary; rebuild them")
     model_config = MicroConfig.from_dict(json.loads(meta["model_config"]))
-    wc = json.loads(meta["world_config"])
-    config = WorldConfig(base=BaseConfig(**{**wc["base"], "model": model_config}),
-                         judge=JudgeConfig(**wc["judge"]), lora=LoraConfig(**wc["lora"]),
-                         **{k: (tuple(v) if isinstance(v, list) else v) for k, v in wc.items()
-                            if k not in ("base", "judge", "lora")})
+    config = WorldConfig.from_json(meta["world_config"], model_config)
     unet, text = MicroUNet(model_config), TextEncoder(model_config.context)
     unet.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("unet.")})
     text.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("text.")})
     jt, _ = _read(os.path.join(folder, ARTIFACTS[1]))
-    judge = JudgeNet()
+    judge = JudgeNet(width=config.judge.width)
     judge.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in jt.items()})
     _freeze(unet, text, judge)
     space = load_space(os.path.join(folder, ARTIFACTS[2]))
     if space.layout != micro_layout(unet):
         raise ValueError(f"{folder}: the space's layout does not match the micro UNet")
     wt, wmeta = _read(os.path.join(folder, ARTIFACTS[3]))
-    vae_path = os.path.join(folder, ARTIFACTS[4])
-    vae = load_vae(vae_path) if os.path.isfile(vae_path) else None
-    return World(unet, text, judge, space, wt["weights"].float(), tuple(json.loads(wmeta["model_seeds"])),
-                 wt["heldout"].float(), tuple(json.loads(wmeta["heldout_seeds"])), vae, config,
-                 json.loads(meta.get("info", "{}")))
+    model_seeds = tuple(json.loads(wmeta["model_seeds"]))
+    if space.train_coefs is None or space.train_coefs.shape[0] != len(model_seeds):
+        raise ValueError(f"{folder}: the space does not hold one training row per model seed; rebuild the artifacts")
+    vaes = {k: load_vae(os.path.join(folder, vae_artifact(k))) for k in config.vae_latents
+            if os.path.isfile(os.path.join(folder, vae_artifact(k)))}
+    legacy = os.path.join(folder, "micro-vae.safetensors")  # the first world's single VAE
+    if not vaes and os.path.isfile(legacy):
+        vae = load_vae(legacy)
+        vaes = {vae.latent: vae}
+    return World(unet, text, judge, space, wt["weights"].float(), model_seeds, wt["heldout"].float(),
+                 tuple(json.loads(wmeta["heldout_seeds"])), vaes, config, json.loads(meta.get("info", "{}")))

@@ -17,7 +17,6 @@ from w2w.encoder_micro import (AUX_POOL, AUX_SEEDS, DiffusionTerm, MicroEncoderC
 from w2w.invert import FactorMap, step_loss
 from w2w.micro.faces import identity_params, render_batch
 from w2w.micro.model import MicroDenoiser, alphas_cumprod
-from w2w.micro.train import identity_images
 from w2w.micro.world import DEFAULT_DIR, build_world, load_world, toy_config
 from w2w.sampling import sample_identity
 
@@ -121,7 +120,7 @@ def test_encoder_info_prints_the_summary(toy, tmp_path, capsys):
 
 def test_inversion_from_a_start_records_its_curve(toy):
     _, world = toy
-    photo = identity_images(world.heldout_seeds[0], 1, 0, 32)
+    photo = world.photos_of(world.heldout_seeds[0], 1, 0)
     init = sample_identity(world.space, 3, pcs=world.space.pcs)
     out = invert_from(world, photo, init, 4, 0.1, seed=0, record=(0, 2, 4))
     assert sorted(out) == [0, 2, 4]
@@ -134,7 +133,7 @@ def test_inversion_from_a_start_records_its_curve(toy):
 def test_nearest_training_identity_is_the_lowest_loss_model(toy):
     """Batched over every training model with per-item factors; checked one model at a time (shared factors)."""
     _, world = toy
-    photo = identity_images(world.heldout_seeds[0], 1, 0, 32)
+    photo = world.photos_of(world.heldout_seeds[0], 1, 0)
     chosen = nearest_training_identity(world, photo, draws=2, seed=4)
     space, abar = world.space, alphas_cumprod().float()
     denoiser, ctx = MicroDenoiser(world.unet, world.layout.scale), world.context(world.config.lora.prompt)
@@ -164,7 +163,7 @@ def test_denoising_score_is_each_persons_loss_on_unseen_photos(toy):
     scores = denoising_score(world, betas, people, views=2, draws=2, seed=3)
     abar, gen = alphas_cumprod().float(), torch.Generator().manual_seed(3)
     denoiser, ctx = MicroDenoiser(world.unet, world.layout.scale), world.context(world.config.lora.prompt)
-    x0 = torch.cat([identity_images(s, 2, 100, 32) for s in people])  # views from REFERENCE_VIEW = 100
+    x0 = torch.cat([world.photos_of(s, 2, 100) for s in people])  # views from REFERENCE_VIEW = 100
     expected = torch.zeros(2)
     for k in range(2):
         t = torch.tensor([int((k + 0.5) * len(abar) / 2)])

@@ -35,7 +35,6 @@ from .micro.faces import identity_params, render_batch
 from .micro.judge import id_score
 from .micro.model import MicroDenoiser, alphas_cumprod, ddim_sample
 from .micro.tables import REFERENCE_VIEW
-from .micro.train import identity_images
 from .sampling import sample_identity
 
 __all__ = ["MicroEncoderConfig", "VALIDATION_SEEDS", "AUX_SEEDS", "SAMPLE_SEEDS", "PHOTO_VIEW", "rendered_pairs",
@@ -121,8 +120,7 @@ def photo_pairs(world, views: int, start: int = PHOTO_VIEW) -> PairSet:
     space = world.space
     if space.train_coefs is None or space.train_coefs.shape[0] != len(world.model_seeds):
         raise ValueError("the world's space lacks the training coefficients of its models")
-    size = world.unet.config.image
-    images = torch.cat([identity_images(s, views, start, size) for s in world.model_seeds])
+    images = torch.cat([world.photos_of(s, views, start) for s in world.model_seeds])
     groups = torch.arange(len(world.model_seeds)).repeat_interleave(views)
     return PairSet(_uint8(photos01(images)), space.train_coefs[groups], groups,
                    f"{len(world.model_seeds)} training people x {views} photos")
@@ -248,8 +246,7 @@ def denoising_score(world, betas: torch.Tensor, people: list[int], views: int = 
     """Judge-free quality of identities β (M, k), one per person: the ε-loss of the model at β on ``views`` unseen
     photos of that person (views from REFERENCE_VIEW), at fixed draws. (M,) — lower is better."""
     world_space = world.space
-    size = world.unet.config.image
-    photos = torch.stack([identity_images(s, views, REFERENCE_VIEW, size) for s in people])  # (M, V, 3, H, W)
+    photos = torch.stack([world.photos_of(s, views, REFERENCE_VIEW) for s in people])  # (M, V, 3, H, W)
     m = len(people)
     x0 = photos.flatten(0, 1)
     w = world_space.weights(betas).repeat_interleave(views, 0)
@@ -282,9 +279,8 @@ class Scorer:
 
     def reference(self, person: int) -> torch.Tensor:
         if person not in self._refs:
-            size = self.world.unet.config.image
             self._refs[person], _ = self.world.judge.embed_images(
-                identity_images(person, self.references, REFERENCE_VIEW, size))
+                self.world.photos_of(person, self.references, REFERENCE_VIEW))
         return self._refs[person]
 
     def images(self, betas: torch.Tensor, batch: int = 64) -> torch.Tensor:
@@ -320,8 +316,7 @@ def contact_sheet_rows(world, encoder: FaceEncoder, person: int, *, seeds: list[
     (3, H, W) in [-1, 1])]), each starting with the held-out person's photo (view 0): images of the encoder's
     identity, of that identity refined ``refine_steps`` steps, and of a full inversion from the mean model
     (``full_steps``; 0 leaves that row out, e.g. when the sheet has its own inversion row)."""
-    size = world.unet.config.image
-    photo = identity_images(person, 1, 0, size)
+    photo = world.photos_of(person, 1, 0)
     t0 = time.perf_counter()
     encoded = encode_person(world, encoder, photo)
     seconds = time.perf_counter() - t0
@@ -355,7 +350,7 @@ class TargetConfig:
 
 def encoder_seconds(world, encoder: FaceEncoder, repeats: int = 20) -> float:
     """Median wall time of one single-photo encode (photo to identity) on this CPU."""
-    photo = identity_images(world.heldout_seeds[0], 1, 0, world.unet.config.image)
+    photo = world.photos_of(world.heldout_seeds[0], 1, 0)
     encode_person(world, encoder, photo)  # warm-up
     times = []
     for _ in range(repeats):
@@ -371,7 +366,6 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
     training identity and from the encoder's identity; the encoder alone; its time. Per-person inversions are cached
     in ``workdir`` (keyed by the encoder's weights and the settings), so a stopped run resumes."""
     people = list(world.heldout_seeds)[: config.people or None]
-    size = world.unet.config.image
     steps = max(config.full_steps, *config.record)
     record = tuple(sorted(set(config.record) | {0, config.full_steps}))
     key = _digest({"encoder": {k: v.float().sum().item() for k, v in encoder.state_dict().items()},
@@ -382,7 +376,7 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
     for i, person in enumerate(people):
         if str(person) in cache:
             continue
-        photo = identity_images(person, 1, 0, size)
+        photo = world.photos_of(person, 1, 0)
         starts = {"mean": None, "nearest": nearest_training_identity(world, photo, config.nearest_draws),
                   "encoder": encode_person(world, encoder, photo)}
         runs = {}
@@ -453,8 +447,7 @@ def pcs_curve(world, encoder: FaceEncoder, people: int = 24, pcs: tuple[int, ...
     :func:`denoising_score`; ``gain`` = the mean model's loss minus this one's (higher is better). P = 0 in ``pcs``
     stands for all the encoder predicts."""
     val = [VALIDATION_SEEDS + i for i in range(people)]
-    size = world.unet.config.image
-    betas = torch.stack([encode_person(world, encoder, identity_images(s, 1, 0, size)).coefficients for s in val])
+    betas = torch.stack([encode_person(world, encoder, world.photos_of(s, 1, 0)).coefficients for s in val])
     base = denoising_score(world, torch.zeros(people, 1), val)
     rows = []
     for p in sorted({min(p or encoder.pcs, encoder.pcs) for p in pcs}):

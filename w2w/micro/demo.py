@@ -1,7 +1,9 @@
 """``python -m demo --micro``: a contact sheet of the miniature world made by the pack's own code, on a CPU.
 
 Rows: sampled identities across seeds; edits of two sampled identities along the learned directions; a
-single-photo inversion next to its input and an unseen photo of the same person.
+single-photo inversion next to its input and an unseen photo of the same person; with the world's face encoder
+(``micro-encoder.safetensors``, made for this world's space), that person's identity from the encoder alone and
+after a few refinement steps.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from ..sampling import sample_identity
 from .tables import REFERENCE_VIEW, SAMPLE_SEED, EvalConfig, Generator, edit_norms, edit_weights, invert_person
 from .world import DEFAULT_DIR, load_world
 
-__all__ = ["contact_sheet"]
+__all__ = ["contact_sheet", "encoder_rows", "ENCODER_FILE"]
+
+ENCODER_FILE = "micro-encoder.safetensors"  # the world's face encoder (benchmarks/micro_encoder.py --write-encoder)
+REFINE_STEPS = 25
 
 ZOOM = 3
 LABEL_W = 150
@@ -81,6 +86,7 @@ def contact_sheet(out_path: str, folder: str = DEFAULT_DIR, *, identities: int =
                                                                  zip(gen.seeds[:3], inv)] +
                  [("unseen photo", im) for im in unseen]))
     log(f"inversion of held-out person {seed}: {invert_steps} steps in {secs:.0f} s")
+    rows += encoder_rows(world, folder, seed, list(gen.seeds[:3]), log)
     sheet = _sheet(rows, f"w2w miniature world: samples, edits, inversion ({space.train_coefs.shape[0]:,} models, "
                          f"pack code on the shipped artifacts)")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -89,3 +95,22 @@ def contact_sheet(out_path: str, folder: str = DEFAULT_DIR, *, identities: int =
     os.replace(tmp, out_path)
     log(f"contact sheet: {out_path} ({time.perf_counter() - t0:.0f} s in all)")
     return out_path
+
+
+def encoder_rows(world, folder: str, person: int, seeds: list[int], log=print) -> list:
+    """Rows of the world's face encoder for ``person`` (encoder alone, encoder + REFINE_STEPS steps), or none when the
+    folder has no encoder or its encoder was made for another space (a rebuilt world until it gets its own)."""
+    path = os.path.join(folder, ENCODER_FILE)
+    if not os.path.isfile(path):
+        return []
+    from ..encoder import EncoderMismatch, load_encoder
+    from ..encoder_micro import contact_sheet_rows
+
+    try:
+        encoder = load_encoder(path, world.space)
+    except EncoderMismatch as exc:
+        log(f"contact sheet: {ENCODER_FILE} left out ({exc})")
+        return []
+    rows = contact_sheet_rows(world, encoder, person, seeds=seeds, refine_steps=REFINE_STEPS, full_steps=0)
+    log(f"encoder rows for held-out person {person}")
+    return rows

@@ -10,6 +10,8 @@ Per sampling step (KSampler, Euler), on the random-weight full-size SD1.5 stand-
    more UNet pass per step (plus re-patching the 64 weights when the sampler switches between them);
 3. for reference, the plain model and Apply w2w LoRA (patches baked at load).
 All variants run interleaved, in the same process, on the same loaded checkpoint; medians and best of --repeats.
+Subnormal floats are flushed to zero (the random stand-in's patched attention makes many of them, and CPU arithmetic on
+them is many times slower: docs/benchmarks.md); --keep-subnormals measures as ComfyUI runs.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def main(argv=None) -> int:
     from apply import bench_arguments, make_space, start_host
 
     parser = bench_arguments(__doc__, repeats=3)
+    parser.add_argument("--keep-subnormals", action="store_true", help="do not flush subnormal floats to zero")
     args = parser.parse_args(argv)
     host, comfyui = start_host(parser, args.comfyui)
     from comfyhost import SD15_STANDIN_NAME
@@ -66,6 +69,7 @@ def main(argv=None) -> int:
         def sample(model, conds):
             node("KSampler")().sample(model, 5, args.steps, 3.0, "euler", "normal", conds[0], conds[1], latent)
 
+        torch.set_flush_denormal(not args.keep_subnormals)
         for model, conds in variants.values():
             sample(model, conds)  # warm-up: loads, first patching
         times = {name: [] for name in variants}
@@ -74,10 +78,12 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 sample(model, conds)
                 times[name].append((time.perf_counter() - start) / args.steps)
+        torch.set_flush_denormal(False)
     median = {name: statistics.median(v) for name, v in times.items()}
     best = {name: min(v) for name, v in times.items()}
     print(f"ComfyUI {comfyui}; torch {torch.__version__}; {torch.get_num_threads()} threads; space {args.pcs} PCs; "
-          f"{args.size}x{args.size}, {args.steps} steps, {args.repeats} repeats; seconds per step (median | best)")
+          f"{args.size}x{args.size}, {args.steps} steps, {args.repeats} repeats, subnormal floats "
+          f"{'kept' if args.keep_subnormals else 'flushed'}; seconds per step (median | best)")
     for name in variants:
         print(f"  {name:24s} {median[name]:7.2f} | {best[name]:7.2f}")
 

@@ -172,3 +172,21 @@ def test_loading_reports_progress_and_stops_when_the_callback_raises(release, tm
 
     with pytest.raises(KeyboardInterrupt, match="cancelled"):
         load_space(path, 16, progress=cancel)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_open_would_give(tmp_path, umask):
+    """Files are written through a private temporary file; the result has the usual mode (0666 less the umask), so
+    other users and services of a shared install can read a space, identity or LoRA the pack wrote."""
+    import os
+    import stat
+
+    from w2w.stfile import write_safetensors
+
+    old = os.umask(umask)
+    try:
+        out = tmp_path / f"mode-{umask:o}.safetensors"
+        write_safetensors(str(out), {"x": torch.zeros(3)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask

@@ -41,6 +41,20 @@ class TensorSource:
         return math.prod(self.shape) * _DTYPES[self.dtype][1]
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system tells it (Linux); else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class atomic_path:
     """Context manager giving a temporary path beside ``path``; renamed onto it only if the block succeeds."""
 
@@ -56,6 +70,9 @@ class atomic_path:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            # mkstemp creates the file readable by its owner only; give it the mode open() would have (0666 less the
+            # umask), so other users and services of a shared install can read what the pack writes
+            os.chmod(self.tmp, 0o666 & ~_umask())
             os.replace(self.tmp, self.path)
         elif os.path.exists(self.tmp):
             os.remove(self.tmp)

@@ -312,7 +312,7 @@ def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
 
     root, world, _ = toy_world
     tables = run_tables(world, EvalConfig(samples=3, seeds=2, ddim_steps=2, edit_strengths=(0.5, 1.0), invert_steps=2,
-                                          references=2, vae_people=2, curve_sizes=(5, 7, 10), curve_people=1),
+                                          references=2, vae_people=2, curve_sizes=(5, 7, 10, 20, 50), curve_people=1),
                         log=lambda s: None)
     for key in ("sampling", "editing", "inversion", "pca_vs_vae", "models_curve", "targets"):
         assert tables[key], key
@@ -320,7 +320,7 @@ def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
     assert inversion["w2w inversion, 1 photo"]["parameters optimised"] == world.space.pcs
     assert inversion["DreamBooth LoRA, 1 photo"]["parameters optimised"] == world.layout.dim
     assert all(np.isfinite(r["ID score"]) and -1 <= r["ID score"] <= 1 for r in tables["inversion"])
-    # 5 and 7 models are rebuilt from the shipped weights; 10 (all) is the shipped space itself
+    # 5 and 7 models are rebuilt from the shipped weights; 10 (all) is the shipped space itself, once for 10, 20 and 50
     assert [r["models in the space"] for r in tables["models_curve"]] == [5, 7, 10]
     assert [r["PCs"] for r in tables["models_curve"]] == [4, 6, 6]
     md = to_markdown(tables)

@@ -329,7 +329,7 @@ def curve_table(world: World, gen: Generator, cfg: EvalConfig, inversion: dict, 
     inputs = [world.photos_of(s, 1, 0) for s in people]
     n_all = world.space.train_coefs.shape[0]
     rows = []
-    for n in cfg.curve_sizes:
+    for n in sorted({min(n, n_all) for n in cfg.curve_sizes}):  # sizes beyond the world are the whole world, once
         if n >= n_all:
             n, space, ws = n_all, world.space, inversion["inverted"][: len(people)]
         elif n <= world.weights.shape[0]:

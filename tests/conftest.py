@@ -71,6 +71,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "ci_may_skip(reason): the test may skip even under CI, for the reason given")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): they
+    run fastest so, above all on a shared CPU, and give the same bytes on every run."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _rss_mib() -> tuple[float, float]:
     """(current, peak) resident memory of this process in MiB, from /proc (Linux) or getrusage."""
     try:

@@ -28,13 +28,7 @@ P = 4  # coefficients of the toy problem
 SIZE = 16  # toy photo side
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared CPU (and give the same bytes on every run)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_layout() -> Layout:

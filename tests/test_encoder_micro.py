@@ -21,12 +21,7 @@ from w2w.micro.world import DEFAULT_DIR, build_world, load_world, toy_config
 from w2w.sampling import sample_identity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from w2w.micro.world import ARTIFACTS, DEFAULT_DIR, WorldConfig, build_world, lo
 TINY = MicroConfig(channels=(8, 16, 16), context=8, heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy models are faster on one thread (and far faster than two on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

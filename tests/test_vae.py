@@ -20,13 +20,7 @@ from w2w.synthetic import planted_manifold
 from w2w_fixtures import make_release
 
 PCS, INTRINSIC, N_TRAIN, N_TEST = 32, 3, 1500, 400
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = TrainConfig(epochs=30, batch_size=64, lr=3e-3, warmup_epochs=3, ramp_epochs=8, holdout=0.1, seed=0)

@@ -218,24 +218,30 @@ def invert_from(world, photo: torch.Tensor, init: Identity | None, steps: int, l
     return out
 
 
-def nearest_training_identity(world, photo: torch.Tensor, draws: int = 4, seed: int = 0) -> Identity:
-    """The training model whose (projected) identity best denoises the photo (1, 3, H, W) in [-1, 1]: the lowest
-    ε-loss over ``draws`` fixed (timestep, noise) pairs, timesteps stratified over the schedule. Judge-free."""
-    space = world.space
-    w = space.weights(space.train_coefs)  # (M, d)
-    m = w.shape[0]
+def _eps_losses(world, x0: torch.Tensor, w: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    """Per-image ε-loss (N,) of the models with weights ``w`` (N, d) on photos ``x0`` (N or 1, 3, H, W), averaged over
+    ``draws`` fixed (timestep, noise) pairs, the timesteps stratified over the schedule. Judge-free."""
+    n = w.shape[0]
     denoiser = MicroDenoiser(world.unet, world.layout.scale)
     abar = alphas_cumprod().float()
     ctx = world.context(world.config.lora.prompt)
     gen = torch.Generator().manual_seed(seed)
-    losses = torch.zeros(m)
+    total = torch.zeros(n)
     with torch.no_grad():
         for k in range(draws):
-            t = torch.full((m,), int((k + 0.5) * len(abar) / draws))
-            noise = torch.randn(photo.shape, generator=gen).expand(m, -1, -1, -1)
+            t = torch.full((n,), int((k + 0.5) * len(abar) / draws))
+            noise = torch.randn(x0.shape, generator=gen).expand(n, -1, -1, -1)
             a = abar[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * photo + (1 - a).sqrt() * noise
-            losses += (denoiser(x_t, t, ctx, world.layout.factors(w)) - noise).square().flatten(1).mean(1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            total += (denoiser(x_t, t, ctx, world.layout.factors(w)) - noise).square().flatten(1).mean(1)
+    return total / draws
+
+
+def nearest_training_identity(world, photo: torch.Tensor, draws: int = 4, seed: int = 0) -> Identity:
+    """The training model whose (projected) identity best denoises the photo (1, 3, H, W) in [-1, 1]: the lowest
+    ε-loss over ``draws`` fixed (timestep, noise) pairs, timesteps stratified over the schedule. Judge-free."""
+    space = world.space
+    losses = _eps_losses(world, photo, space.weights(space.train_coefs), draws, seed)
     row = int(losses.argmin())
     return Identity(space.train_coefs[row].clone(), space.fingerprint, f"nearest-{row}",
                     (f"nearest training identity row={row} (diffusion loss, {draws} draws)",))
@@ -245,25 +251,9 @@ def denoising_score(world, betas: torch.Tensor, people: list[int], views: int = 
                     seed: int = 0) -> torch.Tensor:
     """Judge-free quality of identities β (M, k), one per person: the ε-loss of the model at β on ``views`` unseen
     photos of that person (views from REFERENCE_VIEW), at fixed draws. (M,) — lower is better."""
-    world_space = world.space
     photos = torch.stack([world.photos_of(s, views, REFERENCE_VIEW) for s in people])  # (M, V, 3, H, W)
-    m = len(people)
-    x0 = photos.flatten(0, 1)
-    w = world_space.weights(betas).repeat_interleave(views, 0)
-    denoiser = MicroDenoiser(world.unet, world.layout.scale)
-    abar = alphas_cumprod().float()
-    ctx = world.context(world.config.lora.prompt)
-    gen = torch.Generator().manual_seed(seed)
-    total = torch.zeros(m)
-    with torch.no_grad():
-        for k in range(draws):
-            t = torch.full((x0.shape[0],), int((k + 0.5) * len(abar) / draws))
-            noise = torch.randn(x0.shape, generator=gen)
-            a = abar[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            err = (denoiser(x_t, t, ctx, world.layout.factors(w)) - noise).square().flatten(1).mean(1)
-            total += err.view(m, views).mean(1)
-    return total / draws
+    w = world.space.weights(betas).repeat_interleave(views, 0)
+    return _eps_losses(world, photos.flatten(0, 1), w, draws, seed).view(len(people), views).mean(1)
 
 
 class Scorer:

@@ -41,7 +41,7 @@ from torch import nn
 
 from .identity import Identity
 from .safeload import W2WFileError, load_object
-from .stfile import write_safetensors
+from .stfile import read_format_metadata, write_safetensors
 
 __all__ = ["BACKBONES", "ENCODER_FORMAT", "EncoderConfig", "EncoderTrainConfig", "FaceEncoder", "PairSet",
            "EncoderMismatch", "TrainStats", "TrainResult", "StopTraining", "build_encoder", "train_encoder",
@@ -530,18 +530,7 @@ def save_encoder(encoder: FaceEncoder, path: str, *, dtype: torch.dtype = torch.
 
 def read_encoder_metadata(path: str) -> dict:
     """The metadata of an encoder file (checked to be one), without building the network."""
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise W2WFileError(f"encoder file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except SafetensorError as exc:
-        raise W2WFileError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {exc}") from None
-    if meta.get("format") != ENCODER_FORMAT:
-        raise W2WFileError(f"{path} is not a w2w encoder file (format={meta.get('format')!r}); train one with "
-                           "`python -m w2w train-encoder`")
+    meta = read_format_metadata(path, ENCODER_FORMAT, "encoder", "train one with `python -m w2w train-encoder`")
     try:
         version = int(meta.get("format_version", "0"))
     except ValueError:

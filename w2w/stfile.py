@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["TensorSource", "write_safetensors", "atomic_path"]
+__all__ = ["TensorSource", "write_safetensors", "atomic_path", "read_format_metadata"]
 
 _DTYPES = {torch.float32: ("F32", 4), torch.float16: ("F16", 2), torch.bfloat16: ("BF16", 2),
            torch.float64: ("F64", 8), torch.int64: ("I64", 8), torch.int32: ("I32", 4), torch.uint8: ("U8", 1)}
@@ -113,3 +113,22 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor | TensorSource]
                 written += block.numel() * block.element_size()
             if written != src.nbytes:
                 raise ValueError(f"tensor {name!r}: blocks gave {written} bytes, shape {src.shape} needs {src.nbytes}")
+
+
+def read_format_metadata(path: str, fmt: str, what: str, how_to_make: str) -> dict[str, str]:
+    """The metadata of the .safetensors file ``path``, checked to be of format ``fmt`` (its ``format`` entry). Errors
+    (:class:`w2w.safeload.W2WFileError`) name the file and, for another kind of file, how to make a ``what``."""
+    from safetensors import SafetensorError, safe_open
+
+    from .safeload import W2WFileError
+
+    if not os.path.isfile(path):
+        raise W2WFileError(f"{what} file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except SafetensorError as exc:
+        raise W2WFileError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {exc}") from None
+    if meta.get("format") != fmt:
+        raise W2WFileError(f"{path} is not a w2w {what} file (format={meta.get('format')!r}); {how_to_make}")
+    return meta

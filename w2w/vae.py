@@ -32,7 +32,7 @@ from torch import nn
 
 from .identity import Identity, IdentityMismatch
 from .safeload import W2WFileError, load_tensor
-from .stfile import write_safetensors
+from .stfile import read_format_metadata, write_safetensors
 
 __all__ = ["VAEConfig", "TrainConfig", "EpochStats", "TrainResult", "StopTraining", "W2WVAE", "WeightsMatrix",
            "train_vae", "save_vae", "load_vae", "decode_identity", "decode_weights", "encode_identity",
@@ -523,14 +523,9 @@ def save_vae(vae: W2WVAE, path: str) -> None:
 def load_vae(path: str) -> W2WVAE:
     from safetensors import SafetensorError, safe_open
 
-    if not os.path.isfile(path):
-        raise W2WFileError(f"VAE file not found: {path}")
+    meta = read_format_metadata(path, VAE_FORMAT, "VAE", "train one with `python -m w2w vae-train`")
     try:
         with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != VAE_FORMAT:
-                raise W2WFileError(f"{path} is not a w2w VAE file (format={meta.get('format')!r}); "
-                                   "train one with `python -m w2w vae-train`")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         cfg = json.loads(meta["config"])
         config = VAEConfig(**{**cfg, "hidden": tuple(cfg["hidden"])})

@@ -11,7 +11,7 @@ import torch
 
 from w2w.cli import main as w2w_main
 from w2w.encoder import EncoderTrainConfig, build_encoder, load_encoder, read_encoder_metadata
-from w2w.encoder_micro import (AUX_POOL, AUX_SEEDS, DiffusionTerm, MicroEncoderConfig, TargetConfig,
+from w2w.encoder_micro import (AUX_POOL, AUX_SEEDS, DiffusionTerm, MicroEncoderConfig, Scorer, TargetConfig,
                                contact_sheet_rows, denoising_score, invert_from, measure_targets, micro_pairs,
                                nearest_training_identity, pcs_curve, photos01, targets_markdown, train_micro_encoder)
 from w2w.invert import FactorMap, step_loss
@@ -183,7 +183,12 @@ def test_targets_curves_and_contact_sheet_rows(toy, tmp_path):
     measured = measure_targets(world, result.encoder, config, workdir=str(tmp_path / "t"), log=logs.append)
     assert measured["record"] == (0, 2, 4) and measured["people"] == 1
     assert set(measured["curves"]) == {"mean", "nearest", "encoder"}
-    assert all(len(v[0]) == 3 and all(-1 <= x <= 1 for x in v[0]) for v in measured["curves"].values())
+    assert all(len(v[0]) == 3 for v in measured["curves"].values())
+    # step 0 of the mean-init curve is the mean model itself: its ID score recomputed by the scorer
+    scorer = Scorer(world, config.seeds, config.ddim_steps, config.references)
+    person = world.heldout_seeds[0]
+    mean_model = scorer.scores(torch.zeros(1, world.space.pcs), [person])
+    assert measured["curves"]["mean"][0][0] == pytest.approx(float(mean_model[0]), abs=1e-6)
     assert measured["encoder_only"] == measured["curves"]["encoder"][0][0]
     assert measured["full_inversion"] == measured["curves"]["mean"][0][2]
     again = measure_targets(world, result.encoder, config, workdir=str(tmp_path / "t"), log=logs.append)

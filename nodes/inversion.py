@@ -25,7 +25,7 @@ from ..w2w.vae import LatentParam, VAELatent
 from .patching import ComfyDenoiser, check_targets, trainable_clone
 from .routes import send_event, send_progress_text
 from .sockets import (CATEGORY_INVERSION, SEED_MAX, IdentitySocket, LatentSocket, SpaceSocket, VAESocket, advanced,
-                      schema)
+                      comfyui_version, schema)
 
 log = logging.getLogger(__name__)
 
@@ -269,10 +269,43 @@ def basis_bytes(space, pcs: int, precision: str, device, dtype) -> int:
     return copies * pcs * space.dim * torch.empty((), dtype=storage).element_size()
 
 
+def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's posterior for ``pixels`` (ComfyUI IMAGE), in the VAE's own latent units.
+
+    ComfyUI's ``VAE.encode`` returns the posterior's mode (= its mean); its standard deviation is read through the
+    same call with the KL regulariser passed through for once, so tiling, batching and devices stay ComfyUI's. The
+    mean of that pass must equal ``VAE.encode``'s result: on a host where the encode path differs this fails with a
+    clear message instead of sampling from the wrong distribution.
+    """
+    try:
+        from comfy.ldm.models.autoencoder import DiagonalGaussianRegularizer
+    except ImportError:  # pragma: no cover - every supported ComfyUI has it
+        DiagonalGaussianRegularizer = None
+    regulariser = getattr(getattr(vae, "first_stage_model", None), "regularization", None)
+    if DiagonalGaussianRegularizer is None or not isinstance(regulariser, DiagonalGaussianRegularizer):
+        kind = type(getattr(vae, "first_stage_model", vae)).__name__
+        raise ValueError(f"vae_sample needs a KL autoencoder (SD1.5's VAE); this VAE ({kind}) on ComfyUI "
+                         f"{comfyui_version()} has no Gaussian posterior to sample: turn vae_sample off")
+    mode = vae.encode(pixels)
+    regulariser.forward = lambda z: (z, None)  # the moments themselves, for this one call
+    try:
+        moments = vae.encode(pixels)
+    finally:
+        del regulariser.forward
+    if moments.shape[1] != 2 * mode.shape[1] or moments.shape[2:] != mode.shape[2:]:
+        raise RuntimeError(f"vae_sample: the VAE's posterior has shape {tuple(moments.shape)} for latents "
+                           f"{tuple(mode.shape)} on ComfyUI {comfyui_version()}: turn vae_sample off")
+    mean, logvar = moments.float().chunk(2, dim=1)
+    if not torch.allclose(mean, mode.float(), rtol=1e-3, atol=1e-3):
+        raise RuntimeError(f"vae_sample: the posterior's mean differs from VAE Encode's latents on ComfyUI "
+                           f"{comfyui_version()} (its encode path changed): turn vae_sample off")
+    return mode, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+
 def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *, clip=None, conditioning=None,
                   prompt: str = DEFAULT_PROMPT, mask=None, resolution: int = 512, precision: str = "auto",
                   face: str = FACE_AUTO, face_mask: bool = False, random_crop: bool = False,
-                  checkpointing: bool = True, init=None,
+                  vae_sample: bool = False, checkpointing: bool = True, init=None,
                   make_param: Callable[[], LatentParam] | None = None, name: str = "inverted",
                   label: str = "w2w inversion") -> tuple[InversionResult, LatentParam | None, Framed]:
     """Invert ``image`` into ``space`` on a trainable clone of ``model``; ``model`` and every input stay unchanged.
@@ -292,7 +325,13 @@ def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *
     log.info("%s: %s", label, framed.note)
     send_progress_text(node_id, framed.note)  # e.g. that face framing fell back to the centre crop, and why
     context = encode_cond(clip, conditioning, prompt)
-    latents = model.model.process_latent_in(vae.encode(framed.pixels))
+    latent_std = None
+    if vae_sample:  # a fresh posterior sample at every step, as the reference (the std scaled as the latents are)
+        mean, std = encode_posterior(vae, framed.pixels)
+        latents = model.model.process_latent_in(mean)
+        latent_std = (model.model.process_latent_in(std) - model.model.process_latent_in(torch.zeros_like(std))).abs()
+    else:
+        latents = model.model.process_latent_in(vae.encode(framed.pixels))
     pbar = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
     denoiser = None
 
@@ -320,7 +359,8 @@ def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *
                                 latents.detach().clone().to(device, torch.float32), context.detach().clone().to(device),
                                 settings, mask=None if masks is None else masks.clone(), init=init,
                                 alphas_cumprod=alphas_cumprod_from_sigmas(sigmas), device=device, dtype=dtype,
-                                callback=progress, name=name, param=param, precision=precision)
+                                callback=progress, name=name, param=param, precision=precision,
+                                latent_std=None if latent_std is None else latent_std.float())
     return result, param, framed
 
 
@@ -376,6 +416,9 @@ def face_inputs() -> list:
                                   tooltip="As the reference inversion: frame a square 1/8 larger and optimise on a new "
                                           "random resolution-sized crop of it at every step (small shifts of the "
                                           "face), instead of one fixed crop.")),
+        advanced(io.Boolean.Input("vae_sample", default=False, optional=True,
+                                  tooltip="As the reference inversion: a fresh sample of the VAE's posterior at every "
+                                          "step instead of its mean (SD1.5's VAE; small noise on the latents).")),
         advanced(io.Boolean.Input("gradient_checkpointing", default=True, optional=True,
                                   tooltip="Recompute each UNet block in the backward pass instead of keeping its "
                                           "weights and activations: about half the memory of an inversion (no second "
@@ -451,7 +494,7 @@ class W2WInvertImage(io.ComfyNode):
                 conditioning: io.Conditioning.Type | None = None, prompt: str = DEFAULT_PROMPT,
                 mask: io.Mask.Type | None = None, init_identity: IdentitySocket.Type | None = None,
                 resolution: int = 512, precision: str = "auto", face: str = FACE_AUTO,
-                face_mask: bool = False, random_crop: bool = False,
+                face_mask: bool = False, random_crop: bool = False, vae_sample: bool = False,
                 gradient_checkpointing: bool = True) -> io.NodeOutput:
         settings = _settings(preset, pcs, steps, lr, seed)
         if preset == FAST:
@@ -463,8 +506,8 @@ class W2WInvertImage(io.ComfyNode):
         result, _, framed = run_inversion(cls.hidden.unique_id, model, vae, image, space, settings, clip=clip,
                                           conditioning=conditioning, prompt=prompt, mask=mask, resolution=resolution,
                                           precision=precision, face=face, face_mask=face_mask,
-                                          random_crop=random_crop, checkpointing=gradient_checkpointing,
-                                          init=init_identity)
+                                          random_crop=random_crop, vae_sample=vae_sample,
+                                          checkpointing=gradient_checkpointing, init=init_identity)
         return io.NodeOutput(result.identity, loss_curve_image(result.losses), ui=framing_preview(framed, cls))
 
 
@@ -524,7 +567,8 @@ class W2WVAEInvert(io.ComfyNode):
                 prompt: str = DEFAULT_PROMPT, mask: io.Mask.Type | None = None,
                 init_latent: LatentSocket.Type | None = None, resolution: int = 512,
                 precision: str = "auto", face: str = FACE_AUTO, face_mask: bool = False,
-                random_crop: bool = False, gradient_checkpointing: bool = True) -> io.NodeOutput:
+                random_crop: bool = False, vae_sample: bool = False,
+                gradient_checkpointing: bool = True) -> io.NodeOutput:
         if init_latent is not None:
             init_latent.check_vae(w2w_vae)
         settings = InvertSettings(steps=steps, lr=lr, weight_decay=0.0, seed=seed)
@@ -538,7 +582,7 @@ class W2WVAEInvert(io.ComfyNode):
                                               conditioning=conditioning, prompt=prompt, mask=mask,
                                               resolution=resolution, precision=precision, face=face,
                                               face_mask=face_mask, random_crop=random_crop,
-                                              checkpointing=gradient_checkpointing,
+                                              vae_sample=vae_sample, checkpointing=gradient_checkpointing,
                                               make_param=make_param, name="vae-inverted",
                                               label="VAE-w2w inversion")
         latent = VAELatent(param.mu.detach().clone(), w2w_vae.fingerprint, (result.identity.history[-1],))

@@ -66,3 +66,12 @@ def schema(**fields) -> io.Schema:
     """``io.Schema(**fields)``, leaving out the fields this host's Schema does not have (e.g. ``search_aliases``)."""
     known = {f.name for f in dataclasses.fields(io.Schema)}
     return io.Schema(**{k: v for k, v in fields.items() if k in known})
+
+
+def comfyui_version() -> str:
+    """The running ComfyUI's version (for messages about what the host offers), or "(unknown version)"."""
+    try:
+        import comfyui_version as version
+    except ImportError:
+        return "(unknown version)"
+    return str(getattr(version, "__version__", "(unknown version)"))

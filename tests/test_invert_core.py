@@ -415,3 +415,38 @@ def test_random_crop_per_step_moves_over_the_latents_and_takes_the_mask_along(sp
     with pytest.raises(ValueError, match="larger than the latents"):
         invert(space, Recorder(space.layout.scale), latents, make_cond(), InvertSettings(pcs=space.pcs, steps=1,
                                                                                           crop=13))
+
+
+def test_latent_std_gives_a_fresh_posterior_sample_every_step(space, monkeypatch):
+    """latent_std: every step noises latents + latent_std · ε with a new ε from the seeded generator (the reference's
+    latent_dist.sample()), not the latents themselves; without it the latents are used as they are. Checked on the
+    x0 handed to the forward process: its deviation from the latents has the given std (tolerance: 4 standard errors
+    of a sample standard deviation over 1,728 values, ≈ 4 · 0.5/√3456 ≈ 0.034) and mean 0, and differs per step."""
+    import w2w.invert as core
+
+    seen = []
+    real = core.ddpm_noise
+
+    def recording(x0, t, noise, abar):
+        seen.append(x0.detach().clone())
+        return real(x0, t, noise, abar)
+
+    monkeypatch.setattr(core, "ddpm_noise", recording)
+    latents = torch.randn(3, CHANNELS, 12, 12, generator=torch.Generator().manual_seed(2))
+    settings = InvertSettings(pcs=space.pcs, steps=4, lr=0.05, seed=1)
+    plain = invert(space, TinyDenoiser(space.layout.scale), latents, make_cond(), settings)
+    assert all(torch.equal(x0, latents) for x0 in seen)
+    seen.clear()
+    std = torch.full_like(latents, 0.5)
+    sampled = invert(space, TinyDenoiser(space.layout.scale), latents, make_cond(), settings, latent_std=std)
+    deviations = [x0 - latents for x0 in seen]
+    for dev in deviations:
+        assert abs(float(dev.std()) - 0.5) < 0.034 and abs(float(dev.mean())) < 4 * 0.5 / dev.numel() ** 0.5
+    assert not torch.equal(deviations[0], deviations[1]) and "vae_sample" in sampled.identity.history[-1]
+    again = invert(space, TinyDenoiser(space.layout.scale), latents, make_cond(), settings, latent_std=std)
+    assert torch.equal(again.identity.coefficients, sampled.identity.coefficients)  # seeded samples
+    assert not torch.equal(plain.identity.coefficients, sampled.identity.coefficients)
+    with pytest.raises(ValueError, match="latent_std must be"):
+        invert(space, TinyDenoiser(space.layout.scale), latents, make_cond(), settings, latent_std=std[:1])
+    with pytest.raises(ValueError, match="latent_std must be"):
+        invert(space, TinyDenoiser(space.layout.scale), latents, make_cond(), settings, latent_std=-std)

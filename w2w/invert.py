@@ -322,7 +322,8 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
            init: Identity | None = None, alphas_cumprod: torch.Tensor | None = None,
            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
            callback: Callable[[int, int, dict], None] | None = None, name: str = "inverted",
-           param: Parametrisation | None = None, precision: str = "auto") -> InversionResult:
+           param: Parametrisation | None = None, precision: str = "auto",
+           latent_std: torch.Tensor | None = None) -> InversionResult:
     """Optimise β so the model denoises ``latents`` (N, C, h, w: N photos of one person, already scaled for the UNet).
 
     ``cond`` is passed to the denoiser untouched (it must fit ``images_per_step`` images). ``callback(step, total,
@@ -332,6 +333,9 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     ``param`` optimises its own parameters instead of β (``settings.pcs`` and ``init`` are then its business) and
     adds its prior term to the loss. ``precision`` is the one of the products with the basis (:func:`basis_dtype_for`;
     "auto": mixed precision where the device supports it); β and Adam's state are float32 whatever it is.
+    ``latent_std`` (the shape of ``latents``): the standard deviation of the VAE's posterior around ``latents`` (its
+    mean); every step then uses a fresh sample ``latents + latent_std · ε`` (ε from the seeded generator), as the
+    reference's ``latent_dist.sample()`` does, instead of the latents themselves.
     """
     if latents.dim() != 4 or latents.shape[0] < 1:
         raise ValueError(f"latents must be a non-empty (N, C, h, w) batch, got shape {tuple(latents.shape)}")
@@ -346,6 +350,12 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     pcs = settings.pcs if param is None else param.pcs
     fmap = FactorMap(space, pcs, device, dtype, basis_dtype_for(precision, device, dtype, pcs, space.dim))
     latents = latents.detach().to(device)
+    if latent_std is not None:
+        bad = latent_std.shape != latents.shape or not bool(torch.isfinite(latent_std).all())
+        if bad or bool((latent_std < 0).any()):
+            raise ValueError(f"latent_std must be finite, >= 0 and of the latents' shape {tuple(latents.shape)}, got "
+                             f"{tuple(latent_std.shape)}")
+        latent_std = latent_std.detach().to(device, latents.dtype)
     masks = prepare_mask(mask, images, tuple(latents.shape[-2:]))
     masks = None if masks is None else masks.to(device)
     height, width = latents.shape[-2:]
@@ -361,6 +371,8 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
         index = torch.arange(images) if per_step == images else torch.randperm(images, generator=gen)[:per_step]
         t = torch.randint(0, abar.shape[0], (per_step,), generator=gen)
         x0, step_masks = latents[index.to(device)], None if masks is None else masks[index.to(device)]
+        if latent_std is not None:  # a fresh sample of the VAE's posterior at every step
+            x0 = x0 + latent_std[index.to(device)] * torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
         info: dict = {}
         if settings.crop and (settings.crop < height or settings.crop < width):  # a new random crop every step
             top = int(torch.randint(0, height - settings.crop + 1, (1,), generator=gen))
@@ -396,6 +408,7 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     history = f"invert images={images} pcs={pcs} steps={settings.steps} lr={settings.lr:g} " \
               f"wd={settings.weight_decay:g} seed={settings.seed}" + (" masked" if mask is not None else "") + \
               (f" crop={settings.crop}" if settings.crop else "") + \
+              (" vae_sample" if latent_std is not None else "") + \
               ("" if param is None else f" {param.describe()}") + \
               ("" if fmap.basis_dtype in (torch.float32, torch.float64) else f" basis={str(fmap.basis_dtype)[6:]}")
     base = init.history if init is not None else ()

@@ -123,6 +123,7 @@ def pack_modules(comfy_host):
     helpers = types.SimpleNamespace(prepare_images=inversion.prepare_images,
                                     prepare_image_mask=inversion.prepare_image_mask,
                                     frame_photos=inversion.frame_photos, device_memory_for=inversion.device_memory_for,
+                                    encode_posterior=inversion.encode_posterior,
                                     facecrop=importlib.import_module(f"{root}.w2w.facecrop"),
                                     static_clone=patching.static_clone,
                                     trainable_clone=patching.trainable_clone, ComfyDenoiser=patching.ComfyDenoiser,
@@ -262,6 +263,33 @@ def test_random_crop_frames_larger_and_crops_at_every_step(comfy_host, space_fil
     result = comfy_host.run_graph(graph, executor=executor)
     # resolution 64 -> a 72 px framing (1/8 larger), latents 9 x 9, a new 8 x 8 latent window at every step
     assert "crop=8" in result.output("4", 0).history[-1]
+
+
+def test_vae_sample_reads_the_posterior_through_vae_encode(comfy_host, space_file, photos):
+    """encode_posterior: the mean equals VAE Encode's latents (the posterior's mode) and the std is positive and finite,
+    from the same encode call with the KL regulariser passed through once (restored afterwards)."""
+    helpers, _, _ = pack_modules(comfy_host)
+    with torch.inference_mode():
+        _, _, vae = comfy_host.node_class("CheckpointLoaderSimple")().load_checkpoint(SD15_STANDIN_NAME)
+        pixels = torch.rand(2, RES, RES, 3, generator=torch.Generator().manual_seed(5))
+        mean, std = helpers.encode_posterior(vae, pixels)
+        mode = vae.encode(pixels)
+    torch.testing.assert_close(mean, mode)
+    assert std.shape == mode.shape and bool(torch.isfinite(std).all()) and float(std.min()) > 0
+    assert "forward" not in vae.first_stage_model.regularization.__dict__
+
+
+def test_vae_sample_inverts_on_fresh_posterior_samples(comfy_host, space_file, photos, executor):
+    """vae_sample: the inversion draws a fresh posterior sample every step (core: tests/test_invert_core.py), seeded:
+    the same inputs give the same identity, which differs from the run on the posterior's mean."""
+    runs = {}
+    for name, sample in (("mean", False), ("sample", True), ("again", True)):
+        graph = invert_graph(steps=2)
+        graph["4"]["inputs"]["vae_sample"] = sample
+        runs[name] = comfy_host.run_graph(graph, executor=executor).output("4", 0)
+    assert "vae_sample" in runs["sample"].history[-1] and "vae_sample" not in runs["mean"].history[-1]
+    assert torch.equal(runs["sample"].coefficients, runs["again"].coefficients)
+    assert not torch.equal(runs["sample"].coefficients, runs["mean"].coefficients)
 
 
 def test_half_precision_basis_products_in_the_executor(comfy_host, space_file, photos, executor):

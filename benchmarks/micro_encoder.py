@@ -63,8 +63,8 @@ def main() -> int:
     else:
         result = train_micro_encoder(world, config, os.path.join(args.workdir, "encoder"), log=_log)
         encoder = result.encoder
-        trained = (f"trained {result.final.step} steps: held-out (validation) relative error "
-                   f"{result.final.val_error:.3f}, {result.final.seconds:.0f} s")
+        trained = (f"trained {result.final.step} steps, weights of step {result.chosen.step}: held-out (validation) "
+                   f"relative error {result.chosen.val_error:.3f}, {result.final.seconds:.0f} s")
         if args.write_encoder:
             _write_encoder(encoder, args.artifacts, result, config)
     _log(trained)
@@ -94,7 +94,8 @@ def pcs_markdown(rows: list[dict]) -> str:
 def _write_encoder(encoder, folder: str, result, config) -> None:
     path = os.path.join(folder, ENCODER_NAME)
     tmp = path + ".candidate"
-    info = {"steps": result.final.step, "heldout_error": result.final.val_error, "config": config.to_json()}
+    info = {"steps": result.final.step, "weights_of_step": result.chosen.step,
+            "heldout_error": result.chosen.val_error, "config": config.to_json()}
     save_encoder(encoder, tmp, dtype=torch.float16, info=info)
     others = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
                  if os.path.isfile(os.path.join(folder, f)) and f not in (ENCODER_NAME, os.path.basename(tmp)))

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from w2w.encoder import (EncoderConfig, EncoderMismatch, EncoderTrainConfig, PairSet, StopTraining, augment,
-                         build_encoder, encode_photos, load_encoder, read_encoder_metadata, relative_error,
-                         save_encoder, train_encoder)
+                         build_encoder, encode_photos, evaluate, load_encoder, read_encoder_metadata, relative_error,
+                         save_encoder, split_groups, train_encoder)
 from w2w.encoder_pairs import RenderSettings, load_pairs, read_manifest, render_pairs
 from w2w.identity import Identity, load_identity, save_identity
 from w2w.layout import Layout, ModuleSlot
@@ -162,6 +162,34 @@ def test_resumed_training_equals_an_uninterrupted_run(space, tmp_path):
     assert not torch.equal(fresh["head.4.weight"], a["head.4.weight"])
     with pytest.raises(ValueError, match="another encoder, space, pair set or configuration"):
         train_encoder(tiny_encoder(space), pairs, dataclasses.replace(cfg, lr=1e-2), workdir=str(tmp_path / "b"))
+
+
+def test_keep_best_ends_with_the_lowest_held_out_error(space, tmp_path):
+    """Targets shuffled across identities can only be memorised: the training loss falls while the held-out error
+    rises after the first evaluations. keep_best ends with the weights of the lowest held-out evaluation (their error,
+    recomputed, is that evaluation's), also after a resume; keep_best=False ends with the last step's."""
+    pairs = toy_pairs(space, 24, 2, seed=6)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    shuffled = PairSet(pairs.images, pairs.targets.view(24, 2, -1)[perm].flatten(0, 1), pairs.groups, "shuffled")
+    cfg = dataclasses.replace(FAST, steps=160, eval_every=20, checkpoint_every=20, lr=1e-2, holdout=0.25)
+    _, held = split_groups(shuffled.groups, cfg.holdout, cfg.seed)
+
+    def stop(step, total, stats):
+        if step == 100:
+            raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train_encoder(tiny_encoder(space), shuffled, cfg, workdir=str(tmp_path), callback=stop)
+    best = train_encoder(tiny_encoder(space), shuffled, cfg, workdir=str(tmp_path))
+    last = train_encoder(tiny_encoder(space), shuffled, dataclasses.replace(cfg, keep_best=False))
+    errors = {h.step: h.val_error for h in best.history}
+    lowest = min(errors, key=errors.get)
+    assert lowest != cfg.steps, errors  # the run over-fits, so the choice matters
+    assert best.chosen_step == lowest and best.chosen.val_error == errors[lowest]
+    assert evaluate(best.encoder, shuffled, held) == pytest.approx(errors[lowest], rel=1e-5)
+    assert last.chosen_step == cfg.steps
+    assert evaluate(last.encoder, shuffled, held) == pytest.approx(errors[cfg.steps], rel=1e-5)
+    assert errors[cfg.steps] > errors[lowest] * 1.02
 
 
 def test_aux_loss_is_added_with_its_weight(space):

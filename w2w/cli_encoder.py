@@ -66,7 +66,10 @@ def register(sub) -> None:
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--augment", type=float, default=1.0, help="strength of the photo augmentation (0 = off)")
-    t.add_argument("--holdout", type=float, default=0.1, help="fraction of identities held out for the report")
+    t.add_argument("--holdout", type=float, default=0.1, help="fraction of identities held out for the report "
+                   "and for early stopping")
+    t.add_argument("--keep-last", action="store_true", help="write the last step's weights (default: the "
+                   "evaluation with the lowest held-out error)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     t.add_argument("--fp16", action="store_true", help="store the encoder's weights in float16 (half the size)")
@@ -105,7 +108,7 @@ def _train_config(args):
     from .encoder import EncoderTrainConfig
 
     return EncoderTrainConfig(steps=args.train_steps, batch=args.batch, lr=args.lr, augment=args.augment,
-                              holdout=args.holdout, seed=args.seed)
+                              holdout=args.holdout, seed=args.seed, keep_best=not args.keep_last)
 
 
 def _train_real(args) -> int:
@@ -170,9 +173,9 @@ def _write(encoder, args, result, source: str) -> None:
 
     from .encoder import save_encoder
 
-    final = result.final
-    info = {"pairs": source, "steps": final.step, "train_loss": final.loss,
-            "heldout_error": None if math.isnan(final.val_error) else final.val_error,
+    final, chosen = result.final, result.chosen
+    info = {"pairs": source, "steps": final.step, "weights_of_step": chosen.step, "train_loss": chosen.loss,
+            "heldout_error": None if math.isnan(chosen.val_error) else chosen.val_error,
             "heldout_identities": len(result.holdout_groups), "seconds": final.seconds}
     save_encoder(encoder, args.out, dtype=torch.float16 if args.fp16 else torch.float32, info=info)
     _log(f"wrote {args.out}: {json.dumps(info)}")

@@ -353,6 +353,7 @@ class EncoderTrainConfig:
     checkpoint_every: int = 200
     eval_every: int = 200
     aux_weight: float = 0.0  # weight of the aux loss train_encoder is given (e.g. a diffusion loss), 0 = unused
+    keep_best: bool = True  # return the weights of the evaluation with the lowest held-out error (early stopping)
 
     def __post_init__(self) -> None:
         checks = {"steps": self.steps >= 1, "batch": self.batch >= 1, "lr": self.lr > 0,
@@ -384,10 +385,16 @@ class TrainResult:
     encoder: FaceEncoder
     history: tuple[TrainStats, ...]
     holdout_groups: tuple[int, ...]
+    chosen_step: int = 0  # the step whose weights :attr:`encoder` holds (the last, or the best with keep_best)
 
     @property
     def final(self) -> TrainStats:
         return self.history[-1]
+
+    @property
+    def chosen(self) -> TrainStats:
+        """The evaluation of the weights the encoder holds."""
+        return next((h for h in self.history if h.step == self.chosen_step), self.final)
 
 
 def split_groups(groups: torch.Tensor, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,6 +444,8 @@ def train_encoder(encoder: FaceEncoder, pairs: PairSet, config: EncoderTrainConf
     ``callback(step, total, stats_or_None)`` runs after every step (stats at each evaluation) and may raise
     :class:`StopTraining` to stop (the last checkpoint stays for a resume). ``aux(encoder, step, generator)`` returns
     an extra loss term, weighted by ``config.aux_weight`` (e.g. the diffusion loss of the predicted identities).
+    With ``config.keep_best`` and held-out identities, the encoder ends with the weights of the evaluation whose
+    held-out error was lowest (:attr:`TrainResult.chosen_step`); otherwise with the last step's.
     """
     if pairs.targets.shape[1] < encoder.pcs:
         raise ValueError(f"the pairs have {pairs.targets.shape[1]} coefficients but the encoder predicts {encoder.pcs}")
@@ -449,6 +458,7 @@ def train_encoder(encoder: FaceEncoder, pairs: PairSet, config: EncoderTrainConf
     params = [p for p in encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     step, history, seconds = 0, [], 0.0
+    best: tuple[float, int, dict] | None = None  # (held-out error, step, weights) of the best evaluation so far
     stamp = _stamp(encoder, pairs, config)
     path = None if workdir is None else os.path.join(workdir, CHECKPOINT)
     if path is not None and os.path.isfile(path):
@@ -460,6 +470,8 @@ def train_encoder(encoder: FaceEncoder, pairs: PairSet, config: EncoderTrainConf
         opt.load_state_dict(state["opt"])
         step, seconds = int(state["step"]), float(state["seconds"])
         history = [TrainStats(**h) for h in json.loads(state["history"])]
+        if state.get("best") is not None:
+            best = (float(state["best_error"]), int(state["best_step"]), state["best"])
         if log:
             log(f"encoder: resuming at step {step}/{config.steps}")
     encoder.train()
@@ -492,18 +504,29 @@ def train_encoder(encoder: FaceEncoder, pairs: PairSet, config: EncoderTrainConf
                                round(time.perf_counter() - t0, 1))
             history.append(stats)
             running, count = 0.0, 0
+            if config.keep_best and math.isfinite(stats.val_error) and (best is None or stats.val_error < best[0]):
+                best = (stats.val_error, step, {k: v.detach().clone() for k, v in encoder.state_dict().items()})
             if log:
                 log(f"encoder: step {step}/{config.steps} loss {stats.loss:.4f} held-out error {stats.val_error:.4f} "
                     f"({stats.seconds:.0f} s)")
         if path is not None and (step % config.checkpoint_every == 0 or step == config.steps):
             _atomic_torch_save({"model": encoder.state_dict(), "opt": opt.state_dict(), "step": step,
                                 "seconds": time.perf_counter() - t0, "stamp": stamp,
-                                "history": json.dumps([asdict(h) for h in history])}, path)
+                                "history": json.dumps([asdict(h) for h in history]),
+                                "best": None if best is None else best[2],
+                                "best_step": None if best is None else best[1],
+                                "best_error": None if best is None else best[0]}, path)
         if callback is not None:
             callback(step, config.steps, stats)
+    chosen = step
+    if best is not None:
+        encoder.load_state_dict(best[2])
+        chosen = best[1]
+        if log and chosen != step:
+            log(f"encoder: keeping step {chosen}'s weights (held-out error {best[0]:.4f}, the lowest)")
     encoder.eval()
     held = tuple(int(g) for g in torch.unique(pairs.groups[held_idx]))
-    return TrainResult(encoder, tuple(history), held)
+    return TrainResult(encoder, tuple(history), held, chosen)
 
 
 def _atomic_torch_save(obj, path: str) -> None:

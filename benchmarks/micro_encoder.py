@@ -47,11 +47,13 @@ def main() -> int:
     p.add_argument("--json", help="write the raw results as JSON to this file")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke run, not the documented figures")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--people", type=int, default=0,
+                   help="measure on the first N held-out people (default: all; each costs three 400-step inversions)")
     args = p.parse_args()
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.perf_counter()
     world = load_world(args.artifacts)
-    config, targets = MicroEncoderConfig(), TargetConfig()
+    config, targets = MicroEncoderConfig(), TargetConfig(people=args.people)
     if args.quick:
         config = dataclasses.replace(config, rendered=32, photo_views=2, render_steps=10,
                                      train=dataclasses.replace(config.train, steps=60, eval_every=20))

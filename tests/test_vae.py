@@ -2,6 +2,7 @@
 use (decode/encode/sample/interpolate) and inversion through the decoder with a tiny stand-in denoiser."""
 import dataclasses
 import math
+import os
 import time
 
 import numpy as np
@@ -150,6 +151,24 @@ def test_save_load_round_trip(trained, tmp_path, manifold):
     z = sample_latents(INTRINSIC, 5, seed=2)
     assert torch.equal(back.decode(z), vae.decode(z))
     assert torch.equal(back.encode(manifold[1][:4])[0], vae.encode(manifold[1][:4])[0])
+
+
+def test_float16_file_holds_the_rounded_weights(trained, tmp_path):
+    """dtype=float16: weights stored rounded to float16 (about half the file), read back as float32; the whitening
+    buffers stay float32 and exact."""
+    vae = trained[0].vae
+    full, half = str(tmp_path / "full.safetensors"), str(tmp_path / "half.safetensors")
+    save_vae(vae, full)
+    save_vae(vae, half, dtype=torch.float16)
+    assert os.path.getsize(half) < 0.6 * os.path.getsize(full)
+    back = load_vae(half)
+    params = dict(vae.named_parameters())
+    for name, value in back.state_dict().items():
+        assert value.dtype == torch.float32, name
+        want = params[name].detach().half().float() if name in params else vae.state_dict()[name]
+        assert torch.equal(value, want), name
+    with pytest.raises(ValueError, match="float32 or float16"):
+        save_vae(vae, half, dtype=torch.bfloat16)
 
 
 def test_load_refuses_other_files(tmp_path):

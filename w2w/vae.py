@@ -509,9 +509,15 @@ def train_from_space(space, *, input: str = "coefs", pcs: int | None = None, lat
 
 
 # ---- save / load -----------------------------------------------------------------------------------------
-def save_vae(vae: W2WVAE, path: str) -> None:
-    """Write the VAE to one ``.safetensors`` file (atomically); config and training summary in its metadata."""
-    tensors = {k: v.detach().float().contiguous() for k, v in vae.state_dict().items()}
+def save_vae(vae: W2WVAE, path: str, *, dtype: torch.dtype = torch.float32) -> None:
+    """Write the VAE to one ``.safetensors`` file (atomically); config and training summary in its metadata.
+    ``dtype`` float16 halves the file: the network's weights are stored in it (read back as float32); the whitening
+    buffers stay float32."""
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"VAE weights are stored as float32 or float16, got {dtype}")
+    params = {k for k, _ in vae.named_parameters()}
+    tensors = {k: v.detach().to(dtype if k in params else torch.float32).contiguous()
+               for k, v in vae.state_dict().items()}
     history = [asdict(h) for h in getattr(vae, "history", ())]
     train = getattr(vae, "train_config", None)
     meta = {"format": VAE_FORMAT, "format_version": "1", "config": json.dumps(asdict(vae.config)),

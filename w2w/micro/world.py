@@ -252,6 +252,7 @@ def build_world(workdir: str, out: str | None = None, config: WorldConfig = Worl
     if out is not None:
         save_world(world, out)
         log(f"artifacts written to {out}")
+        return load_world(out)  # what the files hold (fp16), so tables after a rebuild are the shipped world's
     return world
 
 
@@ -315,7 +316,7 @@ def save_world(world: World, out: str) -> None:
                 name not in {vae_artifact(k) for k in world.vaes}:
             os.remove(os.path.join(out, name))
     for latent, vae in world.vaes.items():
-        save_vae(vae, os.path.join(out, vae_artifact(latent)))
+        save_vae(vae, os.path.join(out, vae_artifact(latent)), dtype=torch.float16)
 
 
 def _read(path: str) -> tuple[dict, dict]:

@@ -19,6 +19,7 @@ of the diffusion term 4,000,000.., sampled identities 50,000,000...
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -358,8 +359,12 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
     people = list(world.heldout_seeds)[: config.people or None]
     steps = max(config.full_steps, *config.record)
     record = tuple(sorted(set(config.record) | {0, config.full_steps}))
-    key = _digest({"encoder": {k: v.float().sum().item() for k, v in encoder.state_dict().items()},
-                   "config": asdict(config), "space": world.space.fingerprint})
+    # keyed by the encoder's exact bytes (not float sums, which depend on the thread count) and the settings an
+    # inversion depends on; which people are measured is not part of the key (each person's entry stands alone)
+    weights = hashlib.sha256(b"".join(v.detach().cpu().contiguous().numpy().tobytes()
+                                      for _, v in sorted(encoder.state_dict().items()))).hexdigest()
+    key = _digest({"encoder": weights, "config": {k: v for k, v in asdict(config).items() if k != "people"},
+                   "space": world.space.fingerprint})
     cache_path = None if workdir is None else os.path.join(workdir, f"targets-{key}.pt")
     cache = torch.load(cache_path, weights_only=True) if cache_path and os.path.isfile(cache_path) else {}
     t0 = time.perf_counter()
@@ -392,8 +397,6 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
 
 
 def _digest(obj) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -74,7 +74,7 @@ def main() -> int:
     measured = measure_targets(world, encoder, targets, workdir=args.workdir, log=_log)
     text = targets_markdown(measured) + "\n" + pcs_markdown(pcs)
     print(text)
-    print(f"{trained}; world: {world.weights.shape[0]} models, {world.space.pcs} PCs; "
+    print(f"{trained}; world: {world.space.train_coefs.shape[0]} models, {world.space.pcs} PCs; "
           f"{time.perf_counter() - t0:.0f} s in all")
     for path, data in ((args.markdown, text), (args.json, json.dumps({"targets": measured, "pcs": pcs}, indent=1))):
         if path:

@@ -41,7 +41,7 @@ from torch import nn
 
 from .identity import Identity
 from .safeload import W2WFileError, load_object
-from .stfile import read_format_metadata, write_safetensors
+from .stfile import read_format_metadata, tensors_fingerprint, write_safetensors
 
 __all__ = ["BACKBONES", "ENCODER_FORMAT", "EncoderConfig", "EncoderTrainConfig", "FaceEncoder", "PairSet",
            "EncoderMismatch", "TrainStats", "TrainResult", "StopTraining", "build_encoder", "train_encoder",
@@ -221,11 +221,7 @@ class FaceEncoder(nn.Module):
 
 def facenet_fingerprint(state: dict) -> str:
     """Stable id of a FaceNet state dict (the embedding network; the classifier head is ignored)."""
-    h = hashlib.sha256()
-    for key in sorted(k for k in state if not k.startswith("logits.")):
-        h.update(key.encode())
-        h.update(state[key].detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_fingerprint(state, skip=("logits.",))
 
 
 def _facenet_state(path: str) -> dict:

@@ -37,6 +37,7 @@ from .micro.judge import id_score
 from .micro.model import MicroDenoiser, alphas_cumprod, ddim_sample
 from .micro.tables import REFERENCE_VIEW
 from .sampling import sample_identity
+from .stfile import tensors_fingerprint
 
 __all__ = ["MicroEncoderConfig", "VALIDATION_SEEDS", "AUX_SEEDS", "SAMPLE_SEEDS", "PHOTO_VIEW", "rendered_pairs",
            "photo_pairs", "micro_pairs", "DiffusionTerm", "train_micro_encoder", "photos01", "weights_of"]
@@ -359,11 +360,10 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
     people = list(world.heldout_seeds)[: config.people or None]
     steps = max(config.full_steps, *config.record)
     record = tuple(sorted(set(config.record) | {0, config.full_steps}))
-    # keyed by the encoder's exact bytes (not float sums, which depend on the thread count) and the settings an
+    # keyed by the encoder's exact values (not float sums, which depend on the thread count) and the settings an
     # inversion depends on; which people are measured is not part of the key (each person's entry stands alone)
-    weights = hashlib.sha256(b"".join(v.detach().cpu().contiguous().numpy().tobytes()
-                                      for _, v in sorted(encoder.state_dict().items()))).hexdigest()
-    key = _digest({"encoder": weights, "config": {k: v for k, v in asdict(config).items() if k != "people"},
+    settings = {k: v for k, v in asdict(config).items() if k != "people"}
+    key = _digest({"encoder": tensors_fingerprint(encoder.state_dict()), "config": settings,
                    "space": world.space.fingerprint})
     cache_path = None if workdir is None else os.path.join(workdir, f"targets-{key}.pt")
     cache = torch.load(cache_path, weights_only=True) if cache_path and os.path.isfile(cache_path) else {}

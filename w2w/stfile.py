@@ -6,6 +6,7 @@ with the ``safetensors`` package itself.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["TensorSource", "write_safetensors", "atomic_path", "read_format_metadata"]
+__all__ = ["TensorSource", "write_safetensors", "atomic_path", "read_format_metadata", "tensors_fingerprint"]
 
 _DTYPES = {torch.float32: ("F32", 4), torch.float16: ("F16", 2), torch.bfloat16: ("BF16", 2),
            torch.float64: ("F64", 8), torch.int64: ("I64", 8), torch.int32: ("I32", 4), torch.uint8: ("U8", 1)}
@@ -132,3 +133,14 @@ def read_format_metadata(path: str, fmt: str, what: str, how_to_make: str) -> di
     if meta.get("format") != fmt:
         raise W2WFileError(f"{path} is not a w2w {what} file (format={meta.get('format')!r}); {how_to_make}")
     return meta
+
+
+def tensors_fingerprint(tensors: dict[str, torch.Tensor], *, prefix: bytes = b"",
+                        skip: tuple[str, ...] = ()) -> str:
+    """Stable id (16 hex digits) of named tensors: ``prefix``, then each name and its values as float32 bytes, in
+    name order; names starting with one of ``skip`` are left out. The same on any thread count or machine."""
+    h = hashlib.sha256(prefix)
+    for key in sorted(k for k in tensors if not k.startswith(skip)):
+        h.update(key.encode())
+        h.update(tensors[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

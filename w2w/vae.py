@@ -19,7 +19,6 @@ of the space (coefficients tied to its fingerprint) or straight weight vectors. 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from torch import nn
 
 from .identity import Identity, IdentityMismatch
 from .safeload import W2WFileError, load_tensor
-from .stfile import read_format_metadata, write_safetensors
+from .stfile import read_format_metadata, tensors_fingerprint, write_safetensors
 
 __all__ = ["VAEConfig", "TrainConfig", "EpochStats", "TrainResult", "StopTraining", "W2WVAE", "WeightsMatrix",
            "train_vae", "save_vae", "load_vae", "decode_identity", "decode_weights", "encode_identity",
@@ -194,11 +193,8 @@ class W2WVAE(nn.Module):
         """Stable id of this trained VAE (config and weights), computed once."""
         cached = self.__dict__.get("_fingerprint")
         if cached is None:
-            h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
-            for key, tensor in sorted(self.state_dict().items()):
-                h.update(key.encode())
-                h.update(tensor.detach().float().contiguous().numpy().tobytes())
-            cached = self.__dict__["_fingerprint"] = h.hexdigest()[:16]
+            cached = self.__dict__["_fingerprint"] = tensors_fingerprint(
+                self.state_dict(), prefix=json.dumps(asdict(self.config), sort_keys=True).encode())
         return cached
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,13 +4,15 @@
     python benchmarks/micro_encoder.py --workdir W --write-encoder  # also write models/micro/micro-encoder.safetensors
     python benchmarks/micro_encoder.py --workdir W --encoder FILE   # measure an existing encoder (e.g. the shipped one)
     python benchmarks/micro_encoder.py --workdir W --quick          # a smoke run (not the documented figures)
+    python benchmarks/micro_encoder.py --workdir W --head retrieve  # the retrieval encoder (face recognition over
+                                                                    # the space's training people)
 
 Targets (held-out people, one photo each, the judge's ID score read from generated images):
 - the encoder alone reaches >= 0.8 x the ID score of a full (400-step) inversion from the mean model, in < 1 s;
 - encoder + refinement reaches the full inversion's score in >= 8x fewer steps;
 - the curves ID score vs refinement steps from the mean model, the nearest training identity and the encoder.
 
-Choices (P, the refinement lr) are made on validation people (identity seeds 3,000,000..) with a judge-free score:
+Choices (P; a retrieval encoder's top_k and temperature) are made on validation people (identity seeds 3,000,000..) with a judge-free score:
 the diffusion loss of the chosen identity on unseen photos of that person. The held-out people and the judge are
 only ever measured. Everything resumes from the work folder; re-run the same command on a new world's artifacts.
 """
@@ -28,8 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from w2w.encoder import load_encoder, save_encoder  # noqa: E402
-from w2w.encoder_micro import (MicroEncoderConfig, TargetConfig, measure_targets, pcs_curve,  # noqa: E402
-                               targets_markdown, train_micro_encoder)
+from w2w.encoder_micro import (MicroEncoderConfig, TargetConfig, choose_retrieval, measure_targets,  # noqa: E402
+                               pcs_curve, targets_markdown, train_micro_encoder)
 from w2w.micro.world import DEFAULT_DIR, load_world  # noqa: E402
 
 ENCODER_NAME = "micro-encoder.safetensors"
@@ -47,13 +49,16 @@ def main() -> int:
     p.add_argument("--json", help="write the raw results as JSON to this file")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke run, not the documented figures")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--head", choices=("regress", "retrieve"), default="regress",
+                   help="regress: predict the coefficients; retrieve: recognise the space's training people")
     p.add_argument("--people", type=int, default=0,
                    help="measure on the first N held-out people (default: all; each costs three 400-step inversions)")
     args = p.parse_args()
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.perf_counter()
     world = load_world(args.artifacts)
-    config, targets = MicroEncoderConfig(), TargetConfig(people=args.people)
+    config = MicroEncoderConfig() if args.head == "regress" else MicroEncoderConfig.retrieval()
+    targets = TargetConfig(people=args.people)
     if args.quick:
         config = dataclasses.replace(config, rendered=32, photo_views=2, render_steps=10,
                                      train=dataclasses.replace(config.train, steps=60, eval_every=20))
@@ -67,16 +72,21 @@ def main() -> int:
         encoder = result.encoder
         trained = (f"trained {result.final.step} steps, weights of step {result.chosen.step}: held-out (validation) "
                    f"relative error {result.chosen.val_error:.3f}, {result.final.seconds:.0f} s")
-        if args.write_encoder:
-            _write_encoder(encoder, args.artifacts, result, config)
+    choice = []
+    if encoder.config.head == "retrieve" and not args.encoder:
+        encoder, choice = choose_retrieval(world, encoder, log=_log)
+        trained += f"; blends the top {encoder.config.top_k} at temperature {encoder.config.temperature:g}"
+    if args.write_encoder and not args.encoder:
+        _write_encoder(encoder, args.artifacts, result, config)
     _log(trained)
     pcs = pcs_curve(world, encoder, workdir=args.workdir, log=_log)
     measured = measure_targets(world, encoder, targets, workdir=args.workdir, log=_log)
-    text = targets_markdown(measured) + "\n" + pcs_markdown(pcs)
+    text = targets_markdown(measured) + "\n" + pcs_markdown(pcs) + (("\n" + choice_markdown(choice)) if choice else "")
     print(text)
     print(f"{trained}; world: {world.space.train_coefs.shape[0]} models, {world.space.pcs} PCs; "
           f"{time.perf_counter() - t0:.0f} s in all")
-    for path, data in ((args.markdown, text), (args.json, json.dumps({"targets": measured, "pcs": pcs}, indent=1))):
+    raw = {"targets": measured, "pcs": pcs, "retrieval_choice": choice}
+    for path, data in ((args.markdown, text), (args.json, json.dumps(raw, indent=1))):
         if path:
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
@@ -90,6 +100,14 @@ def pcs_markdown(rows: list[dict]) -> str:
              "diffusion loss on unseen photos, relative to the mean model: 0 = the mean model, higher is better)", "",
              "| P | loss gain over the mean model |", "|---|---|"]
     lines += [f"| {r['pcs']} | {r['gain']:+.5f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def choice_markdown(rows: list[dict]) -> str:
+    lines = ["**Retrieval: identities blended (top_k) and temperature, validation people, judge-free** (diffusion loss "
+             "on unseen photos relative to the mean model; higher is better; the best is used)", "",
+             "| top_k | temperature | loss gain over the mean model |", "|---|---|---|"]
+    lines += [f"| {r['top_k']} | {r['temperature']:g} | {r['gain']:+.5f} ± {r['gain_sem']:.5f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -19,18 +19,19 @@ from .inversion import FACE_AUTO, FACE_CHOICES, frame_photos, framing_preview
 from .sockets import CATEGORY_INVERSION, IdentitySocket, SpaceSocket, advanced, schema
 
 FACENET_FRAME = 256  # side a FaceNet encoder's photos are framed at (its backbone takes the central face region)
-_CACHE: dict[str, tuple[tuple, object]] = {}  # encoder path -> (file fingerprints, loaded encoder)
+_CACHE: dict[str, tuple[tuple, object]] = {}  # encoder path -> (file and space fingerprints, loaded encoder)
 _LOCK = threading.Lock()
 
 
-def cached_encoder(path: str, facenet: str | None):
-    """The encoder of ``path`` (with its FaceNet weights), loaded once per version of the files."""
-    stamp = file_fingerprint(path) + (file_fingerprint(facenet) if facenet else ())
+def cached_encoder(path: str, facenet: str | None, space):
+    """The encoder of ``path`` (with its FaceNet weights) for ``space`` (a retrieval encoder's gallery is the space's
+    training models), loaded once per version of the files and space."""
+    stamp = file_fingerprint(path) + (file_fingerprint(facenet) if facenet else ()) + (space.fingerprint, space.pcs)
     with _LOCK:
         hit = _CACHE.get(path)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-    encoder = load_encoder(path, facenet_weights=facenet)
+    encoder = load_encoder(path, space, facenet_weights=facenet)
     with _LOCK:
         _CACHE.clear()  # one encoder at a time
         _CACHE[path] = (stamp, encoder)
@@ -89,7 +90,7 @@ class W2WEncodeFace(io.ComfyNode):
         config = EncoderConfig.from_json(meta["config"])
         check_space(encoder, meta["space_fingerprint"], config.pcs, space)  # before any heavy loading
         facenet = resolve_weights(facenet_weights) if config.backbone == "facenet" else None
-        net = cached_encoder(path, facenet)
+        net = cached_encoder(path, facenet, space)
         size = config.image_size if config.backbone == "conv" else FACENET_FRAME
         framed = frame_photos(image, None, size, face)
         identity = encode_photos(net, framed.pixels.permute(0, 3, 1, 2), space, name="encoded")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from w2w.encoder import (EncoderConfig, EncoderMismatch, EncoderTrainConfig, PairSet, StopTraining, augment,
                          build_encoder, encode_photos, evaluate, load_encoder, read_encoder_metadata, relative_error,
-                         save_encoder, split_groups, train_encoder)
+                         retrieval_rows, save_encoder, split_groups, train_encoder)
 from w2w.encoder_pairs import RenderSettings, load_pairs, read_manifest, render_pairs
 from w2w.identity import Identity, load_identity, save_identity
 from w2w.layout import Layout, ModuleSlot
@@ -219,6 +219,136 @@ def test_augment_is_seeded_and_stays_an_image():
     assert torch.equal(augment(x, torch.Generator(), 0.0), x)
 
 
+# ---- retrieval encoders: face recognition over the space's training models -----------------------------------
+GALLERY = 40  # training models of the toy space with photos
+
+
+def gallery_pairs(space, photos: int, seed: int) -> PairSet:
+    """Photos of the space's first GALLERY training models, drawn as toy_pairs draws them from their coefficients
+    (new noise per seed), each pair naming its model's row."""
+    gen = torch.Generator().manual_seed(seed)
+    betas = space.train_coefs[:GALLERY, :P]
+    level = 0.5 + 0.15 * ((betas - space.coef_mean[:P]) / space.coef_std[:P]).clamp(-3, 3)
+    owner = torch.arange(GALLERY).repeat_interleave(photos)
+    img = torch.zeros(len(owner), 3, SIZE, SIZE)
+    h = SIZE // 2
+    for k, (y, x) in enumerate(((0, 0), (0, h), (h, 0), (h, h))):
+        img[:, :, y:y + h, x:x + h] = level[owner, k].view(-1, 1, 1, 1)
+    img = (0.8 * img + 0.1 + 0.02 * torch.randn(img.shape, generator=gen)).clamp(0, 1)
+    return PairSet((img * 255).round().to(torch.uint8), space.train_coefs[owner], owner, "gallery", rows=owner.clone())
+
+
+RETRIEVE = dataclasses.replace(FAST, steps=200, lr=3e-3, holdout=0.2, margin=0.1, scale=16.0)
+
+
+def retrieval_encoder(space, pairs: PairSet, cfg: EncoderTrainConfig = RETRIEVE, **kwargs):
+    return build_encoder(space, P, "conv", image_size=SIZE, width=8, hidden=32, head="retrieve", embed=16,
+                         gallery_rows=retrieval_rows(pairs, cfg.holdout, cfg.seed), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def retrieved(space):
+    pairs = gallery_pairs(space, 4, seed=0)
+    result = train_encoder(retrieval_encoder(space, pairs), pairs, RETRIEVE)
+    return pairs, result
+
+
+def test_retrieval_encoder_recognises_the_training_models_it_learned(space, retrieved):
+    """On new photos of the gallery's models, the top-1 encoder answers that model's own training coefficients
+    (exactly: a row of the space, not a regression). Chance is 1/32; measured 1.0 after 200 steps; an untrained
+    encoder (random prototypes) gets about chance. The held-out models are not in the gallery."""
+    pairs, result = retrieved
+    encoder = result.encoder
+    held = set(result.holdout_groups)
+    rows = encoder.gallery_rows.tolist()
+    assert len(held) == round(0.2 * GALLERY) and not held & set(rows) and len(rows) == GALLERY - len(held)
+    fresh = gallery_pairs(space, 2, seed=9)
+    keep = torch.isin(fresh.rows, encoder.gallery_rows)
+    with torch.no_grad():
+        beta = encoder(fresh.images[keep].float() / 255)
+        untrained = retrieval_encoder(space, pairs)(fresh.images[keep].float() / 255)
+    own = space.train_coefs[fresh.rows[keep], :P]
+    hits = (beta == own).all(1).float().mean()
+    chance = (untrained == own).all(1).float().mean()
+    assert float(hits) > 0.9, float(hits)
+    assert float(chance) < 0.3, float(chance)
+    every = space.train_coefs[encoder.gallery_rows, :P]
+    assert all(bool((every == b).all(1).any()) for b in beta)  # top-1: always some gallery model's coefficients
+
+
+def test_retrieval_blends_the_top_k_by_similarity(space, retrieved):
+    """top_k = the whole gallery at a huge temperature gives the gallery's mean; with_retrieval copies the encoder
+    (the original keeps its settings)."""
+    _, result = retrieved
+    encoder = result.encoder
+    x = torch.rand(3, 3, SIZE, SIZE)
+    blend = encoder.with_retrieval(encoder.config.gallery, 1e6)
+    assert encoder.config.top_k == 1 and blend.config.top_k == encoder.config.gallery
+    with torch.no_grad():
+        mean = space.train_coefs[encoder.gallery_rows, :P].mean(0)
+        assert torch.allclose(blend(x), mean.expand(3, -1), atol=1e-5)
+        soft = encoder.with_retrieval(3, 0.05)(x)
+        sims, index = encoder.similarities(encoder.features(x)).topk(3, dim=1)
+        w = torch.softmax(sims / 0.05, 1)
+        expect = (w.unsqueeze(-1) * space.train_coefs[encoder.gallery_rows[index], :P]).sum(1)
+        assert torch.allclose(soft, expect, atol=1e-6)
+    with pytest.raises(ValueError, match="top_k must be in 1.."):
+        encoder.with_retrieval(encoder.config.gallery + 1, 0.05)
+    with pytest.raises(ValueError, match="belong to retrieval encoders"):
+        tiny_encoder(space).with_retrieval(1, 0.05)
+
+
+def test_retrieval_file_stores_row_numbers_and_needs_its_space(space, other_space, retrieved, tmp_path):
+    """The file holds the gallery as row numbers (the coefficients are the space's) and loads only with its space,
+    with training coefficients; fp16 keeps the row numbers exact."""
+    _, result = retrieved
+    path = str(tmp_path / "retrieve.safetensors")
+    save_encoder(result.encoder, path, dtype=torch.float16)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("gallery_rows").dtype == torch.int64
+        assert torch.equal(f.get_tensor("gallery_rows"), result.encoder.gallery_rows)
+    assert "gallery_coefs" not in keys and "prototypes" in keys
+    loaded = load_encoder(path, space)
+    assert torch.equal(loaded.gallery_coefs, space.train_coefs[result.encoder.gallery_rows, :P])
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), result.encoder(x), atol=0.05 * float(space.coef_std[:P].max()))
+    with pytest.raises(EncoderMismatch, match="loaded with that space"):
+        load_encoder(path)
+    with pytest.raises(EncoderMismatch, match="was trained for the w2w space"):
+        load_encoder(path, other_space)
+    with pytest.raises(EncoderMismatch, match="training coefficients"):
+        load_encoder(path, dataclasses.replace(space, train_coefs=None))
+
+
+def test_retrieval_needs_pairs_of_training_models_and_its_own_gallery(space):
+    pairs = gallery_pairs(space, 2, seed=1)
+    with pytest.raises(ValueError, match="name none"):
+        retrieval_rows(toy_pairs(space, 10, 2, seed=0), 0.2, 0)
+    with pytest.raises(ValueError, match="needs gallery rows"):
+        build_encoder(space, P, head="retrieve")
+    wrong = build_encoder(space, P, "conv", image_size=SIZE, width=8, hidden=32, head="retrieve", embed=16,
+                          gallery_rows=torch.arange(GALLERY))  # includes the held-out models
+    with pytest.raises(ValueError, match="not the training models these pairs show"):
+        train_encoder(wrong, pairs, dataclasses.replace(RETRIEVE, steps=2))
+    with pytest.raises(EncoderMismatch, match="outside"):
+        build_encoder(space, P, head="retrieve", gallery_rows=torch.tensor([0, space.train_coefs.shape[0]]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"pcs": 4, "head": "classify"}, "head must be one of"),
+    ({"pcs": 4, "head": "retrieve"}, "needs gallery >= 1"),
+    ({"pcs": 4, "head": "retrieve", "gallery": 5, "top_k": 6}, "top_k must be in 1..5"),
+    ({"pcs": 4, "head": "retrieve", "gallery": 5, "temperature": 0.0}, "temperature must be a positive"),
+])
+def test_retrieval_config_is_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EncoderConfig(**kwargs)
+
+
 # ---- files --------------------------------------------------------------------------------------------------
 def test_save_and_load_round_trip(space, trained, tmp_path):
     _, result = trained
@@ -387,6 +517,30 @@ def test_pairs_folder_loads_framed_photos_and_identities(space, tmp_path):
     again = load_pairs([str(tmp_path / "pairs")], space, 16, "off", cache_dir=str(tmp_path / "cache"),
                        log=(logs := []).append)
     assert torch.equal(again.images, pairs.images) and any("read from" in line for line in logs)
+
+
+def test_pairs_can_name_the_training_model_they_show(space, tmp_path):
+    """A "row" in pairs.jsonl (a retrieval encoder's class) is read, kept by the cache, and checked against the space."""
+    folder = tmp_path / "pairs"
+    write_pairs(folder, space)
+    lines = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    for i, entry in enumerate(lines[:4]):
+        entry["row"] = 7 + i // 2
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+    pairs = load_pairs([str(folder)], space, 16, "off", cache_dir=str(tmp_path / "cache"))
+    assert pairs.rows.tolist() == [7, 7, 8, 8, -1, -1]
+    cached = load_pairs([str(folder)], space, 16, "off", cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(cached.rows, pairs.rows)
+    assert retrieval_rows(pairs, 0.0, 0).tolist() == [7, 8]
+    lines[0]["row"] = space.train_coefs.shape[0]
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+    with pytest.raises(W2WFileError, match="not a training model of the space"):
+        load_pairs([str(folder)], space, 16, "off")
+    for bad in (-1, "3", 1.5, True):
+        lines[0]["row"] = bad
+        (folder / "pairs.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+        with pytest.raises(W2WFileError, match="must be a non-negative integer"):
+            read_manifest(str(folder))
 
 
 def test_pairs_of_another_space_are_refused(space, other_space, tmp_path):

@@ -60,10 +60,20 @@ def register(sub) -> None:
                    "(20180402-114759-vggface2.pt)")
     m.add_argument("--image-size", type=int, default=64, help="conv: input side, 4 times a power of two (default 64)")
     m.add_argument("--width", type=int, default=32, help="conv: channels of the first stage (default 32)")
-    m.add_argument("--hidden", type=int, default=512, help="head width (default 512)")
+    m.add_argument("--hidden", type=int, default=None, help="head width (default 512; 256 for --micro --head retrieve)")
+    m.add_argument("--head", choices=("regress", "retrieve"), default="regress",
+                   help="regress: predict the coefficients (default); retrieve: recognise the space's training models "
+                        "(pairs must name them: \"row\" in pairs.jsonl; the miniature world's photo pairs do) and "
+                        "blend the most similar ones' coefficients")
+    m.add_argument("--embed", type=int, default=128, help="retrieve: face-embedding size (default 128)")
+    m.add_argument("--top-k", type=int, default=None,
+                   help="retrieve: training models blended (default 1; --micro: chosen with --temperature on validation "
+                        "people by the diffusion loss, never the judge)")
+    m.add_argument("--temperature", type=float, default=None,
+                   help="retrieve: softmax temperature over the blended models' cosine similarities (default 0.05)")
     t = p.add_argument_group("training")
-    t.add_argument("--train-steps", type=int, default=3000)
-    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--train-steps", type=int, default=None, help="default 3000 (6000 for --micro --head retrieve)")
+    t.add_argument("--batch", type=int, default=None, help="default 64 (128 for --micro --head retrieve)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--augment", type=float, default=1.0, help="strength of the photo augmentation (0 = off)")
     t.add_argument("--holdout", type=float, default=0.1, help="fraction of identities held out for the report "
@@ -104,15 +114,18 @@ def _train(args) -> int:
     return _train_real(args)
 
 
-def _train_config(args):
+def _train_config(args, base=None):
+    from dataclasses import replace
+
     from .encoder import EncoderTrainConfig
 
-    return EncoderTrainConfig(steps=args.train_steps, batch=args.batch, lr=args.lr, augment=args.augment,
-                              holdout=args.holdout, seed=args.seed, keep_best=not args.keep_last)
+    base = base or EncoderTrainConfig()
+    return replace(base, steps=args.train_steps or base.steps, batch=args.batch or base.batch, lr=args.lr,
+                   augment=args.augment, holdout=args.holdout, seed=args.seed, keep_best=not args.keep_last)
 
 
 def _train_real(args) -> int:
-    from .encoder import build_encoder, train_encoder
+    from .encoder import build_encoder, retrieval_rows, train_encoder
     from .encoder_pairs import DEFAULT_PROMPTS, ComfyRenderer, RenderSettings, load_pairs, render_pairs
     from .space import load_space
 
@@ -121,7 +134,7 @@ def _train_real(args) -> int:
     if stats_pcs == 0:
         raise ValueError(f"{args.space} has no sampling statistics (proj_1000pc.pt): an encoder needs them")
     pcs = args.pcs or min(1000, stats_pcs)
-    space = load_space(args.space, max(pcs, min(args.sample_pcs, probe.total_pcs)), training=False)
+    space = load_space(args.space, max(pcs, min(args.sample_pcs, probe.total_pcs)), training=args.head == "retrieve")
     folders = list(args.pairs)
     if args.render_server:
         if not (args.server_space and args.checkpoint):
@@ -141,10 +154,14 @@ def _train_real(args) -> int:
         raise ValueError("no training pairs: give --pairs DIR and/or --render-server URL")
     size = args.image_size if args.backbone == "conv" else 256
     pairs = load_pairs(folders, space, size, args.face, cache_dir=args.workdir, log=_log)
+    train = _train_config(args)
+    rows = retrieval_rows(pairs, train.holdout, train.seed) if args.head == "retrieve" else None
     encoder = build_encoder(space, pcs, args.backbone, image_size=args.image_size, width=args.width,
-                            hidden=args.hidden, facenet_weights=args.facenet_weights, seed=args.seed)
-    _log(f"encoder: {len(pairs)} pairs ({pairs.source}); P = {pcs}, backbone {args.backbone}")
-    result = train_encoder(encoder, pairs, _train_config(args), workdir=args.workdir, log=_log)
+                            hidden=args.hidden or 512, facenet_weights=args.facenet_weights, seed=args.seed,
+                            head=args.head, embed=args.embed, gallery_rows=rows, top_k=args.top_k or 1,
+                            temperature=args.temperature or 0.05)
+    _log(f"encoder: {len(pairs)} pairs ({pairs.source}); P = {pcs}, backbone {args.backbone}, head {args.head}")
+    result = train_encoder(encoder, pairs, train, workdir=args.workdir, log=_log)
     _write(encoder, args, result, pairs.source)
     return 0
 
@@ -152,16 +169,24 @@ def _train_real(args) -> int:
 def _train_micro(args) -> int:
     from dataclasses import replace
 
-    from .encoder_micro import MicroEncoderConfig, train_micro_encoder
+    from .encoder_micro import MicroEncoderConfig, choose_retrieval, train_micro_encoder
     from .micro.world import DEFAULT_DIR, load_world
 
     world = load_world(args.world or DEFAULT_DIR)
-    config = MicroEncoderConfig()
+    config = MicroEncoderConfig() if args.head == "regress" else MicroEncoderConfig.retrieval()
     changes = {k: v for k, v in (("rendered", args.rendered), ("photo_views", args.photo_views),
-                                 ("diffusion_weight", args.diffusion_weight), ("pcs", args.pcs)) if v is not None}
-    config = replace(config, **changes, width=args.width, hidden=args.hidden, train=_train_config(args))
+                                 ("diffusion_weight", args.diffusion_weight), ("pcs", args.pcs),
+                                 ("hidden", args.hidden)) if v is not None}
+    config = replace(config, **changes, width=args.width, embed=args.embed,
+                     train=_train_config(args, config.train))
     result = train_micro_encoder(world, config, args.workdir, log=_log)
-    _write(result.encoder, args, result, f"miniature world ({config.to_json()})")
+    encoder = result.encoder
+    if args.head == "retrieve" and args.top_k is None and args.temperature is None:
+        encoder, rows = choose_retrieval(world, encoder, log=_log)
+        _log(f"retrieval: blending the top {encoder.config.top_k} at temperature {encoder.config.temperature:g}")
+    elif args.head == "retrieve":
+        encoder = encoder.with_retrieval(args.top_k or 1, args.temperature or 0.05)
+    _write(encoder, args, result, f"miniature world ({config.to_json()})")
     return 0
 
 

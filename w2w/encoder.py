@@ -46,11 +46,12 @@ from .stfile import read_format_metadata, tensors_fingerprint, write_safetensors
 __all__ = ["BACKBONES", "ENCODER_FORMAT", "EncoderConfig", "EncoderTrainConfig", "FaceEncoder", "PairSet",
            "EncoderMismatch", "TrainStats", "TrainResult", "StopTraining", "build_encoder", "train_encoder",
            "save_encoder", "load_encoder", "read_encoder_metadata", "encode_photos", "relative_error",
-           "facenet_fingerprint", "augment"]
+           "facenet_fingerprint", "augment", "HEADS", "retrieval_rows", "gallery_coefficients"]
 
 ENCODER_FORMAT = "w2w-encoder"
 FORMAT_VERSION = 1
 BACKBONES = ("conv", "facenet")
+HEADS = ("regress", "retrieve")
 FACENET_SIZE = 160  # FaceNet's input side (facenet-pytorch's MTCNN crops)
 CHECKPOINT = "encoder-train.ckpt"
 
@@ -75,6 +76,14 @@ class EncoderConfig:
     face_fraction: facenet: central fraction of the (face-framed) photo passed to FaceNet. The inversion's framing
         makes a square of twice the face box around it, so 0.6 gives the face box plus a margin, like MTCNN's crops.
     backbone_fingerprint: facenet: fingerprint of the FaceNet weights the head was trained on (:func:`facenet_fingerprint`).
+    head: ``regress`` (an MLP predicts β) or ``retrieve`` (an MLP predicts a unit face embedding; β is the
+        similarity-weighted mean of the ``top_k`` most similar identities of a gallery of the space's training
+        models, each represented by a learned prototype: face recognition over the space's own identities).
+    embed: retrieve: size of the face embedding.
+    gallery: retrieve: how many training models of the space the gallery holds (rows of the space's training
+        coefficients, stored in the file as row numbers).
+    top_k, temperature: retrieve: how many gallery identities are blended, and the softmax temperature over their
+        cosine similarities (top_k = 1: the single most similar identity).
     """
 
     pcs: int
@@ -84,6 +93,11 @@ class EncoderConfig:
     hidden: int = 512
     face_fraction: float = 0.6
     backbone_fingerprint: str = ""
+    head: str = "regress"
+    embed: int = 128
+    gallery: int = 0
+    top_k: int = 1
+    temperature: float = 0.05
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -101,6 +115,16 @@ class EncoderConfig:
             raise ValueError(f"face_fraction must be in [0.1, 1], got {self.face_fraction}")
         if self.backbone == "facenet" and not self.backbone_fingerprint:
             raise ValueError("a FaceNet encoder needs the fingerprint of its FaceNet weights (backbone_fingerprint)")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head == "retrieve":
+            if self.gallery < 1 or self.embed < 1:
+                raise ValueError(f"a retrieval encoder needs gallery >= 1 and embed >= 1, got {self.gallery} and "
+                                 f"{self.embed}")
+            if not 1 <= self.top_k <= self.gallery:
+                raise ValueError(f"top_k must be in 1..{self.gallery} (the gallery's size), got {self.top_k}")
+            if not (math.isfinite(self.temperature) and self.temperature > 0):
+                raise ValueError(f"temperature must be a positive number, got {self.temperature}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -167,10 +191,14 @@ class FaceNetBackbone(nn.Module):
 
 
 class FaceEncoder(nn.Module):
-    """photo(s) (N, 3, H, W) in [0, 1] -> coefficients β (N, P) of one space."""
+    """photo(s) (N, 3, H, W) in [0, 1] -> coefficients β (N, P) of one space.
+
+    A ``retrieve`` encoder also holds its gallery: ``gallery_rows`` (which training models of the space, stored) and
+    ``gallery_coefs`` (their first P coefficients, taken from the space when the file is loaded, never stored)."""
 
     def __init__(self, config: EncoderConfig, coef_mean: torch.Tensor, coef_std: torch.Tensor, space_fingerprint: str,
-                 backbone: nn.Module | None = None):
+                 backbone: nn.Module | None = None, gallery_rows: torch.Tensor | None = None,
+                 gallery_coefs: torch.Tensor | None = None):
         super().__init__()
         p = config.pcs
         if tuple(coef_mean.shape) != (p,) or tuple(coef_std.shape) != (p,):
@@ -188,12 +216,26 @@ class FaceEncoder(nn.Module):
             backbone = ConvBackbone(config.image_size, config.width)
         self.backbone = backbone
         h = config.hidden
+        out = p if config.head == "regress" else config.embed
         self.head = nn.Sequential(nn.Linear(backbone.out_features, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(),
-                                  nn.Linear(h, p))
-        nn.init.zeros_(self.head[-1].weight)  # starts at the mean model
-        nn.init.zeros_(self.head[-1].bias)
+                                  nn.Linear(h, out))
+        if config.head == "regress":
+            nn.init.zeros_(self.head[-1].weight)  # starts at the mean model
+            nn.init.zeros_(self.head[-1].bias)
         self.register_buffer("coef_mean", coef_mean.detach().float().clone())
         self.register_buffer("coef_std", coef_std.detach().float().clone())
+        if config.head == "retrieve":
+            n = config.gallery
+            if gallery_rows is None or gallery_coefs is None:
+                raise ValueError("a retrieval encoder needs its gallery (gallery_rows and gallery_coefs)")
+            if tuple(gallery_rows.shape) != (n,) or tuple(gallery_coefs.shape) != (n, p):
+                raise ValueError(f"the gallery must be ({n},) rows and ({n}, {p}) coefficients, got "
+                                 f"{tuple(gallery_rows.shape)} and {tuple(gallery_coefs.shape)}")
+            if not torch.isfinite(gallery_coefs).all():
+                raise ValueError("the gallery's coefficients must be finite")
+            self.prototypes = nn.Parameter(torch.randn(n, config.embed) / math.sqrt(config.embed))
+            self.register_buffer("gallery_rows", gallery_rows.detach().long().clone())
+            self.register_buffer("gallery_coefs", gallery_coefs.detach().float().clone(), persistent=False)
 
     @property
     def pcs(self) -> int:
@@ -206,8 +248,16 @@ class FaceEncoder(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images.float())
 
+    def similarities(self, features: torch.Tensor) -> torch.Tensor:
+        """retrieve: cosine similarity (N, gallery) of each photo's embedding to every gallery identity."""
+        return F.normalize(self.head(features), dim=1) @ F.normalize(self.prototypes, dim=1).T
+
     def from_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.coef_mean + self.coef_std * self.head(features)
+        if self.config.head == "regress":
+            return self.coef_mean + self.coef_std * self.head(features)
+        sims, index = self.similarities(features).topk(self.config.top_k, dim=1)
+        weights = torch.softmax(sims / self.config.temperature, dim=1)
+        return (weights.unsqueeze(-1) * self.gallery_coefs[index]).sum(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
@@ -215,8 +265,20 @@ class FaceEncoder(nn.Module):
         return self.from_features(self.features(images))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What an encoder file stores: everything but a frozen backbone."""
+        """What an encoder file stores: everything but a frozen backbone (and a gallery's coefficients, which are
+        the space's)."""
         return {k: v for k, v in self.state_dict().items() if not (self.frozen_backbone and k.startswith("backbone."))}
+
+    def with_retrieval(self, top_k: int, temperature: float) -> "FaceEncoder":
+        """The same retrieval encoder blending ``top_k`` identities at ``temperature`` (a copy; self unchanged)."""
+        import copy
+        from dataclasses import replace
+
+        if self.config.head != "retrieve":
+            raise ValueError("top_k and temperature belong to retrieval encoders (head='retrieve')")
+        other = copy.deepcopy(self)
+        other.config = replace(self.config, top_k=top_k, temperature=temperature)
+        return other
 
 
 def facenet_fingerprint(state: dict) -> str:
@@ -233,8 +295,10 @@ def _facenet_state(path: str) -> dict:
 
 def build_encoder(space, pcs: int, backbone: str = "conv", *, image_size: int = 64, width: int = 32,
                   hidden: int = 512, face_fraction: float = 0.6, facenet_weights: str | None = None,
-                  seed: int = 0) -> FaceEncoder:
-    """A fresh encoder for ``space`` (its sampling statistics give the output's centre and scale)."""
+                  seed: int = 0, head: str = "regress", embed: int = 128, gallery_rows: torch.Tensor | None = None,
+                  top_k: int = 1, temperature: float = 0.05) -> FaceEncoder:
+    """A fresh encoder for ``space`` (its sampling statistics give the output's centre and scale). A ``retrieve``
+    encoder's gallery is ``gallery_rows`` of the space's training models (:func:`retrieval_rows` of the pairs)."""
     if space.coef_mean is None:
         raise ValueError("an encoder needs the space's sampling statistics (per-PC mean and std of the training "
                          "models): use the released files with proj_1000pc.pt, or a space built with training data")
@@ -249,10 +313,36 @@ def build_encoder(space, pcs: int, backbone: str = "conv", *, image_size: int = 
         state = _facenet_state(facenet_weights)
         fingerprint = facenet_fingerprint(state)
         net = FaceNetBackbone(state, face_fraction)
-    config = EncoderConfig(pcs, backbone, image_size, width, hidden, face_fraction, fingerprint)
+    coefs = None
+    if head == "retrieve":
+        if gallery_rows is None or gallery_rows.numel() == 0:
+            raise ValueError("a retrieval encoder needs gallery rows: the training models of the space its photo "
+                             "pairs show (retrieval_rows(pairs, ...))")
+        gallery_rows = gallery_rows.long()
+        coefs = gallery_coefficients(space, gallery_rows, pcs)
+    config = EncoderConfig(pcs, backbone, image_size, width, hidden, face_fraction, fingerprint, head, embed,
+                           0 if gallery_rows is None or head != "retrieve" else gallery_rows.numel(), top_k,
+                           temperature)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return FaceEncoder(config, space.coef_mean[:pcs], space.coef_std[:pcs], space.fingerprint, net)
+        return FaceEncoder(config, space.coef_mean[:pcs], space.coef_std[:pcs], space.fingerprint, net,
+                           gallery_rows if head == "retrieve" else None, coefs)
+
+
+def gallery_coefficients(space, rows: torch.Tensor, pcs: int, where: str = "") -> torch.Tensor:
+    """The first ``pcs`` training coefficients of the space's models ``rows`` (a retrieval encoder's gallery)."""
+    coefs = space.train_coefs
+    if coefs is None:
+        raise EncoderMismatch(f"the retrieval encoder{where} needs the space's training coefficients (its gallery "
+                              "is the space's training models): load the space with its training data "
+                              "(the released files' proj_1000pc.pt, or a space built by this pack)")
+    if rows.dim() != 1 or rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= coefs.shape[0]:
+        raise EncoderMismatch(f"the retrieval encoder{where} names training models outside 0..{coefs.shape[0] - 1} "
+                              "of the loaded space")
+    if coefs.shape[1] < pcs:
+        raise EncoderMismatch(f"the retrieval encoder{where} blends {pcs:,} coefficients but the space has training "
+                              f"coefficients for {coefs.shape[1]:,} PCs")
+    return coefs[rows, :pcs].float()
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -264,6 +354,7 @@ class PairSet:
     targets: torch.Tensor  # (N, K) float32, K >= the encoder's P (extra PCs are ignored)
     groups: torch.Tensor  # (N,) int64: pairs of one identity share a group (the validation split is by group)
     source: str = ""
+    rows: torch.Tensor | None = None  # (N,) int64: the space's training model each pair shows, -1 for none
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -276,6 +367,10 @@ class PairSet:
             raise ValueError(f"pair groups must have shape ({n},), got {tuple(self.groups.shape)}")
         object.__setattr__(self, "targets", self.targets.float())
         object.__setattr__(self, "groups", self.groups.long())
+        if self.rows is not None:
+            if tuple(self.rows.shape) != (n,):
+                raise ValueError(f"pair rows must have shape ({n},), got {tuple(self.rows.shape)}")
+            object.__setattr__(self, "rows", self.rows.long())
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -291,12 +386,15 @@ class PairSet:
         size = sets[0].images.shape[-1]
         images = [s.images if s.images.shape[-1] == size else
                   (_resize(s.images.float() / 255, size) * 255).round().clamp(0, 255).to(torch.uint8) for s in sets]
+        rows = None
+        if any(s.rows is not None for s in sets):
+            rows = torch.cat([s.rows if s.rows is not None else torch.full((len(s),), -1) for s in sets])
         return PairSet(torch.cat(images), torch.cat([s.targets[:, :k] for s in sets]), torch.cat(groups),
-                       " + ".join(s.source for s in sets if s.source))
+                       " + ".join(s.source for s in sets if s.source), rows)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for t in (self.images, self.targets, self.groups):
+        for t in (self.images, self.targets, self.groups) + (() if self.rows is None else (self.rows,)):
             h.update(str(tuple(t.shape)).encode())
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else
                      t.contiguous().numpy().tobytes())
@@ -349,13 +447,16 @@ class EncoderTrainConfig:
     checkpoint_every: int = 200
     eval_every: int = 200
     aux_weight: float = 0.0  # weight of the aux loss train_encoder is given (e.g. a diffusion loss), 0 = unused
+    margin: float = 0.2  # retrieval encoders: the cosine margin of the face-recognition loss (CosFace)
+    scale: float = 30.0  # retrieval encoders: the logits' scale
     keep_best: bool = True  # return the weights of the evaluation with the lowest held-out error (early stopping)
 
     def __post_init__(self) -> None:
         checks = {"steps": self.steps >= 1, "batch": self.batch >= 1, "lr": self.lr > 0,
                   "weight_decay": self.weight_decay >= 0, "augment": self.augment >= 0,
                   "holdout": 0 <= self.holdout < 1, "checkpoint_every": self.checkpoint_every >= 1,
-                  "eval_every": self.eval_every >= 1, "aux_weight": self.aux_weight >= 0}
+                  "eval_every": self.eval_every >= 1, "aux_weight": self.aux_weight >= 0,
+                  "margin": 0 <= self.margin < 1, "scale": self.scale > 0}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid encoder training setting {bad[0]}={getattr(self, bad[0])!r}")
@@ -404,6 +505,20 @@ def split_groups(groups: torch.Tensor, holdout: float, seed: int) -> tuple[torch
     return torch.nonzero(~is_held).flatten(), torch.nonzero(is_held).flatten()
 
 
+def retrieval_rows(pairs: PairSet, holdout: float, seed: int) -> torch.Tensor:
+    """A retrieval encoder's gallery for these pairs and split: the space's training models shown by the pairs
+    :func:`train_encoder` trains on (held-out identities excluded), sorted."""
+    if pairs.rows is None or not (pairs.rows >= 0).any():
+        raise ValueError("a retrieval encoder learns from photos of the space's training models: these pairs name "
+                         "none (PairSet.rows)")
+    train_idx, _ = split_groups(pairs.groups, holdout, seed)
+    rows = pairs.rows[train_idx]
+    rows = torch.unique(rows[rows >= 0])
+    if rows.numel() == 0:
+        raise ValueError("no pair of a training model of the space is left for training after the hold-out split")
+    return rows
+
+
 def _images(pairs: PairSet, index: torch.Tensor) -> torch.Tensor:
     return pairs.images[index].float() / 255.0
 
@@ -446,6 +561,15 @@ def train_encoder(encoder: FaceEncoder, pairs: PairSet, config: EncoderTrainConf
     if pairs.targets.shape[1] < encoder.pcs:
         raise ValueError(f"the pairs have {pairs.targets.shape[1]} coefficients but the encoder predicts {encoder.pcs}")
     train_idx, held_idx = split_groups(pairs.groups, config.holdout, config.seed)
+    retrieve = encoder.config.head == "retrieve"
+    if retrieve:  # face recognition over the gallery: each training pair's class is its model's gallery row
+        if not torch.equal(retrieval_rows(pairs, config.holdout, config.seed), encoder.gallery_rows):
+            raise ValueError("the encoder's gallery is not the training models these pairs show: build it with "
+                             "gallery_rows=retrieval_rows(pairs, holdout, seed) of the same pairs and split")
+        labels = torch.full((len(pairs),), -1)
+        labels[train_idx] = torch.searchsorted(encoder.gallery_rows, pairs.rows[train_idx].clamp_min(0))
+        labels[train_idx[pairs.rows[train_idx] < 0]] = -1
+        train_idx = train_idx[labels[train_idx] >= 0]
     features = None
     if encoder.frozen_backbone:  # computed once: the backbone never changes and sees no augmentation
         with torch.no_grad():
@@ -476,11 +600,15 @@ def train_encoder(encoder: FaceEncoder, pairs: PairSet, config: EncoderTrainConf
     while step < config.steps:
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         index = train_idx[torch.randint(train_idx.numel(), (config.batch,), generator=gen)]
-        if features is not None:
-            pred = encoder.from_features(features[index])
+        if retrieve:
+            feats = features[index] if features is not None else \
+                encoder.features(augment(_images(pairs, index), gen, config.augment))
+            loss = _margin_loss(encoder.similarities(feats), labels[index], config.margin, config.scale)
+        elif features is not None:
+            loss = relative_error(encoder.from_features(features[index]), pairs.targets[index], encoder.coef_std).mean()
         else:
-            pred = encoder(augment(_images(pairs, index), gen, config.augment))
-        loss = relative_error(pred, pairs.targets[index], encoder.coef_std).mean()
+            loss = relative_error(encoder(augment(_images(pairs, index), gen, config.augment)), pairs.targets[index],
+                                  encoder.coef_std).mean()
         if aux is not None and config.aux_weight > 0:
             loss = loss + config.aux_weight * aux(encoder, step, gen)
         for g in opt.param_groups:
@@ -525,6 +653,12 @@ def train_encoder(encoder: FaceEncoder, pairs: PairSet, config: EncoderTrainConf
     return TrainResult(encoder, tuple(history), held, chosen)
 
 
+def _margin_loss(sims: torch.Tensor, labels: torch.Tensor, margin: float, scale: float) -> torch.Tensor:
+    """Large-margin cosine loss (CosFace): cross-entropy over ``scale · (cos − margin·[own class])``."""
+    logits = scale * (sims - margin * F.one_hot(labels, sims.shape[1]).to(sims.dtype))
+    return F.cross_entropy(logits, labels)
+
+
 def _atomic_torch_save(obj, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -539,7 +673,8 @@ def save_encoder(encoder: FaceEncoder, path: str, *, dtype: torch.dtype = torch.
     float16; the output's centre and scale always float32) and the metadata :func:`load_encoder` checks."""
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"dtype must be float32 or float16, got {dtype}")
-    tensors = {k: (v.detach().float() if k in ("coef_mean", "coef_std") else v.detach().to(dtype)).contiguous()
+    tensors = {k: (v.detach().float() if k in ("coef_mean", "coef_std") else
+                   v.detach() if not v.is_floating_point() else v.detach().to(dtype)).contiguous()
                for k, v in encoder.trainable_state().items()}
     meta = {"format": ENCODER_FORMAT, "format_version": str(FORMAT_VERSION), "config": encoder.config.to_json(),
             "space_fingerprint": encoder.space_fingerprint, "pcs": str(encoder.pcs),
@@ -585,6 +720,15 @@ def load_encoder(path: str, space=None, *, facenet_weights: str | None = None) -
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise W2WFileError(f"{path}: tensors {bad[:3]} hold NaN or infinite values")
+    gallery = None
+    if config.head == "retrieve":
+        if space is None:
+            raise EncoderMismatch(f"{path} is a retrieval encoder: its gallery is the training models of its space, "
+                                  "so it is loaded with that space")
+        rows = tensors.get("gallery_rows")
+        if rows is None or rows.dtype != torch.int64 or tuple(rows.shape) != (config.gallery,):
+            raise W2WFileError(f"{path}: the gallery rows are missing or malformed (expected ({config.gallery},) int64)")
+        gallery = (rows, gallery_coefficients(space, rows, config.pcs, f" {path}"))
     backbone = None
     if config.backbone == "facenet":
         if facenet_weights is None:
@@ -598,8 +742,10 @@ def load_encoder(path: str, space=None, *, facenet_weights: str | None = None) -
                                   "with (the released 20180402-114759-vggface2.pt for encoders trained on it)")
         backbone = FaceNetBackbone(state, config.face_fraction)
     try:
-        encoder = FaceEncoder(config, tensors["coef_mean"].float(), tensors["coef_std"].float(), fingerprint, backbone)
-        missing, unexpected = encoder.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+        encoder = FaceEncoder(config, tensors["coef_mean"].float(), tensors["coef_std"].float(), fingerprint, backbone,
+                              *(gallery or (None, None)))
+        missing, unexpected = encoder.load_state_dict({k: v if k == "gallery_rows" else v.float()
+                                                       for k, v in tensors.items()}, strict=False)
     except (RuntimeError, ValueError) as exc:
         raise W2WFileError(f"{path}: tensors do not match the stored config ({str(exc).splitlines()[0]})") from None
     missing = [k for k in missing if not (encoder.frozen_backbone and k.startswith("backbone."))]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .encoder import (EncoderTrainConfig, FaceEncoder, PairSet, TrainResult, build_encoder, encode_photos,
-                      train_encoder)
+                      retrieval_rows, train_encoder)
 from .identity import Identity
 from .invert import InvertSettings, invert
 from .micro.faces import identity_params, render_batch
@@ -40,7 +40,8 @@ from .sampling import sample_identity
 from .stfile import tensors_fingerprint
 
 __all__ = ["MicroEncoderConfig", "VALIDATION_SEEDS", "AUX_SEEDS", "SAMPLE_SEEDS", "PHOTO_VIEW", "rendered_pairs",
-           "photo_pairs", "micro_pairs", "DiffusionTerm", "train_micro_encoder", "photos01", "weights_of"]
+           "photo_pairs", "micro_pairs", "DiffusionTerm", "train_micro_encoder", "photos01", "weights_of",
+           "choose_retrieval"]
 
 VALIDATION_SEEDS = 3_000_000
 AUX_SEEDS = 4_000_000
@@ -62,10 +63,19 @@ class MicroEncoderConfig:
     hidden: int = 512
     diffusion_weight: float = 0.0  # weight of the diffusion term (0 = pairs only, the real-space recipe)
     diffusion_batch: int = 16
+    head: str = "regress"  # or "retrieve": face recognition over the space's training people (w2w.encoder)
+    embed: int = 128  # retrieve: embedding size
     train: EncoderTrainConfig = field(default_factory=lambda: EncoderTrainConfig(steps=3000, batch=64, holdout=0.1))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def retrieval(cls) -> "MicroEncoderConfig":
+        """The retrieval encoder: face recognition over the space's training people from 16 new photos of each
+        (no rendered pairs: sampled identities are not in the gallery)."""
+        return cls(rendered=0, photo_views=16, hidden=256, head="retrieve", embed=128,
+                   train=EncoderTrainConfig(steps=6000, batch=128, holdout=0.1, eval_every=500))
 
 
 def photos01(images: torch.Tensor) -> torch.Tensor:
@@ -125,7 +135,7 @@ def photo_pairs(world, views: int, start: int = PHOTO_VIEW) -> PairSet:
     images = torch.cat([world.photos_of(s, views, start) for s in world.model_seeds])
     groups = torch.arange(len(world.model_seeds)).repeat_interleave(views)
     return PairSet(_uint8(photos01(images)), space.train_coefs[groups], groups,
-                   f"{len(world.model_seeds)} training people x {views} photos")
+                   f"{len(world.model_seeds)} training people x {views} photos", rows=groups.clone())
 
 
 def micro_pairs(world, config: MicroEncoderConfig, workdir: str | None = None, log=None) -> PairSet:
@@ -175,8 +185,10 @@ def train_micro_encoder(world, config: MicroEncoderConfig = MicroEncoderConfig()
         os.makedirs(workdir, exist_ok=True)
     pairs = micro_pairs(world, config, workdir, log)
     pcs = config.pcs or world.space.pcs
+    rows = retrieval_rows(pairs, config.train.holdout, config.train.seed) if config.head == "retrieve" else None
     encoder = build_encoder(world.space, pcs, "conv", image_size=world.unet.config.image, width=config.width,
-                            hidden=config.hidden, seed=config.train.seed)
+                            hidden=config.hidden, seed=config.train.seed, head=config.head, embed=config.embed,
+                            gallery_rows=rows)
     aux = DiffusionTerm(world, config.diffusion_batch) if config.diffusion_weight > 0 else None
     train = config.train if aux is None else _with_aux(config.train, config.diffusion_weight)
     if log:
@@ -360,28 +372,38 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
     people = list(world.heldout_seeds)[: config.people or None]
     steps = max(config.full_steps, *config.record)
     record = tuple(sorted(set(config.record) | {0, config.full_steps}))
-    # keyed by the encoder's exact values (not float sums, which depend on the thread count) and the settings an
-    # inversion depends on; which people are measured is not part of the key (each person's entry stands alone)
+    # two caches: the runs from the mean model and the nearest training identity depend only on the settings and the
+    # space; the encoder's on its exact values (not float sums, which depend on the thread count) and configuration.
+    # Which people are measured is not part of a key (each person's entry stands alone).
     settings = {k: v for k, v in asdict(config).items() if k != "people"}
-    key = _digest({"encoder": tensors_fingerprint(encoder.state_dict()), "config": settings,
-                   "space": world.space.fingerprint})
-    cache_path = None if workdir is None else os.path.join(workdir, f"targets-{key}.pt")
-    cache = torch.load(cache_path, weights_only=True) if cache_path and os.path.isfile(cache_path) else {}
+    base_key = _digest({"config": settings, "space": world.space.fingerprint})
+    enc_key = _digest({"encoder": tensors_fingerprint(encoder.state_dict()), "encoder_config": encoder.config.to_json(),
+                       "config": settings, "space": world.space.fingerprint})
+    paths = {name: None if workdir is None else os.path.join(workdir, f"targets-{name}-{key}.pt")
+             for name, key in (("starts", base_key), ("encoder", enc_key))}
+    caches = {name: torch.load(path, weights_only=True) if path and os.path.isfile(path) else {}
+              for name, path in paths.items()}
     t0 = time.perf_counter()
     for i, person in enumerate(people):
-        if str(person) in cache:
+        todo = [name for name in ("mean", "nearest") if name not in caches["starts"].get(str(person), {})]
+        todo += ["encoder"] if str(person) not in caches["encoder"] else []
+        if not todo:
             continue
         photo = world.photos_of(person, 1, 0)
-        starts = {"mean": None, "nearest": nearest_training_identity(world, photo, config.nearest_draws),
-                  "encoder": encode_person(world, encoder, photo)}
-        runs = {}
-        for name, init in starts.items():
+        for name in todo:
+            init = (None if name == "mean" else nearest_training_identity(world, photo, config.nearest_draws)
+                    if name == "nearest" else encode_person(world, encoder, photo))
             out = invert_from(world, photo, init, steps, config.lr, seed=i, record=record)
-            runs[name] = torch.stack([out[s] for s in record])
-        cache[str(person)] = runs
-        if cache_path is not None:
-            _save(cache_path, cache)
+            run = torch.stack([out[s] for s in record])
+            if name == "encoder":
+                caches["encoder"][str(person)] = run
+            else:
+                caches["starts"].setdefault(str(person), {})[name] = run
+            which = "encoder" if name == "encoder" else "starts"
+            if paths[which] is not None:
+                _save(paths[which], caches[which])
         log(f"targets: inversions of {i + 1}/{len(people)} held-out people ({time.perf_counter() - t0:.0f} s)")
+    cache = {str(p): {**caches["starts"][str(p)], "encoder": caches["encoder"][str(p)]} for p in people}
     scorer = Scorer(world, config.seeds, config.ddim_steps, config.references)
     curves = {}
     for name in ("mean", "nearest", "encoder"):
@@ -431,6 +453,30 @@ def targets_markdown(result: dict) -> str:
         cells = [f"{curves[k][:, i].mean():.3f} ± {_sem(curves[k][:, i]):.3f}" for k in ("mean", "nearest", "encoder")]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def choose_retrieval(world, encoder: FaceEncoder, people: int = 24, top_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+                     temperatures: tuple[float, ...] = (0.02, 0.05, 0.1), log=print) -> tuple[FaceEncoder, list[dict]]:
+    """How many gallery identities a retrieval encoder blends, and how sharply (top_k, temperature), chosen judge-free
+    on validation people (one photo each, view 0): the setting whose identities best denoise unseen photos of their
+    person (:func:`denoising_score`). -> (the encoder with that setting, one row per setting: ``gain`` over the mean
+    model, higher is better)."""
+    val = [VALIDATION_SEEDS + i for i in range(people)]
+    photos = photos01(torch.cat([world.photos_of(s, 1, 0) for s in val]))
+    base = denoising_score(world, torch.zeros(people, 1), val)
+    rows = []
+    with torch.no_grad():
+        for k in top_k:
+            for temp in temperatures if k > 1 else temperatures[:1]:
+                if k > encoder.config.gallery:
+                    continue
+                betas = encoder.with_retrieval(k, temp)(photos)
+                gain = base - denoising_score(world, betas, val)
+                rows.append({"top_k": k, "temperature": temp, "gain": float(gain.mean()),
+                             "gain_sem": _sem(gain.tolist())})
+                log(f"retrieval: top_k {k}, temperature {temp:g}: loss gain {rows[-1]['gain']:+.5f}")
+    best = max(rows, key=lambda r: r["gain"])
+    return encoder.with_retrieval(best["top_k"], best["temperature"]), rows
 
 
 def pcs_curve(world, encoder: FaceEncoder, people: int = 24, pcs: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 0), *,

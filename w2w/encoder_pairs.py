@@ -193,6 +193,10 @@ def read_manifest(folder: str) -> list[dict]:
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or \
                 not isinstance(entry.get("identity"), str):
             raise W2WFileError(f"{path}, line {number}: expected {{\"image\": ..., \"identity\": ...}}")
+        row = entry.get("row")
+        if row is not None and (isinstance(row, bool) or not isinstance(row, int) or row < 0):
+            raise W2WFileError(f"{path}, line {number}: \"row\" (the space's training model the photo shows) must be "
+                               f"a non-negative integer, got {row!r}")
         entries.append(entry)
     return entries
 
@@ -304,13 +308,19 @@ def load_pairs(folders: list[str], space, size: int, face: str = "auto", *, cach
         state = torch.load(cache, weights_only=True)
         if log:
             log(f"pairs: {state['images'].shape[0]} framed photos read from {cache}")
-        return PairSet(state["images"], state["targets"], state["groups"], state["source"])
+        return PairSet(state["images"], state["targets"], state["groups"], state["source"], state.get("rows"))
     identities: dict[str, torch.Tensor] = {}
-    images, targets, skipped = [], [], 0
+    images, targets, rows, skipped = [], [], [], 0
+    models = None if space.train_coefs is None else space.train_coefs.shape[0]
     for start in range(0, len(entries), 64):
         chunk = entries[start:start + 64]
-        photos, owners = [], []
+        photos, owners, chunk_rows = [], [], []
         for folder, e in chunk:
+            row = e.get("row")
+            if row is not None and models is not None and row >= models:
+                raise W2WFileError(f"{os.path.join(folder, MANIFEST)}: row {row} of {e['image']} is not a training "
+                                   f"model of the space (it has {models:,})")
+            chunk_rows.append(-1 if row is None else row)
             ipath = os.path.normpath(os.path.join(folder, e["identity"]))
             if ipath not in identities:
                 ident = load_identity(ipath)
@@ -320,13 +330,14 @@ def load_pairs(folders: list[str], space, size: int, face: str = "auto", *, cach
                 identities[ipath] = ident.coefficients
             owners.append(ipath)
             photos.append(_read_image(os.path.join(folder, e["image"])))
-        for photo, owner in zip(photos, owners):  # photos differ in size: framed one by one
+        for photo, owner, row in zip(photos, owners, chunk_rows):  # photos differ in size: framed one by one
             framed, kept = frame_photos01(photo[None], size, face)
             if not kept[0]:
                 skipped += 1
                 continue
             images.append((framed[0] * 255).round().to(torch.uint8))
             targets.append(owner)
+            rows.append(row)
         if log:
             log(f"pairs: framed {min(len(entries), start + 64)}/{len(entries)} photos")
     if not images:
@@ -339,11 +350,12 @@ def load_pairs(folders: list[str], space, size: int, face: str = "auto", *, cach
     owner_id = {n: i for i, n in enumerate(names)}
     pairs = PairSet(torch.stack(images), torch.stack([identities[t][:k] for t in targets]),
                     torch.tensor([owner_id[t] for t in targets]), f"{len(images)} pairs of {len(names)} identities "
-                    f"from {', '.join(os.path.basename(os.path.normpath(f)) for f in folders)}")
+                    f"from {', '.join(os.path.basename(os.path.normpath(f)) for f in folders)}",
+                    torch.tensor(rows) if any(r >= 0 for r in rows) else None)
     if cache is not None:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{cache}.tmp{os.getpid()}"
         torch.save({"images": pairs.images, "targets": pairs.targets, "groups": pairs.groups,
-                    "source": pairs.source}, tmp)
+                    "source": pairs.source, "rows": pairs.rows}, tmp)
         os.replace(tmp, cache)
     return pairs

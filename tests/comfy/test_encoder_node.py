@@ -115,6 +115,33 @@ def test_a_batch_of_photos_gives_the_mean_prediction(comfy_host, spaces, encoder
     torch.testing.assert_close(identity.coefficients, per_photo.mean(0))
 
 
+RETRIEVAL_FILE = "w2w-encoder-retrieval-test.safetensors"
+
+
+def test_a_retrieval_encoder_answers_a_training_model_of_the_loaded_space(comfy_host, spaces, photos,
+                                                                          tmp_path_factory):
+    """A retrieval encoder stores row numbers of the space's training models; the node loads their coefficients from
+    the space it is given: the identity is exactly the training model the encoder ranks first for the photo."""
+    space, _ = spaces
+    rows = torch.tensor([3, 10, 50, 120, 199])
+    enc = build_encoder(space, P, "conv", image_size=SIZE, width=8, hidden=16, seed=4, head="retrieve", embed=8,
+                        gallery_rows=rows)
+    path = tmp_path_factory.mktemp("w2w-retrieval") / RETRIEVAL_FILE
+    save_encoder(enc.eval(), str(path))
+    comfy_host.stage_model("w2w_encoders", path, RETRIEVAL_FILE)
+    graph = encode_graph()
+    graph["3"]["inputs"]["encoder"] = RETRIEVAL_FILE
+    result = comfy_host.run_graph(graph)
+    identity, image = result.output("3", 0), result.output("2", 0)
+    with torch.no_grad():
+        x = centre_crop(image, SIZE)
+        first = int(enc.similarities(enc.features(x)).argmax(1)[0])
+    torch.testing.assert_close(identity.coefficients, space.train_coefs[rows[first], :P])
+    with pytest.raises(GraphError, match="was trained for the w2w space .* not for the loaded space"):
+        comfy_host.run_graph({**graph, "1": {"class_type": "W2WLoadSpace",
+                                             "inputs": {"space": OTHER_SPACE_FILE, "pcs": PCS}}})
+
+
 def test_an_encoder_of_another_space_is_refused(comfy_host, spaces, encoder, photos):
     with pytest.raises(GraphError, match="was trained for the w2w space .* not for the loaded space"):
         comfy_host.run_graph(encode_graph(space=OTHER_SPACE_FILE))

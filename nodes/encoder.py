@@ -58,7 +58,9 @@ class W2WEncodeFace(io.ComfyNode):
                                                    "at least as many PCs as the encoder predicts)."),
                 io.Combo.Input("encoder", options=list_files(ENCODER_FOLDER),
                                tooltip="A face encoder in models/w2w_encoders, trained for this space with "
-                                       "`python -m w2w train-encoder`."),
+                                       "`python -m w2w train-encoder`. A retrieval encoder (--head retrieve) "
+                                       "answers with the space's most similar training models, so the space must "
+                                       "hold its training coefficients."),
                 io.Combo.Input("face", options=list(FACE_CHOICES), default=FACE_AUTO, optional=True,
                                tooltip="auto: frame every photo around its largest face (MTCNN, as the inversion "
                                        "nodes; photos without a face are left out, centre crop without "

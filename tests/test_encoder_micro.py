@@ -96,9 +96,9 @@ def test_training_and_the_command(toy, tmp_path, capsys):
         w2w_main(["train-encoder", "--micro"])  # --out and --workdir are required
 
 
-def test_retrieval_command_chooses_its_blend_on_validation_people(toy, tmp_path, capsys):
+def test_retrieval_command_and_the_blend_table(toy, tmp_path, capsys):
     """--head retrieve: a gallery of the training people (the held-out tenth excluded), photo pairs naming their rows,
-    and top_k/temperature chosen judge-free: the written encoder holds the setting with the largest loss gain."""
+    the top-1 answer by default; choose_retrieval scores blends judge-free and returns the best-scoring one."""
     root, world = toy
     pairs = micro_pairs(world, dataclasses.replace(TINY, rendered=0))
     assert torch.equal(pairs.rows, pairs.groups)  # photo pairs name the training model they show
@@ -116,7 +116,13 @@ def test_retrieval_command_chooses_its_blend_on_validation_people(toy, tmp_path,
     best = max(rows, key=lambda r: r["gain"])
     assert (chosen.config.top_k, chosen.config.temperature) == (best["top_k"], best["temperature"])
     assert len({round(r["gain"], 9) for r in rows}) > 1  # the settings give different identities: the choice matters
-    assert encoder.config.top_k in (1, 2, 4, 8, 16, 32)
+    assert (encoder.config.top_k, encoder.config.temperature) == (1, 0.05)  # the command's default
+    again = tmp_path / "retrieve-3.safetensors"
+    assert w2w_main(["train-encoder", "--micro", "--head", "retrieve", "--world", str(root / "out"), "--workdir",
+                     str(tmp_path / "cli"), "--out", str(again), "--photo-views", "2", "--train-steps", "3", "--batch",
+                     "8", "--width", "8", "--hidden", "16", "--embed", "8", "--top-k", "3", "--temperature", "0.2"]) == 0
+    assert (load_encoder(str(again), world.space).config.top_k, load_encoder(str(again), world.space).config.temperature) \
+        == (3, 0.2)
 
 
 def _tensors(path) -> dict:

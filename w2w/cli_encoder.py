@@ -66,10 +66,9 @@ def register(sub) -> None:
                         "(pairs must name them: \"row\" in pairs.jsonl; the miniature world's photo pairs do) and "
                         "blend the most similar ones' coefficients")
     m.add_argument("--embed", type=int, default=128, help="retrieve: face-embedding size (default 128)")
-    m.add_argument("--top-k", type=int, default=None,
-                   help="retrieve: training models blended (default 1; --micro: chosen with --temperature on validation "
-                        "people by the diffusion loss, never the judge)")
-    m.add_argument("--temperature", type=float, default=None,
+    m.add_argument("--top-k", type=int, default=1,
+                   help="retrieve: training models blended (default 1: the most similar one)")
+    m.add_argument("--temperature", type=float, default=0.05,
                    help="retrieve: softmax temperature over the blended models' cosine similarities (default 0.05)")
     t = p.add_argument_group("training")
     t.add_argument("--train-steps", type=int, default=None, help="default 3000 (6000 for --micro --head retrieve)")
@@ -158,8 +157,8 @@ def _train_real(args) -> int:
     rows = retrieval_rows(pairs, train.holdout, train.seed) if args.head == "retrieve" else None
     encoder = build_encoder(space, pcs, args.backbone, image_size=args.image_size, width=args.width,
                             hidden=args.hidden or 512, facenet_weights=args.facenet_weights, seed=args.seed,
-                            head=args.head, embed=args.embed, gallery_rows=rows, top_k=args.top_k or 1,
-                            temperature=args.temperature or 0.05)
+                            head=args.head, embed=args.embed, gallery_rows=rows, top_k=args.top_k,
+                            temperature=args.temperature)
     _log(f"encoder: {len(pairs)} pairs ({pairs.source}); P = {pcs}, backbone {args.backbone}, head {args.head}")
     result = train_encoder(encoder, pairs, train, workdir=args.workdir, log=_log)
     _write(encoder, args, result, pairs.source)
@@ -169,7 +168,7 @@ def _train_real(args) -> int:
 def _train_micro(args) -> int:
     from dataclasses import replace
 
-    from .encoder_micro import MicroEncoderConfig, choose_retrieval, train_micro_encoder
+    from .encoder_micro import MicroEncoderConfig, train_micro_encoder
     from .micro.world import DEFAULT_DIR, load_world
 
     world = load_world(args.world or DEFAULT_DIR)
@@ -181,11 +180,8 @@ def _train_micro(args) -> int:
                      train=_train_config(args, config.train))
     result = train_micro_encoder(world, config, args.workdir, log=_log)
     encoder = result.encoder
-    if args.head == "retrieve" and args.top_k is None and args.temperature is None:
-        encoder, rows = choose_retrieval(world, encoder, log=_log)
-        _log(f"retrieval: blending the top {encoder.config.top_k} at temperature {encoder.config.temperature:g}")
-    elif args.head == "retrieve":
-        encoder = encoder.with_retrieval(args.top_k or 1, args.temperature or 0.05)
+    if args.head == "retrieve":
+        encoder = encoder.with_retrieval(args.top_k, args.temperature)
     _write(encoder, args, result, f"miniature world ({config.to_json()})")
     return 0
 

@@ -203,7 +203,7 @@ def test_denoising_score_is_each_persons_loss_on_unseen_photos(toy):
 
 
 @pytest.mark.slow
-def test_targets_curves_and_contact_sheet_rows(toy, tmp_path):
+def test_targets_curves_and_contact_sheet_rows(toy, tmp_path, monkeypatch):
     _, world = toy
     result = train_micro_encoder(world, dataclasses.replace(TINY, diffusion_weight=0.0), str(tmp_path / "w"),
                                  log=lambda s: None)
@@ -224,6 +224,21 @@ def test_targets_curves_and_contact_sheet_rows(toy, tmp_path):
     again = measure_targets(world, result.encoder, config, workdir=str(tmp_path / "t"), log=logs.append)
     assert again["curves"] == measured["curves"]  # read back from the work folder's cache
     assert sum("inversions of 1/1" in line for line in logs) == 1
+    # another encoder reuses the runs from the mean model and the nearest identity; without the nearest curve the
+    # table shows a dash there
+    other = train_micro_encoder(world, dataclasses.replace(TINY, diffusion_weight=0.0, width=4),
+                                str(tmp_path / "w2"), log=lambda s: None)
+    import w2w.encoder_micro as encoder_micro
+
+    runs = []
+    real = encoder_micro.invert_from
+    monkeypatch.setattr(encoder_micro, "invert_from", lambda *a, **k: runs.append(a[2]) or real(*a, **k))
+    quick = measure_targets(world, other.encoder, dataclasses.replace(config, nearest=False),
+                            workdir=str(tmp_path / "t"), log=logs.append)
+    assert len(runs) == 1 and runs[0] is not None  # only the new encoder's inversion ran (not the mean model's)
+    assert set(quick["curves"]) == {"mean", "encoder"} and quick["curves"]["mean"] == measured["curves"]["mean"]
+    assert quick["curves"]["encoder"] != measured["curves"]["encoder"]
+    assert "| 0 | " in targets_markdown(quick) and " – |" in targets_markdown(quick)
     text = targets_markdown(measured)
     assert "encoder alone vs full inversion" in text and "| 4 |" in text
     rows = pcs_curve(world, result.encoder, people=2, pcs=(2, 0), log=lambda s: None)

@@ -3,16 +3,22 @@
 Inversion (:mod:`w2w.invert`) is an optimisation of hundreds of UNet passes. The space makes an amortised fast path
 possible (HyperDreamBooth, Ruiz et al. 2024, which the w2w paper cites): its coefficients are a low-dimensional target,
 and (photo, coefficients) pairs come without labelled data by rendering identities of the space with the base model,
-or from a user's own (photo, identity) pairs. A :class:`FaceEncoder` learns photo → β (P,) by regression; its output
-starts an inversion that needs far fewer steps (the ``fast`` preset), or is used as it is.
+or from a user's own (photo, identity) pairs. A :class:`FaceEncoder` learns photo → β (P,) by regression (head
+``regress``), or recognises which of the space's own training models the face is most like (head ``retrieve``: face
+recognition over the space's training identities, answering their coefficients); its output starts an inversion
+that needs fewer steps (the ``fast`` preset), or is used as it is.
 
 Pieces:
 
 - :class:`EncoderConfig`: backbone (``conv``: a small CNN trained from scratch; ``facenet``: the frozen FaceNet
   VGGFace2 embedding from a local weights file), P, sizes.
-- :class:`FaceEncoder`: backbone → MLP head → ``β = coef_mean + coef_std · head`` (the head starts at the mean model).
-- :class:`PairSet`: photos (uint8), target coefficients and the identity each pair shows (for the validation split).
-- :func:`train_encoder`: Adam on the relative weight-space error (below), resumable from a work folder: every step
+- :class:`FaceEncoder`: backbone → MLP head → ``β = coef_mean + coef_std · head`` (the head starts at the mean model);
+  or backbone → unit embedding → cosine similarity to one learned prototype per gallery model → the similarity-weighted
+  coefficients of the ``top_k`` most similar (the gallery is stored as the models' row numbers in the space).
+- :class:`PairSet`: photos (uint8), target coefficients, the identity each pair shows (for the validation split) and,
+  for retrieval, the space's training model it shows.
+- :func:`train_encoder`: AdamW on the relative weight-space error (below), or for retrieval on a large-margin cosine
+  loss (CosFace) over the gallery; resumable from a work folder: every step
   draws its batch and augmentation from a generator seeded by (seed, step), so a stopped run resumed from its
   checkpoint takes the same steps as an uninterrupted one.
 - :func:`save_encoder` / :func:`load_encoder`: one ``.safetensors`` file (written atomically) whose metadata carry the

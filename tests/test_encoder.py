@@ -536,6 +536,15 @@ def test_pairs_can_name_the_training_model_they_show(space, tmp_path):
     (folder / "pairs.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
     with pytest.raises(W2WFileError, match="not a training model of the space"):
         load_pairs([str(folder)], space, 16, "off")
+    lines[0]["row"] = 2  # a photo of a training model needs no identity file: its coefficients are the space's
+    del lines[0]["identity"]
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+    by_row = load_pairs([str(folder)], space, 16, "off")
+    assert by_row.rows.tolist() == [2, 7, 8, 8, -1, -1]
+    torch.testing.assert_close(by_row.targets[0], space.train_coefs[2])
+    assert by_row.groups[0] not in by_row.groups[1:]
+    with pytest.raises(W2WFileError, match="training coefficients"):
+        load_pairs([str(folder)], dataclasses.replace(space, train_coefs=None), 16, "off")
     for bad in (-1, "3", 1.5, True):
         lines[0]["row"] = bad
         (folder / "pairs.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")

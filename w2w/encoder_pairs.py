@@ -191,8 +191,9 @@ def read_manifest(folder: str) -> list[dict]:
                 break
             raise W2WFileError(f"{path}, line {number}: not JSON") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or \
-                not isinstance(entry.get("identity"), str):
-            raise W2WFileError(f"{path}, line {number}: expected {{\"image\": ..., \"identity\": ...}}")
+                not (isinstance(entry.get("identity"), str) or "row" in entry and "identity" not in entry):
+            raise W2WFileError(f"{path}, line {number}: expected {{\"image\": ..., \"identity\": ...}} (or "
+                               "{\"image\": ..., \"row\": N} for a photo of the space's training model N)")
         row = entry.get("row")
         if row is not None and (isinstance(row, bool) or not isinstance(row, int) or row < 0):
             raise W2WFileError(f"{path}, line {number}: \"row\" (the space's training model the photo shows) must be "
@@ -301,7 +302,8 @@ def load_pairs(folders: list[str], space, size: int, face: str = "auto", *, cach
         entries += [(folder, e) for e in read_manifest(folder)]
     if not entries:
         raise W2WFileError(f"no pairs in {', '.join(folders)}")
-    key = hashlib.sha256(json.dumps([[os.path.abspath(f), e["image"], e["identity"]] for f, e in entries] +
+    key = hashlib.sha256(json.dumps([[os.path.abspath(f), e["image"], e.get("identity"), e.get("row")]
+                                     for f, e in entries] +
                                     [size, face]).encode()).hexdigest()[:16]
     cache = None if cache_dir is None else os.path.join(cache_dir, f"pairs-{key}.pt")
     if cache is not None and os.path.isfile(cache):
@@ -321,6 +323,15 @@ def load_pairs(folders: list[str], space, size: int, face: str = "auto", *, cach
                 raise W2WFileError(f"{os.path.join(folder, MANIFEST)}: row {row} of {e['image']} is not a training "
                                    f"model of the space (it has {models:,})")
             chunk_rows.append(-1 if row is None else row)
+            if "identity" not in e:  # a photo of training model `row`: its coefficients are the space's
+                if models is None:
+                    raise W2WFileError(f"{os.path.join(folder, MANIFEST)} names training models by row: load the "
+                                       "space with its training coefficients (the released files' proj_1000pc.pt)")
+                ipath = f"row:{row}"
+                identities[ipath] = space.train_coefs[row].float()
+                owners.append(ipath)
+                photos.append(_read_image(os.path.join(folder, e["image"])))
+                continue
             ipath = os.path.normpath(os.path.join(folder, e["identity"]))
             if ipath not in identities:
                 ident = load_identity(ipath)

@@ -545,11 +545,40 @@ def test_pairs_can_name_the_training_model_they_show(space, tmp_path):
     assert by_row.groups[0] not in by_row.groups[1:]
     with pytest.raises(W2WFileError, match="training coefficients"):
         load_pairs([str(folder)], dataclasses.replace(space, train_coefs=None), 16, "off")
+    (folder / "pairs.jsonl").write_text('{"image": "p0-0.png", "row": null}\n')
+    with pytest.raises(W2WFileError, match="line 1: expected"):
+        read_manifest(str(folder))
     for bad in (-1, "3", 1.5, True):
         lines[0]["row"] = bad
         (folder / "pairs.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
         with pytest.raises(W2WFileError, match="must be a non-negative integer"):
             read_manifest(str(folder))
+
+
+def test_train_encoder_command_learns_a_retrieval_encoder_from_row_pairs(tmp_path_factory, tmp_path):
+    """The real-space command with photos that name training models by row only (no identity files): the space is
+    loaded with its training coefficients and the written encoder's gallery is those models, minus the held out."""
+    from w2w.cli import main as w2w_main
+
+    release = make_release(tmp_path_factory, "encoder_cli_release", layout=small_layout(), pcs=8, models=300, seed=2)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    lines = []
+    for row in range(10):
+        for j in range(2):
+            (folder / f"m{row}-{j}.png").write_bytes(_png((20 * row, 100 + 30 * j, 60)))
+            lines.append(json.dumps({"image": f"m{row}-{j}.png", "row": 5 + row}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "retrieve.safetensors"
+    assert w2w_main(["train-encoder", release.folder, "--pairs", str(folder), "--head", "retrieve", "--face", "off",
+                     "--pcs", "4", "--image-size", "16", "--width", "8", "--hidden", "16", "--embed", "8",
+                     "--train-steps", "2", "--batch", "4", "--holdout", "0.2", "--workdir", str(tmp_path / "w"),
+                     "--out", str(out)]) == 0
+    space = load_space(release.folder)
+    encoder = load_encoder(str(out), space)
+    rows = encoder.gallery_rows.tolist()
+    assert encoder.config.head == "retrieve" and len(rows) == 8 and set(rows) < set(range(5, 15))
+    torch.testing.assert_close(encoder.gallery_coefs, space.train_coefs[encoder.gallery_rows, :4])
 
 
 def test_pairs_of_another_space_are_refused(space, other_space, tmp_path):

@@ -128,13 +128,14 @@ def _train_real(args) -> int:
     from .encoder_pairs import DEFAULT_PROMPTS, ComfyRenderer, RenderSettings, load_pairs, render_pairs
     from .space import load_space
 
-    probe = load_space(args.space, 1, training=False)
+    probe = load_space(args.space, 1)  # a released folder's sampling statistics come with its training data
     stats_pcs = probe.coef_mean.shape[0] if probe.coef_mean is not None else 0
     if stats_pcs == 0:
         raise ValueError(f"{args.space} has no sampling statistics (proj_1000pc.pt): an encoder needs them")
     pcs = args.pcs or min(1000, stats_pcs)
-    space = load_space(args.space, max(pcs, min(args.sample_pcs, probe.total_pcs)), training=args.head == "retrieve")
     folders = list(args.pairs)
+    # training data: the sampling statistics of a released folder, a retrieval gallery, pairs named by row
+    space = load_space(args.space, max(pcs, min(args.sample_pcs, probe.total_pcs)))
     if args.render_server:
         if not (args.server_space and args.checkpoint):
             raise ValueError("--render-server needs --server-space (the space's name on the server) and --checkpoint")

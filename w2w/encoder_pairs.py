@@ -191,7 +191,7 @@ def read_manifest(folder: str) -> list[dict]:
                 break
             raise W2WFileError(f"{path}, line {number}: not JSON") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or \
-                not (isinstance(entry.get("identity"), str) or "row" in entry and "identity" not in entry):
+                not (isinstance(entry.get("identity"), str) or entry.get("row") is not None and "identity" not in entry):
             raise W2WFileError(f"{path}, line {number}: expected {{\"image\": ..., \"identity\": ...}} (or "
                                "{\"image\": ..., \"row\": N} for a photo of the space's training model N)")
         row = entry.get("row")

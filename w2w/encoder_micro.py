@@ -393,16 +393,16 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
         if not todo:
             continue
         photo = world.photos_of(person, 1, 0)
+        inits = {"mean": lambda: None, "nearest": lambda: nearest_training_identity(world, photo, config.nearest_draws),
+                 "encoder": lambda: encode_person(world, encoder, photo)}
         for name in todo:
-            init = (None if name == "mean" else nearest_training_identity(world, photo, config.nearest_draws)
-                    if name == "nearest" else encode_person(world, encoder, photo))
-            out = invert_from(world, photo, init, steps, config.lr, seed=i, record=record)
+            out = invert_from(world, photo, inits[name](), steps, config.lr, seed=i, record=record)
             run = torch.stack([out[s] for s in record])
-            if name == "encoder":
+            which = "encoder" if name == "encoder" else "starts"
+            if which == "encoder":
                 caches["encoder"][str(person)] = run
             else:
                 caches["starts"].setdefault(str(person), {})[name] = run
-            which = "encoder" if name == "encoder" else "starts"
             if paths[which] is not None:
                 _save(paths[which], caches[which])
         log(f"targets: inversions of {i + 1}/{len(people)} held-out people ({time.perf_counter() - t0:.0f} s)")

@@ -329,10 +329,8 @@ def load_pairs(folders: list[str], space, size: int, face: str = "auto", *, cach
                                        "space with its training coefficients (the released files' proj_1000pc.pt)")
                 ipath = f"row:{row}"
                 identities[ipath] = space.train_coefs[row].float()
-                owners.append(ipath)
-                photos.append(_read_image(os.path.join(folder, e["image"])))
-                continue
-            ipath = os.path.normpath(os.path.join(folder, e["identity"]))
+            else:
+                ipath = os.path.normpath(os.path.join(folder, e["identity"]))
             if ipath not in identities:
                 ident = load_identity(ipath)
                 if ident.space_fingerprint != space.fingerprint:  # its PCs beyond the space's loaded ones are cut

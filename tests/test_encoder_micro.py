@@ -223,7 +223,13 @@ def test_targets_curves_and_contact_sheet_rows(toy, tmp_path, monkeypatch):
     assert measured["full_inversion"] == measured["curves"]["mean"][0][2]
     again = measure_targets(world, result.encoder, config, workdir=str(tmp_path / "t"), log=logs.append)
     assert again["curves"] == measured["curves"]  # read back from the work folder's cache
-    assert sum("inversions of 1/1" in line for line in logs) == 1
+    assert sum("inversions of 1 held-out" in line for line in logs) == 3  # mean, nearest, encoder: once each
+    # each curve is the engine's inversion from its start with the person's seed (0: first held-out person)
+    photo = world.photos_of(person, 1, 0)
+    alone = invert_from(world, photo, None, 4, config.lr, seed=0, record=(2, 4))
+    path = next((tmp_path / "t").glob("targets-starts-*.pt"))
+    cached = torch.load(path, weights_only=True)[str(person)]["mean"]
+    torch.testing.assert_close(cached[1:], torch.stack([alone[2], alone[4]]), rtol=1e-4, atol=1e-5)
     # another encoder reuses the runs from the mean model and the nearest identity; without the nearest curve the
     # table shows a dash there
     other = train_micro_encoder(world, dataclasses.replace(TINY, diffusion_weight=0.0, width=4),
@@ -231,8 +237,8 @@ def test_targets_curves_and_contact_sheet_rows(toy, tmp_path, monkeypatch):
     import w2w.encoder_micro as encoder_micro
 
     runs = []
-    real = encoder_micro.invert_from
-    monkeypatch.setattr(encoder_micro, "invert_from", lambda *a, **k: runs.append(a[2]) or real(*a, **k))
+    real = encoder_micro.invert_batch
+    monkeypatch.setattr(encoder_micro, "invert_batch", lambda *a, **k: runs.append(k["init"]) or real(*a, **k))
     quick = measure_targets(world, other.encoder, dataclasses.replace(config, nearest=False),
                             workdir=str(tmp_path / "t"), log=logs.append)
     assert len(runs) == 1 and runs[0] is not None  # only the new encoder's inversion ran (not the mean model's)

@@ -261,6 +261,48 @@ def test_weight_space_edits_match_coefficient_edits(toy_world):
     torch.testing.assert_close(moved, space.weights(c + shift), rtol=1e-4, atol=1e-5)
 
 
+def test_batched_inversions_equal_one_at_a_time(toy_world):
+    """invert_batch: each person's β equals the pack's engine (w2w.invert.invert through invert_person) run alone with
+    that person's seed, at every recorded step, from the mean model and from a given start; chunking changes
+    nothing."""
+    from w2w.micro.batch_invert import invert_batch
+    from w2w.micro.tables import EvalConfig, invert_person
+
+    _, world, _ = toy_world
+    space = world.space
+    people = list(world.heldout_seeds) + [world.model_seeds[0]]  # the toy world holds out 2 people
+    photos = torch.cat([world.photos_of(s, 1, 0) for s in people])
+    seeds = [5, 9, 5]
+    runs = invert_batch(world, photos, seeds, steps=6, lr=0.1, record=(0, 3))
+    assert sorted(runs) == [0, 3, 6] and runs[6].shape == (3, space.pcs)
+    assert torch.equal(runs[0], torch.zeros(3, space.pcs))
+    for step in (3, 6):
+        for i, img in enumerate(photos):
+            alone, _ = invert_person(world, img[None], EvalConfig(invert_steps=step), seed=seeds[i])
+            torch.testing.assert_close(runs[step][i], alone.coefficients, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(runs[6][0], runs[6][1], atol=1e-3)  # different people move apart
+    chunked = invert_batch(world, photos, seeds, steps=6, lr=0.1, chunk=2)
+    torch.testing.assert_close(chunked[6], runs[6], rtol=1e-4, atol=1e-5)
+    start = space.train_coefs[:3, :2]  # a start with fewer coefficients is zero-padded
+    from_start = invert_batch(world, photos[:1], seeds[:1], steps=3, init=start[:1], record=(0,))
+    torch.testing.assert_close(from_start[0][0, :2], start[0])
+    assert torch.count_nonzero(from_start[0][0, 2:]) == 0
+    from w2w.identity import Identity
+    from w2w.invert import InvertSettings, invert
+
+    ident = Identity(from_start[0][0], space.fingerprint, "start")
+    from w2w.micro.model import MicroDenoiser, alphas_cumprod as abar
+
+    alone = invert(space, MicroDenoiser(world.unet, world.layout.scale), photos[:1],
+                   world.context(world.config.lora.prompt), InvertSettings(pcs=space.pcs, steps=3, seed=seeds[0]),
+                   init=ident, alphas_cumprod=abar())
+    torch.testing.assert_close(from_start[3][0], alone.identity.coefficients, rtol=1e-4, atol=1e-5)
+    for bad in (dict(seeds=[1]), dict(init=torch.zeros(2, space.pcs + 1)), dict(lr=0.0)):
+        kwargs = {"seeds": seeds, **bad}
+        with pytest.raises(ValueError):
+            invert_batch(world, photos, kwargs.pop("seeds"), steps=1, **kwargs)
+
+
 def test_targets_read_the_tables():
     from w2w.micro.tables import check_targets
 

@@ -32,6 +32,7 @@ from .encoder import (EncoderTrainConfig, FaceEncoder, PairSet, TrainResult, bui
                       retrieval_rows, train_encoder)
 from .identity import Identity
 from .invert import InvertSettings, invert
+from .micro.batch_invert import invert_batch
 from .micro.faces import identity_params, render_batch
 from .micro.judge import id_score
 from .micro.model import MicroDenoiser, alphas_cumprod, ddim_sample
@@ -387,25 +388,29 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
     caches = {name: torch.load(path, weights_only=True) if path and os.path.isfile(path) else {}
               for name, path in paths.items()}
     t0 = time.perf_counter()
-    for i, person in enumerate(people):
-        todo = [name for name in starts if name not in caches["starts"].get(str(person), {})]
-        todo += ["encoder"] if str(person) not in caches["encoder"] else []
+    seed_of = {p: i for i, p in enumerate(people)}  # a person's inversion seed: its place among the held-out people
+    for name in starts + ("encoder",):
+        which = "encoder" if name == "encoder" else "starts"
+        todo = [p for p in people if (str(p) not in caches["encoder"] if which == "encoder"
+                                      else name not in caches["starts"].get(str(p), {}))]
         if not todo:
             continue
-        photo = world.photos_of(person, 1, 0)
-        inits = {"mean": lambda: None, "nearest": lambda: nearest_training_identity(world, photo, config.nearest_draws),
-                 "encoder": lambda: encode_person(world, encoder, photo)}
-        for name in todo:
-            out = invert_from(world, photo, inits[name](), steps, config.lr, seed=i, record=record)
-            run = torch.stack([out[s] for s in record])
-            which = "encoder" if name == "encoder" else "starts"
+        photos = torch.cat([world.photos_of(p, 1, 0) for p in todo])
+        starts_of = {"nearest": lambda ph: nearest_training_identity(world, ph, config.nearest_draws),
+                     "encoder": lambda ph: encode_person(world, encoder, ph)}
+        init = None if name == "mean" else torch.stack([starts_of[name](ph[None]).coefficients for ph in photos])
+        # side by side in one batch, each person with its own seed and Adam state (= one at a time, see invert_batch)
+        runs = invert_batch(world, photos, [seed_of[p] for p in todo], steps=steps, lr=config.lr, init=init,
+                            record=record)
+        for j, person in enumerate(todo):
+            run = torch.stack([runs[s][j] for s in record])
             if which == "encoder":
                 caches["encoder"][str(person)] = run
             else:
                 caches["starts"].setdefault(str(person), {})[name] = run
-            if paths[which] is not None:
-                _save(paths[which], caches[which])
-        log(f"targets: inversions of {i + 1}/{len(people)} held-out people ({time.perf_counter() - t0:.0f} s)")
+        if paths[which] is not None:
+            _save(paths[which], caches[which])
+        log(f"targets: {name}-init inversions of {len(todo)} held-out people ({time.perf_counter() - t0:.0f} s)")
     cache = {str(p): {**caches["starts"][str(p)], "encoder": caches["encoder"][str(p)]} for p in people}
     scorer = Scorer(world, config.seeds, config.ddim_steps, config.references)
     curves = {}

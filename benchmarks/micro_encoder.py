@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from w2w.encoder import load_encoder, save_encoder  # noqa: E402
 from w2w.encoder_micro import (MicroEncoderConfig, TargetConfig, choose_retrieval, measure_targets,  # noqa: E402
-                               pcs_curve, targets_markdown, train_micro_encoder)
+                               pcs_curve, refinement_sweep, sweep_markdown, targets_markdown, train_micro_encoder)
 from w2w.micro.world import DEFAULT_DIR, load_world  # noqa: E402
 
 ENCODER_NAME = "micro-encoder.safetensors"
@@ -58,6 +58,9 @@ def main() -> int:
                    help="retrieve: blend the top_k/temperature the validation diffusion loss prefers (default: top-1)")
     p.add_argument("--no-nearest", action="store_true",
                    help="leave out the curve from the nearest training identity (its search costs minutes per person)")
+    p.add_argument("--refine-sweep", action="store_true",
+                   help="retrieve: also refine the encoder's identity at several lr on two sets of 24 validation "
+                        "people, scored judge-free by the encoder's own face embedding (minutes)")
     p.add_argument("--people", type=int, default=0,
                    help="measure on the first N held-out people (default: all; each costs three 400-step inversions)")
     args = p.parse_args()
@@ -89,12 +92,18 @@ def main() -> int:
         _write_encoder(encoder, args.artifacts, result, config)
     _log(trained)
     pcs = pcs_curve(world, encoder, workdir=args.workdir, log=_log)
+    sweeps = []
+    if args.refine_sweep:
+        if encoder.config.head != "retrieve":
+            p.error("--refine-sweep scores with the encoder's face embedding: it needs --head retrieve")
+        sweeps = [refinement_sweep(world, encoder, first=first, log=_log) for first in (0, 24)]
     measured = measure_targets(world, encoder, targets, workdir=args.workdir, log=_log)
     text = targets_markdown(measured) + "\n" + pcs_markdown(pcs) + (("\n" + choice_markdown(choice)) if choice else "")
+    text += "".join("\n" + sweep_markdown(sweep) for sweep in sweeps)
     print(text)
     print(f"{trained}; world: {world.space.train_coefs.shape[0]} models, {world.space.pcs} PCs; "
           f"{time.perf_counter() - t0:.0f} s in all")
-    raw = {"targets": measured, "pcs": pcs, "retrieval_choice": choice}
+    raw = {"targets": measured, "pcs": pcs, "retrieval_choice": choice, "refinement_sweeps": sweeps}
     for path, data in ((args.markdown, text), (args.json, json.dumps(raw, indent=1))):
         if path:
             tmp = path + ".tmp"

@@ -461,7 +461,7 @@ class W2WInvertImage(io.ComfyNode):
                 io.Combo.Input("preset", options=PRESET_CHOICES, default="reference",
                                tooltip="reference: 10,000 PCs, lr 0.1, 400 steps (paper, photos). out-of-distribution: "
                                        "1000 PCs, lr 1, 800 steps (paintings, cartoons). fast: refine init_identity "
-                                       "from Encode Face to w2w, 50 steps, lr 0.1, over the PCs the space is loaded "
+                                       "from Encode Face to w2w, 100 steps, lr 0.1, over the PCs the space is loaded "
                                        "with (up to 10,000). custom: use pcs, steps and lr below (they are ignored by "
                                        "the other presets)."),
                 advanced(io.Int.Input("pcs", default=10_000, min=1, max=100_000,

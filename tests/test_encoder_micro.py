@@ -11,10 +11,11 @@ import torch
 
 from w2w.cli import main as w2w_main
 from w2w.encoder import EncoderTrainConfig, build_encoder, load_encoder, read_encoder_metadata
-from w2w.encoder_micro import (AUX_POOL, AUX_SEEDS, DiffusionTerm, MicroEncoderConfig, Scorer, TargetConfig,
-                               choose_retrieval,
-                               contact_sheet_rows, denoising_score, invert_from, measure_targets, micro_pairs,
-                               nearest_training_identity, pcs_curve, photos01, targets_markdown, train_micro_encoder)
+from w2w.encoder_micro import (AUX_POOL, AUX_SEEDS, VALIDATION_SEEDS, DiffusionTerm, MicroEncoderConfig, Scorer,
+                               TargetConfig, choose_retrieval, contact_sheet_rows, denoising_score, encode_person,
+                               encoder_identity_scores, invert_from, measure_targets, micro_pairs,
+                               nearest_training_identity, pcs_curve, photos01, refinement_sweep, sweep_markdown,
+                               targets_markdown, train_micro_encoder)
 from w2w.invert import FactorMap, step_loss
 from w2w.micro.faces import identity_params, render_batch
 from w2w.micro.model import MicroDenoiser, alphas_cumprod
@@ -117,6 +118,26 @@ def test_retrieval_command_and_the_blend_table(toy, tmp_path, capsys):
     assert (chosen.config.top_k, chosen.config.temperature) == (best["top_k"], best["temperature"])
     assert len({round(r["gain"], 9) for r in rows}) > 1  # the settings give different identities: the choice matters
     assert (encoder.config.top_k, encoder.config.temperature) == (1, 0.05)  # the command's default
+    # the judge-free refinement sweep: step 0 is the encoder's own answer, the reference the engine's full inversion,
+    # both scored with the encoder's face embedding
+    sweep = refinement_sweep(world, encoder, lrs=(0.1, 0.3), record=(0, 2), people=2, first=5, full_steps=3,
+                             log=lambda s: None)
+    val = [VALIDATION_SEEDS + 5 + i for i in range(2)]
+    photos = [world.photos_of(v, 1, 0) for v in val]
+    scorer = Scorer(world)
+    start = torch.stack([encode_person(world, encoder, ph).coefficients for ph in photos])
+    at_start = encoder_identity_scores(world, encoder, start, val, scorer)
+    assert sweep["curves"]["0.1"][0] == pytest.approx(float(at_start.mean()), abs=1e-6) == sweep["curves"]["0.3"][0]
+    full = torch.stack([invert_from(world, ph, None, 3, 0.1, seed=i)[3] for i, ph in enumerate(photos)])
+    assert sweep["full"] == pytest.approx(float(encoder_identity_scores(world, encoder, full, val, scorer).mean()),
+                                          abs=1e-4)
+    assert sweep["curves"]["0.1"][1] != sweep["curves"]["0.3"][1]  # the lr changes the refined identity
+    text = sweep_markdown(sweep)
+    assert "| 2 | " in text and "lr 0.3" in text
+    assert text.count("≥ full") == sum(v >= sweep["full"] for c in sweep["curves"].values() for v in c)
+    with pytest.raises(ValueError, match="retrieval encoder"):
+        encoder_identity_scores(world, build_encoder(world.space, 5, "conv", image_size=32, width=8, hidden=8),
+                                start[:, :5], val, scorer)
     again = tmp_path / "retrieve-3.safetensors"
     assert w2w_main(["train-encoder", "--micro", "--head", "retrieve", "--world", str(root / "out"), "--workdir",
                      str(tmp_path / "cli"), "--out", str(again), "--photo-views", "2", "--train-steps", "3", "--batch",

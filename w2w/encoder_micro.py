@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .encoder import (EncoderTrainConfig, FaceEncoder, PairSet, TrainResult, build_encoder, encode_photos,
                       retrieval_rows, train_encoder)
@@ -42,7 +43,7 @@ from .stfile import tensors_fingerprint
 
 __all__ = ["MicroEncoderConfig", "VALIDATION_SEEDS", "AUX_SEEDS", "SAMPLE_SEEDS", "PHOTO_VIEW", "rendered_pairs",
            "photo_pairs", "micro_pairs", "DiffusionTerm", "train_micro_encoder", "photos01", "weights_of",
-           "choose_retrieval"]
+           "choose_retrieval", "encoder_identity_scores", "refinement_sweep", "sweep_markdown"]
 
 VALIDATION_SEEDS = 3_000_000
 AUX_SEEDS = 4_000_000
@@ -487,6 +488,70 @@ def choose_retrieval(world, encoder: FaceEncoder, people: int = 24, top_k: tuple
                 log(f"retrieval: top_k {k}, temperature {temp:g}: loss gain {rows[-1]['gain']:+.5f}")
     best = max(rows, key=lambda r: r["gain"])
     return encoder.with_retrieval(best["top_k"], best["temperature"]), rows
+
+
+def encoder_identity_scores(world, encoder: FaceEncoder, betas: torch.Tensor, people: list[int], scorer: Scorer,
+                            references: int = 8) -> torch.Tensor:
+    """Judge-free ID score (M,) of identities β (M, k), one per person: the mean cosine between the retrieval
+    encoder's own face embeddings of the model's images (the scorer's seeds) and of ``references`` unseen photos of
+    the person (views from REFERENCE_VIEW) — the judge's protocol with the encoder's embedding instead of the judge."""
+    if encoder.config.head != "retrieve":
+        raise ValueError("the encoder's identity score needs a face embedding: use a retrieval encoder "
+                         "(head='retrieve')")
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.normalize(encoder.head(encoder.features(photos01(images))), dim=1)
+
+    imgs = scorer.images(betas)
+    emb = embed(imgs.flatten(0, 1)).view(imgs.shape[0], imgs.shape[1], -1)
+    return torch.stack([(e @ embed(world.photos_of(p, references, REFERENCE_VIEW)).T).mean()
+                        for e, p in zip(emb, people)])
+
+
+def refinement_sweep(world, encoder: FaceEncoder, lrs: tuple[float, ...] = (0.03, 0.1, 0.3),
+                     record: tuple[int, ...] = (0, 25, 50, 100, 200), *, people: int = 24, first: int = 0,
+                     full_steps: int = 400, full_lr: float = 0.1, log=print) -> dict:
+    """How refining the encoder's identity goes on validation people (one photo each, view 0; people ``first`` ..
+    ``first + people`` of the validation range), judge-free: at each refinement lr, the encoder identity score
+    (:func:`encoder_identity_scores`) along the steps of ``record``, and the score of the full inversion from the
+    mean model (``full_steps`` at ``full_lr``) on the same people. -> {"people", "record", "full", "curves":
+    {lr: [mean score per recorded step]}, "sem": {...}}."""
+    val = [VALIDATION_SEEDS + first + i for i in range(people)]
+    photos = torch.cat([world.photos_of(s, 1, 0) for s in val])
+    start = torch.stack([encode_person(world, encoder, ph[None]).coefficients for ph in photos])
+    scorer = Scorer(world)
+    seeds = list(range(people))
+    full = invert_batch(world, photos, seeds, steps=full_steps, lr=full_lr)[full_steps]
+    full_scores = encoder_identity_scores(world, encoder, full, val, scorer)
+    out = {"people": people, "first": first, "record": list(record), "full": float(full_scores.mean()),
+           "full_sem": _sem(full_scores.tolist()), "full_steps": full_steps, "full_lr": full_lr, "curves": {},
+           "sem": {}}
+    log(f"refinement sweep: full inversion ({full_steps} steps) {out['full']:.4f}")
+    for lr in lrs:
+        runs = invert_batch(world, photos, seeds, steps=max(record), lr=lr, init=start, record=record)
+        scores = [encoder_identity_scores(world, encoder, runs[s], val, scorer) for s in record]
+        out["curves"][str(lr)] = [float(x.mean()) for x in scores]
+        out["sem"][str(lr)] = [_sem(x.tolist()) for x in scores]
+        log(f"refinement sweep: lr {lr:g}: " + ", ".join(f"{s}: {v:.4f}" for s, v in zip(record,
+                                                                                         out["curves"][str(lr)])))
+    return out
+
+
+def sweep_markdown(sweep: dict) -> str:
+    """The refinement sweep as Markdown: rows = steps, columns = lr, and the full inversion's score."""
+    lrs = list(sweep["curves"])
+    first, last = sweep["first"], sweep["first"] + sweep["people"] - 1
+    lines = [f"**Refining the encoder's identity, validation people {first}–{last} (seeds {VALIDATION_SEEDS:,}…), "
+             "judge-free** (the encoder's own face embedding: mean cosine of the model's images with unseen photos; "
+             f"mean ± s.e.). Full inversion from the mean model ({sweep['full_steps']} steps, lr "
+             f"{sweep['full_lr']:g}): {sweep['full']:.4f} ± {sweep['full_sem']:.4f}", "",
+             "| steps | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for i, s in enumerate(sweep["record"]):
+        cells = [f"{sweep['curves'][lr][i]:.4f} ± {sweep['sem'][lr][i]:.4f}"
+                 + (" ≥ full" if sweep["curves"][lr][i] >= sweep["full"] else "") for lr in lrs]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def pcs_curve(world, encoder: FaceEncoder, people: int = 24, pcs: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 0), *,

@@ -191,11 +191,11 @@ def test_fast_preset_optimises_the_loaded_pcs_up_to_its_own(comfy_host, spaces):
 
 @pytest.mark.slow
 def test_fast_preset_refines_the_encoded_identity(comfy_host, spaces, encoder, photos):
-    """Encode Face → Invert (fast): the preset's 50 steps from the encoder's identity, over the 16 loaded PCs."""
+    """Encode Face → Invert (fast): the preset's 100 steps from the encoder's identity, over the 16 loaded PCs."""
     gc.collect()
     result = comfy_host.run_graph(invert_graph("fast", with_init=True))
     encoded, refined = result.output("3", 0), result.output("11", 0)
     assert refined.pcs == PCS and refined.space_fingerprint == encoded.space_fingerprint
     assert refined.history[0].startswith("encode photos=1")
-    assert refined.history[-1].startswith("invert images=1 pcs=16 steps=50 lr=0.1")
+    assert refined.history[-1].startswith("invert images=1 pcs=16 steps=100 lr=0.1")
     assert not torch.equal(refined.coefficients[:P], encoded.coefficients)

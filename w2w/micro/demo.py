@@ -13,6 +13,7 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
+from ..invert import PRESETS
 from ..sampling import sample_identity
 from .tables import REFERENCE_VIEW, SAMPLE_SEED, EvalConfig, Generator, edit_norms, edit_weights, invert_person
 from .world import DEFAULT_DIR, load_world
@@ -20,7 +21,7 @@ from .world import DEFAULT_DIR, load_world
 __all__ = ["contact_sheet", "encoder_rows", "ENCODER_FILE"]
 
 ENCODER_FILE = "micro-encoder.safetensors"  # the world's face encoder (benchmarks/micro_encoder.py --write-encoder)
-REFINE_STEPS = 25
+REFINE_STEPS = PRESETS["fast"].steps  # the encoder row refined as the fast preset does
 
 ZOOM = 3
 LABEL_W = 150

@@ -6,6 +6,8 @@
     python benchmarks/micro_encoder.py --workdir W --quick          # a smoke run (not the documented figures)
     python benchmarks/micro_encoder.py --workdir W --head retrieve  # the retrieval encoder (face recognition over
                                                                     # the space's training people)
+    python benchmarks/micro_encoder.py --workdir W --encoder FILE --refine-sweep  # also the judge-free refinement
+                                                                    # sweep on validation people (choice of `fast`)
 
 Targets (held-out people, one photo each, the judge's ID score read from generated images):
 - the encoder alone reaches >= 0.8 x the ID score of a full (400-step) inversion from the mean model, in < 1 s;

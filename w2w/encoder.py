@@ -254,9 +254,13 @@ class FaceEncoder(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images.float())
 
+    def embedding(self, features: torch.Tensor) -> torch.Tensor:
+        """retrieve: the unit face embedding (N, embed) of each photo's backbone features."""
+        return F.normalize(self.head(features), dim=1)
+
     def similarities(self, features: torch.Tensor) -> torch.Tensor:
         """retrieve: cosine similarity (N, gallery) of each photo's embedding to every gallery identity."""
-        return F.normalize(self.head(features), dim=1) @ F.normalize(self.prototypes, dim=1).T
+        return self.embedding(features) @ F.normalize(self.prototypes, dim=1).T
 
     def from_features(self, features: torch.Tensor) -> torch.Tensor:
         if self.config.head == "regress":

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .encoder import (EncoderTrainConfig, FaceEncoder, PairSet, TrainResult, build_encoder, encode_photos,
                       retrieval_rows, train_encoder)
@@ -501,7 +500,7 @@ def encoder_identity_scores(world, encoder: FaceEncoder, betas: torch.Tensor, pe
 
     def embed(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return F.normalize(encoder.head(encoder.features(photos01(images))), dim=1)
+            return encoder.embedding(encoder.features(photos01(images)))
 
     imgs = scorer.images(betas)
     emb = embed(imgs.flatten(0, 1)).view(imgs.shape[0], imgs.shape[1], -1)

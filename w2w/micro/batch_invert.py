@@ -10,8 +10,7 @@ the space) up to floating-point rounding. On a CPU one batched step costs far le
 from __future__ import annotations
 
 import math
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -23,8 +22,7 @@ __all__ = ["invert_batch"]
 
 def invert_batch(world, photos: torch.Tensor, seeds: Sequence[int], *, steps: int = 400, lr: float = 0.1,
                  weight_decay: float = 1e-10, space=None, init: torch.Tensor | None = None,
-                 record: Sequence[int] = (), chunk: int = 64,
-                 log: Callable[[str], None] | None = None) -> dict[int, torch.Tensor]:
+                 record: Sequence[int] = (), chunk: int = 64) -> dict[int, torch.Tensor]:
     """Invert one photo per person, ``photos`` (n, 3, H, W) in [-1, 1], over every PC of ``space`` (default: the
     world's), person i with seed ``seeds[i]`` and start ``init[i]`` (n, ≤ pcs; zero-padded; None: the mean model).
     -> {step: β (n, pcs)} for every step of ``record`` (0 = the start) and the last. ``chunk`` people per pass
@@ -43,15 +41,12 @@ def invert_batch(world, photos: torch.Tensor, seeds: Sequence[int], *, steps: in
             raise ValueError(f"init must be (n={n}, <= {k}) coefficients, got {tuple(init.shape)}")
         beta0[:, : init.shape[1]] = init.detach().float()
     out: dict[int, list[torch.Tensor]] = {}
-    t0 = time.perf_counter()
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         runs = _run(world, space, photos[start:stop], seeds[start:stop], beta0[start:stop], steps, lr, weight_decay,
                     set(record) | {steps})
         for step, beta in runs.items():
             out.setdefault(step, []).append(beta)
-        if log is not None:
-            log(f"  inverted {stop}/{n} photos in batches of {chunk} ({time.perf_counter() - t0:.0f} s)")
     return {step: torch.cat(parts) for step, parts in out.items()}
 
 

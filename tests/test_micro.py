@@ -323,6 +323,10 @@ def test_targets_read_the_tables():
     got = [t for t in check_targets(tables) if t["target"].startswith("1.")]
     assert [t["met"] for t in got] == [True, False]  # +0.15 over DB(1), but 0.857 × DB(8)
     assert met["2."] and not met["3."] and met["4."]
+    edit = next(t["measured"] for t in check_targets(tables) if t["target"].startswith("2."))
+    assert "prompt: success 0.9000, ID kept 0.6000, change to others 0.1000" in edit  # the figures behind the verdict
+    assert "1 × max projection: success 0.8000, ID kept 0.7000, change to others 0.0900" in edit
+    assert "0.5 × max projection: success" not in edit  # below the success bar (0.5 < 0.8 × 0.9)
     tables["models_curve"][-1]["ID score"] = 0.8  # still climbing steeply at the end: not flat
     assert not {t["target"][:2]: t["met"] for t in check_targets(tables)}["4."]
 

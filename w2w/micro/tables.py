@@ -41,7 +41,8 @@ class EvalConfig:
     cfg: float = 1.0
     people: int = 0  # held-out people inverted (0 = all)
     edit_people: int = 24  # held-out people whose LoRAs are edited
-    edit_strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # w2w edits, × the largest training projection
+    # w2w edits, × the largest training projection (beyond 1: further than any training model lies along the direction)
+    edit_strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     invert_steps: int = 400  # the paper's inversion: 400 Adam steps, lr 0.1, weight decay 1e-10
     invert_lr: float = 0.1
     references: int = 8  # unseen photos per held-out person
@@ -368,8 +369,15 @@ def check_targets(tables: dict) -> list[dict]:
         ok = [m for m, r in edits.items() if r["edit success (judge > 0.5)"] >= 0.8 * p["edit success (judge > 0.5)"]]
         good = [m for m in ok if edits[m]["ID preservation (cos before/after)"] > p["ID preservation (cos before/after)"]
                 and edits[m]["change to other attributes (mean |Δp|)"] < p["change to other attributes (mean |Δp|)"]]
+        keys = ("edit success (judge > 0.5)", "ID preservation (cos before/after)",
+                "change to other attributes (mean |Δp|)")
+
+        def figures(r: dict) -> str:  # 4 decimals: the change to other attributes can differ in the 4th
+            return "success {:.4f}, ID kept {:.4f}, change to others {:.4f}".format(*(r[k] for k in keys))
+
+        passing = "; ".join(f"{m.split(', ')[1]}: {figures(edits[m])}" for m in ok)
         out.append({"target": "2. edits: at success ≥ 0.8 × prompting's, more ID kept and less change to others",
-                    "measured": f"strengths reaching the success bar: {', '.join(m.split(', ')[1] for m in ok) or 'none'}; "
+                    "measured": f"prompt: {figures(p)}; strengths reaching the success bar: {passing or 'none'}; "
                                 f"of them better on both: {', '.join(m.split(', ')[1] for m in good) or 'none'}",
                     "met": bool(good)})
     sam = {r["models"]: r for r in tables.get("sampling", [])}

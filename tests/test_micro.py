@@ -347,6 +347,33 @@ def test_demo_without_real_files_also_writes_the_micro_sheet(toy_world, tmp_path
     assert any("no miniature-world contact sheet" in line and "micro_world.py" in line for line in said), said
 
 
+def test_recipe_table_trains_dreambooth_for_each_step_count(toy_world):
+    """recipe_table: the w2w inversion row, then one- and all-photo DreamBooth-LoRAs per step count; a row's score is
+    that of LoRAs trained with the world's recipe for that many steps, recomputed here."""
+    from dataclasses import replace
+
+    from w2w.micro.tables import REFERENCE_VIEW, EvalConfig, Generator, _pairwise, recipe_table
+    from w2w.micro.train import train_loras
+
+    _, world, _ = toy_world
+    cfg = EvalConfig(seeds=2, ddim_steps=2, references=2, invert_steps=2)
+    gen = Generator(world, cfg)
+    rows = recipe_table(world, gen, cfg, steps=(1, 3), log=lambda s: None)
+    images = world.config.lora.images
+    assert [(r["method"], r["steps"]) for r in rows] == [
+        ("w2w inversion, 1 photo", 2), ("DreamBooth LoRA, 1 photo", 1), (f"DreamBooth LoRA, {images} photos", 1),
+        ("DreamBooth LoRA, 1 photo", 3), (f"DreamBooth LoRA, {images} photos", 3)]
+    people = list(world.heldout_seeds)
+    refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
+    weights = train_loras(world.unet, world.text, [world.photos_of(s, 1, 0) for s in people],
+                          replace(world.config.lora, images=1, steps=3), seed=17)
+    emb, _ = gen.read_models(weights)
+    assert rows[3]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    assert rows[1]["ID score"] != pytest.approx(rows[3]["ID score"], abs=1e-9)  # the steps change the LoRAs
+    with pytest.raises(ValueError, match="steps"):
+        recipe_table(world, gen, cfg, steps=(0,))
+
+
 @pytest.mark.slow
 def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
     from demo.cli import main

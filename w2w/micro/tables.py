@@ -27,7 +27,7 @@ from .train import train_loras
 from .world import World, make_space
 
 __all__ = ["EvalConfig", "Generator", "run_tables", "to_markdown", "invert_person", "REFERENCE_VIEW",
-           "edit_norms", "edit_weights", "check_targets"]
+           "edit_norms", "edit_weights", "check_targets", "recipe_table"]
 
 REFERENCE_VIEW = 100  # reference photos of a person start at this view index (never trained on, never inverted)
 SAMPLE_SEED, EDIT_SEED = 10_000, 20_000  # identity seeds of sampled models
@@ -276,6 +276,38 @@ def inversion_table(world: World, gen: Generator, cfg: EvalConfig, log=print) ->
         rows.append({"method": label, "ID score": scores[label], "attributes right": _attr_agreement(prob, people),
                      "parameters optimised": params, "seconds / person": seconds})
     return rows, {"people": people, "inverted": inverted, "refs": refs, "scores": scores}
+
+
+def recipe_table(world: World, gen: Generator, cfg: EvalConfig, steps: tuple[int, ...] = (60, 400),
+                 log=print) -> list[dict]:
+    """Does single-photo DreamBooth-LoRA over-fit when it trains longer? DreamBooth-LoRAs of held-out people from
+    their first photo and from their 8 training photos, with the world's recipe run for each number of ``steps``
+    (the same learning-rate schedule stretched over them), next to the single-photo w2w inversion of the same people
+    (``cfg.invert_steps`` steps); every model's images against unseen photos, as in the inversion table."""
+    if not steps or min(steps) < 1:
+        raise ValueError(f"steps must be a non-empty list of positive step counts, got {steps}")
+    people = _people(world, cfg)
+    refs, _ = gen.read(gen.photos(people, cfg.references, REFERENCE_VIEW))
+    lora = world.config.lora
+    one = [world.photos_of(s, 1, 0) for s in people]
+    sets = (("1 photo", one, 1), (f"{lora.images} photos", [world.photos_of(s, lora.images) for s in people],
+                                  lora.images))
+    rows = []
+    t0 = time.perf_counter()
+    runs = invert_batch(world, torch.cat(one), [cfg.seed + i for i in range(len(people))], steps=cfg.invert_steps,
+                        lr=cfg.invert_lr)
+    emb, _ = gen.read_models(world.space.weights(runs[cfg.invert_steps]))
+    rows.append({"method": "w2w inversion, 1 photo", "steps": cfg.invert_steps, "ID score": _pairwise(emb, refs),
+                 "seconds": time.perf_counter() - t0})
+    for n in steps:
+        for label, images, count in sets:
+            t0 = time.perf_counter()
+            weights = train_loras(world.unet, world.text, images, replace(lora, images=count, steps=n), seed=17)
+            emb, _ = gen.read_models(weights)
+            rows.append({"method": f"DreamBooth LoRA, {label}", "steps": n, "ID score": _pairwise(emb, refs),
+                         "seconds": time.perf_counter() - t0})
+            log(f"  DreamBooth LoRA, {label}, {n} steps: {rows[-1]['ID score']:.3f}")
+    return rows
 
 
 # ---- w2w vs w2w++ ---------------------------------------------------------------------------------------------

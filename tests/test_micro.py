@@ -316,7 +316,8 @@ def test_targets_read_the_tables():
                           {"method": "prompt", "ID preservation (cos before/after)": 0.6,
                            "change to other attributes (mean |Δp|)": 0.1, "edit success (judge > 0.5)": 0.9}],
               "sampling": [{"models": "Training models (DreamBooth LoRAs)", "same model, other seeds": 0.8},
-                           {"models": "w2w samples (PCA, 24 PCs)", "same model, other seeds": 0.5}],
+                           {"models": "w2w samples (PCA, 24 PCs)", "same model, other seeds": 0.5},
+                           {"models": "w2w samples (PCA, 24 PCs, spread × 2)", "same model, other seeds": 0.7}],
               "models_curve": [{"models in the space": n, "ID score": s}
                                for n, s in ((100, 0.2), (300, 0.4), (1000, 0.5), (2000, 0.55), (5000, 0.56))]}
     met = {t["target"][:2]: t["met"] for t in check_targets(tables)}
@@ -327,6 +328,8 @@ def test_targets_read_the_tables():
     assert "prompt: success 0.9000, ID kept 0.6000, change to others 0.1000" in edit  # the figures behind the verdict
     assert "1 × max projection: success 0.8000, ID kept 0.7000, change to others 0.0900" in edit
     assert "0.5 × max projection: success" not in edit  # below the success bar (0.5 < 0.8 × 0.9)
+    sampling = next(t["measured"] for t in check_targets(tables) if t["target"].startswith("3."))
+    assert sampling == "0.625 ×; spread × 2: 0.875 ×"  # scored on the paper's sampling, the wider draw shown beside
     tables["models_curve"][-1]["ID score"] = 0.8  # still climbing steeply at the end: not flat
     assert not {t["target"][:2]: t["met"] for t in check_targets(tables)}["4."]
 
@@ -385,6 +388,9 @@ def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
                         log=lambda s: None)
     for key in ("sampling", "editing", "inversion", "pca_vs_vae", "models_curve", "targets"):
         assert tables[key], key
+    sampled = [r["models"] for r in tables["sampling"] if r["models"].startswith("w2w samples")]
+    k = world.sample_pcs
+    assert sampled == [f"w2w samples (PCA, {k} PCs)", f"w2w samples (PCA, {k} PCs, spread × 2)"]
     inversion = {r["method"]: r for r in tables["inversion"]}
     assert inversion["w2w inversion, 1 photo"]["parameters optimised"] == world.space.pcs
     assert inversion["DreamBooth LoRA, 1 photo"]["parameters optimised"] == world.layout.dim

@@ -377,6 +377,28 @@ def test_recipe_table_trains_dreambooth_for_each_step_count(toy_world):
         recipe_table(world, gen, cfg, steps=(0,))
 
 
+def test_vae_recipe_table_varies_the_shipped_recipe(toy_world):
+    """vae_recipe_table: PCA at the latent size, then one VAE per recipe; the whitened recipe is the world's own (its
+    error is that of the world's shipped VAE, up to fp16 storage); the scaling changes the result."""
+    from w2w.micro.tables import EvalConfig, _people, vae_reconstruction, vae_recipe_table, weight_error
+
+    _, world, _ = toy_world
+    latent = world.config.vae_latents[0]
+    cfg = EvalConfig()
+    recipes = (("whitened", True, None), ("common", False, None), ("common, no KL", False, 0.0))
+    rows = vae_recipe_table(world, cfg, latent=latent, recipes=recipes, log=lambda s: None)
+    assert [r["model"] for r in rows] == [f"w2w PCA, {latent} PCs"] + [f"w2w++ VAE, latent {latent}, {label}"
+                                                                        for label, _, _ in recipes]
+    space = world.space
+    held = world.heldout_weights[: len(_people(world, cfg, cfg.vae_people))]
+    full = space.project(held)
+    shipped = weight_error(space, held, vae_reconstruction(world.vaes[latent], space, full))
+    assert rows[1]["held-out weight error"] == pytest.approx(shipped, rel=2e-2, abs=2e-3)
+    assert rows[2]["held-out weight error"] != pytest.approx(rows[1]["held-out weight error"], abs=1e-6)
+    mean_model = space.mean[None].expand_as(held)
+    assert weight_error(space, held, mean_model) == pytest.approx(1.0)  # the scale of every figure
+
+
 @pytest.mark.slow
 def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
     from w2w.micro.tables import EvalConfig, run_tables, to_markdown

@@ -276,14 +276,19 @@ def make_space(unet: MicroUNet, weights: torch.Tensor, seeds: list[int], pcs: in
     return replace(space, directions=fit_directions(head, varied, method="lstsq").directions)
 
 
+def vae_recipe(config: WorldConfig, beta: float | None = None) -> TrainConfig:
+    """The world's w2w++ VAE training settings (KL weight ``beta``; default the world's)."""
+    return TrainConfig(epochs=config.vae_epochs, batch_size=64, lr=2e-3,
+                       beta=config.vae_beta if beta is None else beta, warmup_epochs=max(1, config.vae_epochs // 10),
+                       ramp_epochs=max(1, config.vae_epochs // 5), holdout=0.1, seed=config.seed)
+
+
 def make_vaes(space: Space, config: WorldConfig, log: Log = print) -> dict[int, W2WVAE]:
     """One w2w++ VAE per latent size, on the training models' coefficients (all PCs, whitened)."""
     out = {}
     for latent in config.vae_latents:
-        train = TrainConfig(epochs=config.vae_epochs, batch_size=64, lr=2e-3, beta=config.vae_beta,
-                            warmup_epochs=max(1, config.vae_epochs // 10), ramp_epochs=max(1, config.vae_epochs // 5),
-                            holdout=0.1, seed=config.seed)
-        vae = train_from_space(space, input="coefs", latent=latent, hidden=config.vae_hidden, train=train).vae
+        vae = train_from_space(space, input="coefs", latent=latent, hidden=config.vae_hidden,
+                               train=vae_recipe(config)).vae
         log(f"w2w++ VAE, latent {latent}: held-out error {vae.history[-1].heldout_error:.3f}, "
             f"{vae.history[-1].active} active units")
         out[latent] = vae

@@ -21,15 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from w2w.micro.tables import EvalConfig, run_tables, to_markdown  # noqa: E402
+from w2w.micro.tables import EvalConfig, run_tables, to_markdown, write_text  # noqa: E402
 from w2w.micro.world import DEFAULT_DIR, WorldConfig, build_world, first_world_config, load_world  # noqa: E402
-
-
-def _write(path: str, data: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def main() -> int:
@@ -70,9 +63,9 @@ def main() -> int:
           f"{world.space.pcs} PCs ({world.sample_pcs} for sampling and edits), {world.layout.dim:,} weights per "
           f"model; build stage seconds: {json.dumps(world.info)}")
     if args.markdown:
-        _write(args.markdown, text)
+        write_text(args.markdown, text)
     if args.json:
-        _write(args.json, json.dumps(tables, indent=1, default=str))
+        write_text(args.json, json.dumps(tables, indent=1, default=str))
     return 0
 
 

@@ -18,6 +18,7 @@ from ..identity import Identity
 from ..invert import InvertSettings, invert
 from ..sampling import sample_identity
 from ..space import Space
+from ..stfile import atomic_path
 from ..vae import decode_weights, encode_identity, sample_latents, train_from_space
 from .batch_invert import invert_batch
 from .faces import ATTRIBUTES, WORDS, attributes, identity_params
@@ -27,7 +28,8 @@ from .train import train_loras
 from .world import World, make_space, vae_recipe
 
 __all__ = ["EvalConfig", "Generator", "run_tables", "to_markdown", "invert_person", "REFERENCE_VIEW",
-           "edit_norms", "edit_weights", "check_targets", "recipe_table", "vae_recipe_table"]
+           "edit_norms", "edit_weights", "check_targets", "recipe_table", "vae_recipe_table",
+           "table_markdown", "write_text"]
 
 REFERENCE_VIEW = 100  # reference photos of a person start at this view index (never trained on, never inverted)
 SAMPLE_SEED, EDIT_SEED = 10_000, 20_000  # identity seeds of sampled models
@@ -526,15 +528,26 @@ TITLES = {"targets": "The paper's orderings",
           "models_curve": "Inversion ID score vs models in the space (paper Fig. 10)"}
 
 
+def table_markdown(title: str, rows: list[dict]) -> str:
+    """One table as Markdown: a bold title, then the rows (columns: the first row's keys)."""
+    cols = list(rows[0])
+    return (f"**{title}**\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" +
+            "\n".join("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows))
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a stopped run leaves no half-written file)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def to_markdown(tables: dict) -> str:
     parts = []
     for key, title in TITLES.items():
         rows = tables.get(key) or []
-        if not rows:
-            continue
-        cols = list(rows[0])
-        parts.append(f"**{title}**\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" +
-                     "\n".join("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows))
+        if rows:
+            parts.append(table_markdown(title, rows))
     judge = tables.get("judge")
     if judge:
         acc = ", ".join(f"{k} {v:.2f}" for k, v in judge["attribute_accuracy"].items())

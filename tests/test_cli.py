@@ -121,19 +121,3 @@ def test_mistakes_exit_2_with_a_line_naming_the_fix(run, space_file, tmp_path, a
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "x.safetensors").exists()  # nothing half-written
-
-
-def test_demo_command_is_the_demo(capsys):
-    """`python -m w2w demo ARGS` hands every argument to `python -m demo` (the toy world's run through it is in
-    tests/test_micro.py)."""
-    with pytest.raises(SystemExit) as info:
-        main(["demo", "--help"])
-    assert info.value.code == 0
-    out = capsys.readouterr().out
-    assert out.startswith("usage: python -m demo") and "--micro" in out
-    with pytest.raises(SystemExit) as info:
-        main(["demo", "--no-such-option"])
-    assert info.value.code == 2 and "--no-such-option" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    assert "demo" in capsys.readouterr().out  # listed among the commands

@@ -401,6 +401,7 @@ def test_vae_recipe_table_varies_the_shipped_recipe(toy_world):
 
 @pytest.mark.slow
 def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
+    from demo.cli import main
     from w2w.micro.tables import EvalConfig, run_tables, to_markdown
 
     root, world, _ = toy_world
@@ -430,9 +431,7 @@ def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
     assert "Editing vs prompting" in md and "| w2w edit, 0.5 × max projection |" in md and "| prompt |" in md
     assert "The paper's orderings" in md
     out = tmp_path / "demo"
-    from w2w.cli import main as w2w_main  # `python -m w2w demo --micro`, as the issue names it
-
-    assert w2w_main(["demo", "--micro", "--micro-dir", str(root / "out"), "--out", str(out)]) == 0
+    assert main(["--micro", "--micro-dir", str(root / "out"), "--out", str(out)]) == 0
     from PIL import Image
 
     sheet = Image.open(out / "w2w-micro-contact-sheet.png")

@@ -137,14 +137,15 @@ def sampling_table(world: World, gen: Generator, cfg: EvalConfig) -> tuple[list[
     # the training identities as the judge sees real photos of them: the "nearest training identity" targets
     ref_emb, _ = gen.read(gen.photos(known, 4, REFERENCE_VIEW))
     train_centroids = _centroids(ref_emb)
-    sampled = torch.stack([space.weights(sample_identity(space, SAMPLE_SEED + i, pcs=world.sample_pcs).coefficients)
-                           for i in range(cfg.samples)])
+
+    def draw(spread: float) -> torch.Tensor:  # the same seeds for every spread: the same samples, further out
+        return torch.stack([space.weights(sample_identity(space, SAMPLE_SEED + i, pcs=world.sample_pcs,
+                                                          factor=spread).coefficients) for i in range(cfg.samples)])
+
     rows_models = {"Training models (DreamBooth LoRAs)": world.weights[:n_train],
-                   f"w2w samples (PCA, {world.sample_pcs} PCs)": sampled}
-    for spread in cfg.sample_spreads:  # the same samples, further from the mean
-        rows_models[f"w2w samples (PCA, {world.sample_pcs} PCs, spread × {spread:g})"] = torch.stack([
-            space.weights(sample_identity(space, SAMPLE_SEED + i, pcs=world.sample_pcs, factor=spread).coefficients)
-            for i in range(cfg.samples)])
+                   f"w2w samples (PCA, {world.sample_pcs} PCs)": draw(1.0)}
+    for spread in cfg.sample_spreads:
+        rows_models[f"w2w samples (PCA, {world.sample_pcs} PCs, spread × {spread:g})"] = draw(spread)
     for latent, vae in sorted(world.vaes.items()):
         z = sample_latents(latent, cfg.samples, seed=cfg.seed + 5)
         rows_models[f"w2w++ samples (VAE, latent {latent})"] = decode_weights(vae, z, space).float()
@@ -319,6 +320,11 @@ def recipe_table(world: World, gen: Generator, cfg: EvalConfig, steps: tuple[int
 
 
 # ---- w2w vs w2w++ ---------------------------------------------------------------------------------------------
+def pca_cut(space: Space, coefs: torch.Tensor, k: int) -> torch.Tensor:
+    """Weights (n, d) of coefficients (n, pcs) kept on their first ``k`` PCs (PCA with k components)."""
+    return space.weights(torch.cat([coefs[:, :k], torch.zeros_like(coefs[:, k:])], 1))
+
+
 def weight_error(space: Space, held: torch.Tensor, rec: torch.Tensor) -> float:
     """|rec − w|² / |w − mean|² in standardised weights, over the people (1 = no better than the mean model)."""
     std = space.std.clamp_min(1e-12)
@@ -346,7 +352,7 @@ def vae_recipe_table(world: World, cfg: EvalConfig, latent: int = 16, recipes=VA
     people = _people(world, cfg, cfg.vae_people)
     held = world.heldout_weights[: len(people)]
     full = space.project(held)
-    pca = space.weights(torch.cat([full[:, :latent], torch.zeros_like(full[:, latent:])], 1))
+    pca = pca_cut(space, full, latent)
     rows = [{"model": f"w2w PCA, {latent} PCs", "held-out weight error": weight_error(space, held, pca),
              "seconds": 0.0}]
     for label, whiten, beta in recipes:
@@ -381,7 +387,7 @@ def pca_vs_vae_table(world: World, gen: Generator, cfg: EvalConfig, sampled: dic
     rows.append({"model": f"w2w PCA, all {space.pcs} PCs", "latent size": space.pcs, "held-out weight error": err(rec),
                  "ID score of reconstruction": _pairwise(emb, refs), "sample consistency": float("nan")})
     for latent, vae in sorted(world.vaes.items()):
-        rec = space.weights(torch.cat([full[:, :latent], torch.zeros_like(full[:, latent:])], 1))
+        rec = pca_cut(space, full, latent)
         emb, _ = gen.read_models(rec)
         rows.append({"model": f"w2w PCA, {latent} PCs", "latent size": latent, "held-out weight error": err(rec),
                      "ID score of reconstruction": _pairwise(emb, refs), "sample consistency": float("nan")})

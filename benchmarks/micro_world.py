@@ -5,6 +5,7 @@
                                                              # then the tables (resumes if stopped; see
                                                              # docs/micro-world.md)
     python benchmarks/micro_world.py --markdown results.md   # also write the tables as Markdown
+    python benchmarks/micro_world.py --compare old.json      # and set every figure beside an earlier run's (--json)
 
 Every figure is measured on images the micro model generates, read by the micro judge network, for held-out people.
 The first table lists the paper's orderings and whether the world meets them.
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from w2w.micro.tables import EvalConfig, run_tables, to_markdown, write_text  # noqa: E402
+from w2w.micro.tables import EvalConfig, compare_tables, run_tables, table_markdown, to_markdown, write_text  # noqa: E402
 from w2w.micro.world import DEFAULT_DIR, WorldConfig, build_world, first_world_config, load_world  # noqa: E402
 
 
@@ -38,8 +39,19 @@ def main() -> int:
                    help="with --rebuild: processes (one thread each) that train the LoRAs; 2 suits a 2-core machine")
     p.add_argument("--markdown", help="write the tables as Markdown to this file")
     p.add_argument("--json", help="write the raw tables as JSON to this file")
+    p.add_argument("--compare", help="an earlier run's --json file: print every shared figure beside this run's "
+                                     "(e.g. the shipped world's tables against a rebuild's)")
     p.add_argument("--quick", action="store_true", help="fewer people, seeds and steps (a smoke run, not the figures)")
     args = p.parse_args()
+    earlier = None
+    if args.compare:  # read first: a wrong path should not cost a run of the tables
+        try:
+            with open(args.compare, encoding="utf-8") as f:
+                earlier = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--compare {args.compare}: {e}")
+        if not isinstance(earlier, dict) or "targets" not in earlier:
+            p.error(f"--compare {args.compare}: not a tables file written by --json")
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.perf_counter()
     if args.rebuild:
@@ -58,6 +70,9 @@ def main() -> int:
                             invert_steps=60, references=4, vae_people=4, curve_sizes=(300, 5000), curve_people=2)
     tables = run_tables(world, config)
     text = to_markdown(tables)
+    if earlier is not None:
+        text += "\n" + table_markdown(f"Against {os.path.basename(args.compare)} (before) — this run is after",
+                                       compare_tables(earlier, tables)) + "\n"
     print(text)
     print(f"tables in {tables['seconds']:.0f} s; world: {world.space.train_coefs.shape[0]:,} models, "
           f"{world.space.pcs} PCs ({world.sample_pcs} for sampling and edits), {world.layout.dim:,} weights per "

@@ -334,6 +334,32 @@ def test_targets_read_the_tables():
     assert not {t["target"][:2]: t["met"] for t in check_targets(tables)}["4."]
 
 
+def test_compare_tables_sets_each_figure_beside_the_earlier_run():
+    from w2w.micro.tables import compare_tables
+
+    before = {"inversion": [{"method": "w2w inversion, 1 photo", "ID score": 0.30, "parameters optimised": 240,
+                             "seconds / person": 8.0},
+                            {"method": "mean model (no inversion)", "ID score": 0.02}],
+              "judge": {"same_person": 0.9, "different_person": 0.01, "verification_auc": 0.99,
+                        "attribute_accuracy": {"Male": 0.8}},
+              "targets": [{"target": "1. a", "met": False}, {"target": "4. b", "met": True}]}
+    after = {"inversion": [{"method": "w2w inversion, 1 photo", "ID score": 0.25, "parameters optimised": 240,
+                            "seconds / person": 5.0},
+                           {"method": "a row only the later run has", "ID score": 0.5}],
+             "judge": {"same_person": 0.88, "different_person": 0.01, "verification_auc": 0.99},
+             "targets": [{"target": "1. a", "met": True}, {"target": "4. b", "met": True}]}
+    rows = compare_tables(before, after)
+    figures = {(r["table"], r["row"], r["figure"]): r for r in rows}
+    inv = figures[("inversion", "w2w inversion, 1 photo", "ID score")]
+    assert (inv["before"], inv["after"]) == (0.30, 0.25) and inv["difference"] == pytest.approx(-0.05, abs=1e-12)
+    # counts and seconds are not figures; rows one run lacks are left out
+    assert not any(r["figure"] in ("parameters optimised", "seconds / person") for r in rows)
+    assert not any("only the later run" in r["row"] or "mean model" in r["row"] for r in rows)
+    assert figures[("judge", "unseen people's photos", "same_person")]["difference"] == pytest.approx(-0.02)
+    verdicts = {r["row"]: r["difference"] for r in rows if r["table"] == "targets"}
+    assert verdicts == {"1. a": "changed", "4. b": "same"}
+
+
 def test_demo_without_real_files_also_writes_the_micro_sheet(toy_world, tmp_path, quick_sheet):
     """The stand-in run's companion: the miniature world's contact sheet, or a loud reason why not."""
     import argparse

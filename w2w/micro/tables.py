@@ -29,7 +29,7 @@ from .world import World, make_space, vae_recipe
 
 __all__ = ["EvalConfig", "Generator", "run_tables", "to_markdown", "invert_person", "REFERENCE_VIEW",
            "edit_norms", "edit_weights", "check_targets", "recipe_table", "vae_recipe_table",
-           "table_markdown", "write_text"]
+           "table_markdown", "write_text", "compare_tables"]
 
 REFERENCE_VIEW = 100  # reference photos of a person start at this view index (never trained on, never inverted)
 SAMPLE_SEED, EDIT_SEED = 10_000, 20_000  # identity seeds of sampled models
@@ -546,6 +546,45 @@ def write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+COUNTS = ("n", "edits", "people", "parameters optimised", "latent size", "PCs", "models in the space")
+
+
+def compare_tables(before: dict, after: dict) -> list[dict]:
+    """Every figure two runs of the tables share (say, the shipped world's and a rebuild's), side by side.
+
+    Rows are matched by their first column; counts and seconds are left out (they are settings, or not
+    deterministic). Then each target's verdict in both runs. One row per figure: table, row, figure, before, after,
+    difference (after − before).
+    """
+    out = []
+    for key in TITLES:
+        if key == "targets":
+            continue
+        old = {str(next(iter(r.values()))): r for r in before.get(key) or []}
+        for r in after.get(key) or []:
+            name = str(next(iter(r.values())))
+            if name not in old:
+                continue
+            for col, v in r.items():
+                w = old[name].get(col)
+                if col in COUNTS or "seconds" in col or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                        or isinstance(w, bool) or not isinstance(w, (int, float)):
+                    continue
+                out.append({"table": key, "row": name, "figure": col, "before": float(w), "after": float(v),
+                            "difference": float(v) - float(w)})
+    for name in ("same_person", "different_person", "verification_auc"):
+        if name in (before.get("judge") or {}) and name in (after.get("judge") or {}):
+            w, v = float(before["judge"][name]), float(after["judge"][name])
+            out.append({"table": "judge", "row": "unseen people's photos", "figure": name, "before": w, "after": v,
+                        "difference": v - w})
+    old = {r["target"]: r for r in before.get("targets") or []}
+    for r in after.get("targets") or []:
+        if r["target"] in old:
+            out.append({"table": "targets", "row": r["target"], "figure": "met", "before": old[r["target"]]["met"],
+                        "after": r["met"], "difference": "same" if old[r["target"]]["met"] == r["met"] else "changed"})
+    return out
 
 
 def to_markdown(tables: dict) -> str:

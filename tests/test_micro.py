@@ -339,13 +339,15 @@ def test_compare_tables_sets_each_figure_beside_the_earlier_run():
 
     before = {"inversion": [{"method": "w2w inversion, 1 photo", "ID score": 0.30, "parameters optimised": 240,
                              "seconds / person": 8.0},
-                            {"method": "mean model (no inversion)", "ID score": 0.02}],
+                            {"method": "mean model (no inversion)", "ID score": 0.02},
+                            {"method": "input photo itself", "ID score": 0.9, "attributes right": float("nan")}],
               "judge": {"same_person": 0.9, "different_person": 0.01, "verification_auc": 0.99,
                         "attribute_accuracy": {"Male": 0.8}},
               "targets": [{"target": "1. a", "met": False}, {"target": "4. b", "met": True}]}
     after = {"inversion": [{"method": "w2w inversion, 1 photo", "ID score": 0.25, "parameters optimised": 240,
                             "seconds / person": 5.0},
-                           {"method": "a row only the later run has", "ID score": 0.5}],
+                           {"method": "a row only the later run has", "ID score": 0.5},
+                           {"method": "input photo itself", "ID score": 0.9, "attributes right": float("nan")}],
              "judge": {"same_person": 0.88, "different_person": 0.01, "verification_auc": 0.99},
              "targets": [{"target": "1. a", "met": True}, {"target": "4. b", "met": True}]}
     rows = compare_tables(before, after)
@@ -355,6 +357,8 @@ def test_compare_tables_sets_each_figure_beside_the_earlier_run():
     # counts and seconds are not figures; rows one run lacks are left out
     assert not any(r["figure"] in ("parameters optimised", "seconds / person") for r in rows)
     assert not any("only the later run" in r["row"] or "mean model" in r["row"] for r in rows)
+    assert ("inversion", "input photo itself", "ID score") in figures  # an empty (NaN) cell is not a figure
+    assert ("inversion", "input photo itself", "attributes right") not in figures
     assert figures[("judge", "unseen people's photos", "same_person")]["difference"] == pytest.approx(-0.02)
     verdicts = {r["row"]: r["difference"] for r in rows if r["table"] == "targets"}
     assert verdicts == {"1. a": "changed", "4. b": "same"}

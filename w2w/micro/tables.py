@@ -570,8 +570,8 @@ def compare_tables(before: dict, after: dict) -> list[dict]:
             for col, v in r.items():
                 w = old[name].get(col)
                 if col in COUNTS or "seconds" in col or isinstance(v, bool) or not isinstance(v, (int, float)) \
-                        or isinstance(w, bool) or not isinstance(w, (int, float)):
-                    continue
+                        or isinstance(w, bool) or not isinstance(w, (int, float)) or np.isnan(v) or np.isnan(w):
+                    continue  # not a figure (a setting, a label, or a cell the table leaves empty)
                 out.append({"table": key, "row": name, "figure": col, "before": float(w), "after": float(v),
                             "difference": float(v) - float(w)})
     for name in ("same_person", "different_person", "verification_auc"):

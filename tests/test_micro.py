@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from w2w.micro import faces
-from w2w.micro.model import MicroConfig, MicroUNet, TextEncoder, micro_layout, tokenize
+from w2w.micro.model import SCENE_WORDS, VOCAB, MicroConfig, MicroUNet, TextEncoder, micro_layout, tokenize
 from w2w.micro.train import LoraConfig, identity_images, train_loras
 from w2w.micro.world import ARTIFACTS, DEFAULT_DIR, WorldConfig, build_world, load_world, toy_config, vae_artifact
 
@@ -91,6 +91,51 @@ def test_tokenize_rejects_unknown_words_and_long_captions():
         tokenize(["photo dog"])
     with pytest.raises(ValueError, match="more than"):
         tokenize([["photo"] * 9])
+
+
+def test_scene_words_name_what_a_hard_photo_shows_besides_the_person():
+    words = [faces.scene_words(v) for v in range(2000)]
+    assert words == [faces.scene_words(v) for v in range(2000)]  # deterministic
+    counts = {w: sum(w in ws for ws in words) / len(words) for w in SCENE_WORDS}
+    # the draws of hard_pose: |yaw| > 0.3 of U(-0.6, 0.6) is 1/4 per side, a cap 1/4, smile > 0.5 is 0.6 × 1/2
+    for word, expected in {"left": 0.25, "right": 0.25, "cap": 0.25, "smiling": 0.3}.items():
+        assert abs(counts[word] - expected) < 0.04, (word, counts)
+    assert not any("left" in ws and "right" in ws for ws in words)
+    for v in range(40):  # the word is the photo's pose: the pose the renderer draws first from the same generator
+        pose = faces.hard_pose(np.random.default_rng([v, 0x4A4D]))
+        assert ("cap" in words[v]) == (pose.hat is not None) and ("right" in words[v]) == (pose.yaw > 0.3)
+    assert faces.scene_words(3, "plain") == []
+    with pytest.raises(ValueError, match="unknown photo style"):
+        faces.scene_words(3, "oil")
+
+
+def test_a_text_encoder_knows_only_its_own_words():
+    old, new = TextEncoder(8), TextEncoder(8, len(VOCAB))
+    tokens = tokenize(["photo sks person cap"])
+    assert new(tokens).shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="does not know the word 'cap'"):
+        old(tokens)
+    assert MicroConfig.from_dict({"channels": [8, 16, 16], "context": 8, "heads": 2, "image": 32}).vocab == 12
+    with pytest.raises(ValueError, match="vocab must be"):
+        MicroConfig(vocab=len(VOCAB) + 1)
+
+
+def test_scene_captions_name_the_photo_and_leave_the_plain_captions_unchanged():
+    from w2w.micro.train import BaseConfig, base_caption
+
+    p = faces.identity_params(5)
+    plain, scene = BaseConfig(), BaseConfig(scene_captions=True, model=MicroConfig(vocab=len(VOCAB)))
+    for v in range(200):  # without scene captions the caption and the random stream are the first worlds'
+        a, b = np.random.default_rng(v), np.random.default_rng(v)
+        assert base_caption(p, v, a, plain) == faces.caption_words(p, b) and a.random() == b.random()
+    captions = [base_caption(p, v, np.random.default_rng(v), scene) for v in range(400)]
+    assert all(len(c) <= 8 and c[0] == "photo" for c in captions)
+    assert all(set(c) - set(faces.scene_words(v)) <= set(VOCAB[:12]) for v, c in enumerate(captions))
+    named = sum(bool(set(c) & set(SCENE_WORDS)) for c in captions)
+    shows = sum(bool(faces.scene_words(v)) for v in range(400))
+    assert 0.7 * shows < named <= shows  # each scene word is kept with probability 0.8
+    with pytest.raises(ValueError, match="scene words"):
+        BaseConfig(scene_captions=True)
 
 
 def test_per_item_factors_equal_one_model_at_a_time():

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["ATTRIBUTES", "WORDS", "FaceParams", "identity_params", "attributes", "render", "render_batch",
-           "caption_words", "STYLES", "STYLE_VERSIONS", "Pose", "hard_pose"]
+           "caption_words", "scene_words", "STYLES", "STYLE_VERSIONS", "Pose", "hard_pose"]
 
 ATTRIBUTES = ("Male", "Beard", "Eyeglasses", "Blond_Hair", "Chubby", "Young")
 # the prompt word of each attribute (prompting baseline: "photo sks person <word>")
@@ -263,10 +263,30 @@ def hard_pose(r: np.random.Generator) -> Pose:
                 brow_raise=float(r.uniform(-0.01, 0.02)), hat=hat, brim=bool(hat is not None and r.random() < 0.5))
 
 
+def _hard_rng(view_seed: int) -> np.random.Generator:
+    return np.random.default_rng([int(view_seed) & 0xFFFF_FFFF, 0x4A4D])
+
+
+def scene_words(view_seed: int, style: str = "hard") -> list[str]:
+    """Words for what photo ``view_seed`` shows besides the person (model.SCENE_WORDS): "left"/"right" when the head
+    is turned by more than 0.3 rad, "smiling" for a broad smile, "cap" when a cap is worn. Plain photos: none."""
+    if style not in STYLES:
+        raise ValueError(f"unknown photo style {style!r}; choose one of {STYLES}")
+    if style != "hard":
+        return []
+    pose = hard_pose(_hard_rng(view_seed))  # the pose _render_hard draws first from the same generator
+    words = ["left"] if pose.yaw < -0.3 else ["right"] if pose.yaw > 0.3 else []
+    if pose.smile > 0.5:
+        words.append("smiling")
+    if pose.hat is not None:
+        words.append("cap")
+    return words
+
+
 def _render_hard(p: FaceParams, view_seed: int, size: int) -> np.ndarray:
     """A hard photo: the head turned, tilted, with an expression, sometimes a cap, at any scale and place, on a
     cluttered backdrop, in a coloured light from one direction, sometimes blurred; plus clothes and sensor noise."""
-    r = np.random.default_rng([int(view_seed) & 0xFFFF_FFFF, 0x4A4D])
+    r = _hard_rng(view_seed)
     s = _CANVAS
     pose = hard_pose(r)
     scale = float(np.exp(r.uniform(np.log(0.8), np.log(1.2)))) * s

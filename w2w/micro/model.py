@@ -19,10 +19,15 @@ import torch.nn.functional as F
 
 from ..layout import Layout, ModuleSlot
 
-__all__ = ["VOCAB", "MicroConfig", "TextEncoder", "MicroUNet", "LoRALinear", "micro_layout", "tokenize",
+__all__ = ["VOCAB", "BASE_VOCAB", "SCENE_WORDS", "MicroConfig", "TextEncoder", "MicroUNet", "LoRALinear", "micro_layout", "tokenize",
            "alphas_cumprod", "ddim_sample", "MicroDenoiser", "v_target", "eps_from_v"]
 
-VOCAB = ("<pad>", "photo", "person", "man", "woman", "sks", "beard", "glasses", "blond", "chubby", "young", "old")
+# the words of the first two worlds' text encoders; later words are appended, so a text encoder knowing the first
+# n words (MicroConfig.vocab) reads any caption made of them
+BASE_VOCAB = ("<pad>", "photo", "person", "man", "woman", "sks", "beard", "glasses", "blond", "chubby", "young", "old")
+# words for what a hard photo shows besides the person: head turn, expression, headwear (faces.scene_words)
+SCENE_WORDS = ("left", "right", "smiling", "cap")
+VOCAB = BASE_VOCAB + SCENE_WORDS
 TOKENS = 8
 TIMESTEPS = 1000
 
@@ -47,25 +52,36 @@ class MicroConfig:
     context: int = 32  # text embedding width (attn2's key/value input, like SD1.5's 768)
     heads: int = 4
     image: int = 32
+    vocab: int = len(BASE_VOCAB)  # the text encoder knows the first `vocab` words of VOCAB
+
+    def __post_init__(self) -> None:
+        if not len(BASE_VOCAB) <= self.vocab <= len(VOCAB):
+            raise ValueError(f"vocab must be {len(BASE_VOCAB)}..{len(VOCAB)} words, got {self.vocab}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "MicroConfig":
+        """A saved config; files from before the vocabulary grew lack ``vocab`` and know the first worlds' words."""
         return cls(channels=tuple(d["channels"]), context=int(d["context"]), heads=int(d["heads"]),
-                   image=int(d["image"]))
+                   image=int(d["image"]), vocab=int(d.get("vocab", len(BASE_VOCAB))))
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, vocab: int = len(BASE_VOCAB)):
         super().__init__()
-        self.embed = nn.Embedding(len(VOCAB), width)
+        self.embed = nn.Embedding(vocab, width)
         self.pos = nn.Parameter(torch.randn(TOKENS, width) * 0.02)
         self.layer = nn.TransformerEncoderLayer(width, 2, width * 2, dropout=0.0, batch_first=True, norm_first=True)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        known = self.embed.num_embeddings
+        if tokens.numel() and int(tokens.max()) >= known:
+            word = VOCAB[int(tokens.max())]
+            raise ValueError(f"this text encoder does not know the word {word!r}: it was trained with "
+                             f"{', '.join(VOCAB[1:known])}")
         return self.norm(self.layer(self.embed(tokens) + self.pos))
 
 

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .faces import STYLE_VERSIONS, caption_words, identity_params, render_batch
-from .model import MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize, v_target
+from .faces import STYLE_VERSIONS, caption_words, identity_params, render_batch, scene_words
+from .model import (TOKENS, VOCAB, MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize,
+                    v_target)
 
-__all__ = ["BaseConfig", "train_base", "LoraConfig", "train_loras", "initial_factors", "view_seeds", "identity_images",
+__all__ = ["BaseConfig", "base_caption", "train_base", "LoraConfig", "train_loras", "initial_factors", "view_seeds", "identity_images",
            "atomic_save", "load_checkpoint", "Log"]
 
 Log = Callable[[str], None]
@@ -95,6 +96,25 @@ class BaseConfig:
     model: MicroConfig = MicroConfig()
     checkpoint_every: int = 200
     photos: str = "hard"  # photo style of the training images (faces.STYLES)
+    # captions also name the photo's head turn, smile and cap (faces.scene_words), so prompts can ask for them
+    scene_captions: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scene_captions and self.model.vocab < len(VOCAB):
+            raise ValueError(f"scene captions need a text encoder that knows the scene words: MicroConfig(vocab="
+                             f"{len(VOCAB)}), got vocab={self.model.vocab}")
+
+
+def base_caption(p, view_seed: int, rng: np.random.Generator, config: BaseConfig) -> list[str]:
+    """The training caption of one photo: its attributes' words (faces.caption_words) and, with scene captions, each
+    of its scene words with probability 0.8; attribute words are dropped at random while it is too long."""
+    words = caption_words(p, rng)
+    if not config.scene_captions:
+        return words
+    scene = [w for w in scene_words(view_seed, config.photos) if rng.random() < 0.8]
+    while len(words) + len(scene) > TOKENS:
+        words.pop(2 + int(rng.integers(len(words) - 2)))  # never "photo" or the class word
+    return words + scene
 
 
 def train_base(workdir: str, config: BaseConfig = BaseConfig(), log: Log = print) -> tuple[MicroUNet, TextEncoder]:
@@ -102,7 +122,7 @@ def train_base(workdir: str, config: BaseConfig = BaseConfig(), log: Log = print
     path = os.path.join(workdir, "base.ckpt")
     stamp = stage_stamp("base", config, photo_version(config.photos))
     torch.manual_seed(config.seed)
-    unet, text = MicroUNet(config.model), TextEncoder(config.model.context)
+    unet, text = MicroUNet(config.model), TextEncoder(config.model.context, config.model.vocab)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-4)
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
@@ -123,9 +143,10 @@ def train_base(workdir: str, config: BaseConfig = BaseConfig(), log: Log = print
     while step < config.steps:
         ids = rng.integers(0, config.pool, config.batch) + BASE_SEEDS
         faces = [identity_params(int(i)) for i in ids]
-        x0 = torch.from_numpy(render_batch(faces, [int(v) for v in rng.integers(0, 2**31, config.batch)],
-                                           config.model.image, config.photos))
-        words = [caption_words(p, rng) if rng.random() >= config.drop_caption else [] for p in faces]
+        views = [int(v) for v in rng.integers(0, 2**31, config.batch)]
+        x0 = torch.from_numpy(render_batch(faces, views, config.model.image, config.photos))
+        words = [base_caption(p, v, rng, config) if rng.random() >= config.drop_caption else []
+                 for p, v in zip(faces, views)]
         x_t, t, target = _noised(x0, gen, abar)
         lr = config.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * min(1.0, 2 * (1 - step / config.steps)))
         for g in opt.param_groups:

@@ -169,7 +169,7 @@ def _train_chunks(states: tuple[dict, dict], model: MicroConfig, chunks: list[tu
     """Train LoRA chunks (index, seeds) and write one checkpoint per chunk (also the body of a worker process)."""
     if threads:
         torch.set_num_threads(threads)
-    unet, text = MicroUNet(model), TextEncoder(model.context)
+    unet, text = MicroUNet(model), TextEncoder(model.context, model.vocab)
     unet.load_state_dict(states[0]), text.load_state_dict(states[1])
     _freeze(unet, text)
     for index, seeds in chunks:
@@ -302,7 +302,7 @@ def _half(state: dict) -> dict:
 
 def save_world(world: World, out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    meta = {"format": FORMAT, "format_version": "2", "vocab": json.dumps(VOCAB),
+    meta = {"format": FORMAT, "format_version": "2", "vocab": json.dumps(VOCAB[: world.unet.config.vocab]),
             "model_config": json.dumps(world.unet.config.to_dict()), "world_config": world.config.to_json(),
             "info": json.dumps(world.info), "prompt": world.config.lora.prompt}
     tensors = {f"unet.{k}": v for k, v in _half(world.unet.state_dict()).items()}
@@ -340,11 +340,11 @@ def _read(path: str) -> tuple[dict, dict]:
 def load_world(folder: str = DEFAULT_DIR) -> World:
     """The world in ``folder`` (default: the shipped ``models/micro``), frozen and ready to sample, edit and invert."""
     tensors, meta = _read(os.path.join(folder, ARTIFACTS[0]))
-    if json.loads(meta["vocab"]) != list(VOCAB):
-        raise ValueError(f"{folder}: the artifacts were made with another vocabulary; rebuild them")
     model_config = MicroConfig.from_dict(json.loads(meta["model_config"]))
+    if json.loads(meta["vocab"]) != list(VOCAB[: model_config.vocab]):
+        raise ValueError(f"{folder}: the artifacts were made with another vocabulary; rebuild them")
     config = WorldConfig.from_json(meta["world_config"], model_config)
-    unet, text = MicroUNet(model_config), TextEncoder(model_config.context)
+    unet, text = MicroUNet(model_config), TextEncoder(model_config.context, model_config.vocab)
     unet.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("unet.")})
     text.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("text.")})
     jt, _ = _read(os.path.join(folder, ARTIFACTS[1]))

@@ -452,6 +452,43 @@ def test_recipe_table_trains_dreambooth_for_each_step_count(toy_world):
         recipe_table(world, gen, cfg, steps=(0,))
 
 
+def test_prompt_table_scores_dreambooth_under_scene_prompts(toy_world, tmp_path):
+    """prompt_table: the base model and DreamBooth-LoRAs at each step count, each under the training prompt and the
+    scene prompts; identity as the inversion table reads it, fidelity as the share of asked words the reader sees."""
+    from w2w.micro import scene
+    from w2w.micro.tables import REFERENCE_VIEW, EvalConfig, Generator, _pairwise
+
+    _, world, _ = toy_world
+    cfg = EvalConfig(people=2, seeds=2, ddim_steps=2, references=2)
+    logs: list[str] = []
+    reader, accuracy = scene.train_scene_reader(str(tmp_path), scene.ReaderConfig(photos=32, epochs=1), logs.append)
+    assert set(accuracy) == set(scene.READ_WORDS) and all(0 <= a <= 1 for a in accuracy.values())
+    again, _ = scene.train_scene_reader(str(tmp_path), scene.ReaderConfig(photos=32, epochs=1), logs.append)
+    assert len(logs) == 1 and all(torch.equal(a, b) for a, b in zip(reader.parameters(), again.parameters()))
+    with pytest.raises(ValueError, match="scene words"):  # the toy world's text encoder knows 12 words
+        scene.prompt_table(world, Generator(world, cfg), cfg, reader, steps=(1,))
+    torch.manual_seed(0)
+    knowing = replace(world, text=TextEncoder(world.unet.config.context, len(VOCAB)).eval())
+    gen = Generator(knowing, cfg)
+    rows = scene.prompt_table(knowing, gen, cfg, reader, steps=(2,), log=lambda s: None)
+    images = world.config.lora.images
+    assert [r["model"] for r in rows] == ["base model, no LoRA", "DreamBooth LoRA, 1 photo, 2 steps",
+                                         f"DreamBooth LoRA, {images} photos, 2 steps"]
+    people = list(world.heldout_seeds[:2])
+    refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
+    expected = np.mean([_pairwise(gen.read(gen.images(None, prompt=p).expand(2, -1, -1, -1, -1))[0], refs)
+                        for p in scene.SCENE_PROMPTS])
+    assert rows[0]["ID score, scene prompts"] == pytest.approx(expected, abs=1e-6)
+    assert all(0 <= r["asked turn or cap shown"] <= 1 for r in rows)
+
+    class Left(torch.nn.Module):  # reads "left" in every image: the asked word is seen for one prompt in three
+        def reads(self, x):
+            return torch.tensor([[True, False, False]]).expand(x.shape[0], -1)
+
+    imgs = {p: torch.zeros(1, 2, 3, 32, 32) for p in scene.SCENE_PROMPTS}
+    assert scene._fidelity(Left(), imgs) == pytest.approx(1 / 3)
+
+
 def test_vae_recipe_table_varies_the_shipped_recipe(toy_world):
     """vae_recipe_table: PCA at the latent size, then one VAE per recipe; the whitened recipe is the world's own (its
     error is that of the world's shipped VAE, up to fp16 storage); the scaling changes the result."""

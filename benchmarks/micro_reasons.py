@@ -38,17 +38,27 @@ import torch  # noqa: E402
 from w2w.micro.tables import (EvalConfig, Generator, recipe_table, table_markdown, vae_recipe_table,  # noqa: E402
                               write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
-from w2w.micro.train import train_base  # noqa: E402
-from w2w.micro.world import DEFAULT_DIR, World, load_world  # noqa: E402
+from w2w.micro.train import MODEL_SEEDS, photo_version, stage_stamp, train_base  # noqa: E402
+from w2w.micro.world import DEFAULT_DIR, World, _lora_stage, load_world, make_space  # noqa: E402
 
 
-def scene_world(world, workdir: str):
+def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
     """The shipped world with its base model replaced by one trained on scene captions (same recipe otherwise); the
-    judge, the held-out people and the LoRA recipe stay. Returns it and the scene reader's accuracy (+ the reader)."""
+    judge, the held-out people and the LoRA recipe stay. With ``models``, the first that many training identities get
+    LoRAs on the new base (the world's recipe, resumable) and a space of the world's PCs is built on them (without,
+    the space is the shipped one's and unused). Returns it and the scene reader's accuracy (+ the reader)."""
     base = scene_base_config(world.config.base)
     unet, text = train_base(workdir, base)
+    space = world.space
+    if models:
+        seeds = [MODEL_SEEDS + i for i in range(models)]
+        stamp = stage_stamp("loras", world.config.lora, stage_stamp("base", base, photo_version(base.photos)),
+                            MODEL_SEEDS, models)
+        weights, _ = _lora_stage(workdir, "loras", unet, text, seeds, world.config.lora, base.photos, stamp, print,
+                                 workers)
+        space = make_space(unet, weights, seeds, world.config.pcs, world.config.sample_pcs)
     reader, accuracy = train_scene_reader(workdir)
-    scene = World(unet, text, world.judge, world.space, world.weights, world.model_seeds, world.heldout_weights,
+    scene = World(unet, text, world.judge, space, world.weights, world.model_seeds, world.heldout_weights,
                   world.heldout_seeds, {}, replace(world.config, base=base))
     return scene, {**accuracy, "reader": reader}
 
@@ -57,6 +67,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("dreambooth", "vae", "prompts"), help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
+    p.add_argument("--space-models", type=int, default=0,
+                   help="prompts: also train this many identity LoRAs on the new base, build a space of them and "
+                        "add the w2w inversion (0 = DreamBooth only)")
+    p.add_argument("--workers", type=int, default=1, help="prompts: processes training the space's LoRAs")
     p.add_argument("--artifacts", default=DEFAULT_DIR, help="micro-world folder (default: the pack's models/micro)")
     p.add_argument("--steps", type=int, nargs="+", default=[60, 400],
                    help="dreambooth, prompts: training steps to compare")
@@ -74,9 +88,12 @@ def main() -> int:
     world = load_world(args.artifacts)
     t0 = time.perf_counter()
     if args.what == "prompts":
-        world, accuracy = scene_world(world, args.workdir)
+        if args.space_models and not 3 <= args.space_models <= world.config.models:
+            p.error(f"--space-models must be 3..{world.config.models} (or 0)")
+        world, accuracy = scene_world(world, args.workdir, args.space_models, args.workers)
         config = EvalConfig(people=args.people)
-        rows = prompt_table(world, Generator(world, config), config, accuracy.pop("reader"), tuple(args.steps))
+        rows = prompt_table(world, Generator(world, config), config, accuracy.pop("reader"), tuple(args.steps),
+                            inversion=bool(args.space_models))
         people = len(world.heldout_seeds) if not args.people else min(args.people, len(world.heldout_seeds))
         title = (f"DreamBooth-LoRA under scene prompts, {people} held-out people, a base model that knows the scene "
                  "words (ID score: judge against unseen photos; shown: share of images in which the reader sees the "

@@ -459,7 +459,7 @@ def test_prompt_table_scores_dreambooth_under_scene_prompts(toy_world, tmp_path)
     from w2w.micro.tables import REFERENCE_VIEW, EvalConfig, Generator, _pairwise
 
     _, world, _ = toy_world
-    cfg = EvalConfig(people=2, seeds=2, ddim_steps=2, references=2)
+    cfg = EvalConfig(people=2, seeds=2, ddim_steps=2, references=2, invert_steps=2)
     logs: list[str] = []
     reader, accuracy = scene.train_scene_reader(str(tmp_path), scene.ReaderConfig(photos=32, epochs=1), logs.append)
     assert set(accuracy) == set(scene.READ_WORDS) and all(0 <= a <= 1 for a in accuracy.values())
@@ -470,10 +470,11 @@ def test_prompt_table_scores_dreambooth_under_scene_prompts(toy_world, tmp_path)
     torch.manual_seed(0)
     knowing = replace(world, text=TextEncoder(world.unet.config.context, len(VOCAB)).eval())
     gen = Generator(knowing, cfg)
-    rows = scene.prompt_table(knowing, gen, cfg, reader, steps=(2,), log=lambda s: None)
-    images = world.config.lora.images
-    assert [r["model"] for r in rows] == ["base model, no LoRA", "DreamBooth LoRA, 1 photo, 2 steps",
-                                         f"DreamBooth LoRA, {images} photos, 2 steps"]
+    rows = scene.prompt_table(knowing, gen, cfg, reader, steps=(2,), inversion=True, log=lambda s: None)
+    images, space = world.config.lora.images, world.space
+    assert [r["model"] for r in rows] == [
+        "base model, no LoRA", f"w2w inversion, 1 photo ({space.train_coefs.shape[0]:,} models, {space.pcs} PCs)",
+        "DreamBooth LoRA, 1 photo, 2 steps", f"DreamBooth LoRA, {images} photos, 2 steps"]
     people = list(world.heldout_seeds[:2])
     refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
     expected = np.mean([_pairwise(gen.read(gen.images(None, prompt=p).expand(2, -1, -1, -1, -1))[0], refs)

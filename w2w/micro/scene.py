@@ -116,12 +116,14 @@ def _fidelity(reader: SceneReader, images: dict[str, torch.Tensor]) -> float:
     return float(torch.stack(hits).mean())
 
 
-def prompt_table(world, gen, cfg, reader: SceneReader, steps: tuple[int, ...] = (60, 400),
+def prompt_table(world, gen, cfg, reader: SceneReader, steps: tuple[int, ...] = (60, 400), inversion: bool = False,
                  log: Log = print) -> list[dict]:
     """DreamBooth-LoRAs of held-out people from their first photo and from their training photos, with the world's
-    recipe run for each number of ``steps``; each model's images under the training prompt and under the scene
-    prompts, scored for identity (the judge, against unseen photos, as the inversion table) and for prompt fidelity
-    (the share of images showing the asked head turn or cap). ``world`` must know the scene words."""
+    recipe run for each number of ``steps`` (and, with ``inversion``, the w2w inversion of the first photo in the
+    world's space, as the inversion table runs it); each model's images under the training prompt and under the
+    scene prompts, scored for identity (the judge, against unseen photos, as the inversion table) and for prompt
+    fidelity (the share of images showing the asked head turn or cap). ``world`` must know the scene words."""
+    from .batch_invert import invert_batch
     from .tables import REFERENCE_VIEW, _pairwise, _people
 
     if world.text.embed.num_embeddings < len(VOCAB):
@@ -135,6 +137,11 @@ def prompt_table(world, gen, cfg, reader: SceneReader, steps: tuple[int, ...] = 
     one = [world.photos_of(s, 1, 0) for s in people]
     many = [world.photos_of(s, lora.images) for s in people]
     models: dict[str, torch.Tensor | None] = {"base model, no LoRA": None}
+    if inversion:
+        runs = invert_batch(world, torch.cat(one), [cfg.seed + i for i in range(len(people))],
+                            steps=cfg.invert_steps, lr=cfg.invert_lr)
+        models[f"w2w inversion, 1 photo ({world.space.train_coefs.shape[0]:,} models, {world.space.pcs} PCs)"] = \
+            world.space.weights(runs[cfg.invert_steps])
     for n in steps:
         for label, images, count in (("1 photo", one, 1), (f"{lora.images} photos", many, lora.images)):
             models[f"DreamBooth LoRA, {label}, {n} steps"] = train_loras(

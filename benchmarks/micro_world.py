@@ -71,8 +71,8 @@ def main() -> int:
         p.error(f"--eval-seed must be >= 0, got {args.eval_seed}")
     config = EvalConfig(seed=args.eval_seed)
     if args.quick:
-        config = EvalConfig(seed=args.eval_seed, samples=6, seeds=2, ddim_steps=10, people=6, edit_people=6, edit_strengths=(0.5, 1.0),
-                            invert_steps=60, references=4, vae_people=4, curve_sizes=(300, 5000), curve_people=2)
+        config = EvalConfig(seed=args.eval_seed, samples=6, seeds=2, ddim_steps=10, people=6, edit_people=6,
+                            edit_strengths=(0.5, 1.0), invert_steps=60, references=4, vae_people=4, curve_sizes=(300, 5000), curve_people=2)
     tables = run_tables(world, config)
     text = to_markdown(tables)
     if earlier is not None:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from ..layout import Layout, ModuleSlot
 
-__all__ = ["VOCAB", "BASE_VOCAB", "SCENE_WORDS", "MicroConfig", "TextEncoder", "MicroUNet", "LoRALinear", "micro_layout", "tokenize",
-           "alphas_cumprod", "ddim_sample", "MicroDenoiser", "v_target", "eps_from_v"]
+__all__ = ["VOCAB", "BASE_VOCAB", "SCENE_WORDS", "MicroConfig", "TextEncoder", "MicroUNet", "LoRALinear",
+           "micro_layout", "tokenize", "alphas_cumprod", "ddim_sample", "MicroDenoiser", "v_target", "eps_from_v"]
 
 # the words of the first two worlds' text encoders; later words are appended, so a text encoder knowing the first
 # n words (MicroConfig.vocab) reads any caption made of them

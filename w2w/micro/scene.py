@@ -76,7 +76,8 @@ def _reader_data(n: int, seed: int, style: str) -> tuple[torch.Tensor, torch.Ten
     return x, y
 
 
-def train_scene_reader(workdir: str, config: ReaderConfig = ReaderConfig(), log: Log = print) -> tuple[SceneReader, dict]:
+def train_scene_reader(workdir: str, config: ReaderConfig = ReaderConfig(),
+                       log: Log = print) -> tuple[SceneReader, dict]:
     """Train the reader (or load it from ``workdir`` when done before with the same settings); returns it and its
     accuracy per word on 2,000 photos of other people."""
     path = os.path.join(workdir, "scene-reader.ckpt")

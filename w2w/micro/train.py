@@ -20,8 +20,8 @@ from .faces import STYLE_VERSIONS, caption_words, identity_params, render_batch,
 from .model import (TOKENS, VOCAB, MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize,
                     v_target)
 
-__all__ = ["BaseConfig", "base_caption", "train_base", "LoraConfig", "train_loras", "initial_factors", "view_seeds", "identity_images",
-           "atomic_save", "load_checkpoint", "Log"]
+__all__ = ["BaseConfig", "base_caption", "train_base", "LoraConfig", "train_loras", "initial_factors", "view_seeds",
+           "identity_images", "atomic_save", "load_checkpoint", "Log"]
 
 Log = Callable[[str], None]
 

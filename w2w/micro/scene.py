@@ -125,18 +125,14 @@ def prompt_table(world, gen, cfg, reader: SceneReader, steps: tuple[int, ...] = 
     scene prompts, scored for identity (the judge, against unseen photos, as the inversion table) and for prompt
     fidelity (the share of images showing the asked head turn or cap). ``world`` must know the scene words."""
     from .batch_invert import invert_batch
-    from .tables import REFERENCE_VIEW, _pairwise, _people
+    from .tables import _pairwise, dreambooth_sets
 
     if world.text.embed.num_embeddings < len(VOCAB):
         raise ValueError("prompt_table needs a world whose text encoder knows the scene words "
                          "(a base model trained with scene_base_config)")
-    if not steps or min(steps) < 1:
-        raise ValueError(f"steps must be a non-empty list of positive step counts, got {steps}")
-    people = _people(world, cfg)
-    refs, _ = gen.read(gen.photos(people, cfg.references, REFERENCE_VIEW))
+    people, refs, sets = dreambooth_sets(world, gen, cfg, steps)
+    one = sets[0][1]
     lora = world.config.lora
-    one = [world.photos_of(s, 1, 0) for s in people]
-    many = [world.photos_of(s, lora.images) for s in people]
     models: dict[str, torch.Tensor | None] = {"base model, no LoRA": None}
     if inversion:
         runs = invert_batch(world, torch.cat(one), [cfg.seed + i for i in range(len(people))],
@@ -144,7 +140,7 @@ def prompt_table(world, gen, cfg, reader: SceneReader, steps: tuple[int, ...] = 
         models[f"w2w inversion, 1 photo ({world.space.train_coefs.shape[0]:,} models, {world.space.pcs} PCs)"] = \
             world.space.weights(runs[cfg.invert_steps])
     for n in steps:
-        for label, images, count in (("1 photo", one, 1), (f"{lora.images} photos", many, lora.images)):
+        for label, images, count in sets:
             models[f"DreamBooth LoRA, {label}, {n} steps"] = train_loras(
                 world.unet, world.text, images, replace(lora, images=count, steps=n), seed=17)
     rows = []

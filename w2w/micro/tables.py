@@ -287,20 +287,28 @@ def inversion_table(world: World, gen: Generator, cfg: EvalConfig, log=print) ->
     return rows, {"people": people, "inverted": inverted, "refs": refs, "scores": scores}
 
 
+def dreambooth_sets(world: World, gen: Generator, cfg: EvalConfig, steps: tuple[int, ...]):
+    """What the DreamBooth comparisons share: the held-out people, judge embeddings of their unseen photos, and the
+    two training sets — (label, photos per person, count): their first photo, and their training photos."""
+    if not steps or min(steps) < 1:
+        raise ValueError(f"steps must be a non-empty list of positive step counts, got {steps}")
+    people = _people(world, cfg)
+    refs, _ = gen.read(gen.photos(people, cfg.references, REFERENCE_VIEW))
+    images = world.config.lora.images
+    sets = (("1 photo", [world.photos_of(s, 1, 0) for s in people], 1),
+            (f"{images} photos", [world.photos_of(s, images) for s in people], images))
+    return people, refs, sets
+
+
 def recipe_table(world: World, gen: Generator, cfg: EvalConfig, steps: tuple[int, ...] = (60, 400),
                  log=print) -> list[dict]:
     """Does single-photo DreamBooth-LoRA over-fit when it trains longer? DreamBooth-LoRAs of held-out people from
     their first photo and from their 8 training photos, with the world's recipe run for each number of ``steps``
     (the same learning-rate schedule stretched over them), next to the single-photo w2w inversion of the same people
     (``cfg.invert_steps`` steps); every model's images against unseen photos, as in the inversion table."""
-    if not steps or min(steps) < 1:
-        raise ValueError(f"steps must be a non-empty list of positive step counts, got {steps}")
-    people = _people(world, cfg)
-    refs, _ = gen.read(gen.photos(people, cfg.references, REFERENCE_VIEW))
+    people, refs, sets = dreambooth_sets(world, gen, cfg, steps)
+    one = sets[0][1]
     lora = world.config.lora
-    one = [world.photos_of(s, 1, 0) for s in people]
-    sets = (("1 photo", one, 1), (f"{lora.images} photos", [world.photos_of(s, lora.images) for s in people],
-                                  lora.images))
     rows = []
     t0 = time.perf_counter()
     runs = invert_batch(world, torch.cat(one), [cfg.seed + i for i in range(len(people))], steps=cfg.invert_steps,

@@ -138,6 +138,19 @@ def test_scene_captions_name_the_photo_and_leave_the_plain_captions_unchanged():
         BaseConfig(scene_captions=True)
 
 
+def test_work_folders_from_before_the_scene_settings_still_resume():
+    """A stage stamp leaves out settings added later while they hold the value that built the earlier worlds."""
+    from w2w.micro.scene import scene_base_config
+    from w2w.micro.train import BaseConfig, photo_version, stage_stamp
+
+    written_before = ('["base", {"batch": 32, "checkpoint_every": 200, "drop_caption": 0.1, "ema": 0.995, "lr": 0.002, '
+                      '"model": {"channels": [32, 64, 64], "context": 32, "heads": 4, "image": 32}, "photos": "hard", '
+                      '"pool": 20000, "seed": 0, "steps": 4000}, "hard-2"]')  # the second world's base-model stamp
+    assert stage_stamp("base", BaseConfig(), photo_version("hard")) == written_before
+    scene = stage_stamp("base", scene_base_config(), photo_version("hard"))
+    assert '"scene_captions": true' in scene and '"vocab": 16' in scene
+
+
 def test_per_item_factors_equal_one_model_at_a_time():
     torch.manual_seed(0)
     unet = MicroUNet(TINY)

@@ -54,9 +54,22 @@ def load_checkpoint(path: str):
     return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
 
 
+# settings added after worlds were built, at the values that build those worlds: left out of a stamp at that value,
+# so a work folder started before they existed still resumes
+_LATER_DEFAULTS = {"scene_captions": False, "vocab": 12}
+
+
+def _stamp_value(v):
+    if is_dataclass(v):
+        v = asdict(v)
+    if isinstance(v, dict):
+        return {k: _stamp_value(x) for k, x in v.items() if not (k in _LATER_DEFAULTS and x == _LATER_DEFAULTS[k])}
+    return v
+
+
 def stage_stamp(*parts) -> str:
     """What a stage's result depends on (its settings and the stamps of the stages it builds on), as one string."""
-    return json.dumps([asdict(p) if is_dataclass(p) else p for p in parts], sort_keys=True)
+    return json.dumps([_stamp_value(p) for p in parts], sort_keys=True)
 
 
 def photo_version(style: str) -> str:

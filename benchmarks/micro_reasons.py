@@ -38,8 +38,8 @@ import torch  # noqa: E402
 from w2w.micro.tables import (EvalConfig, Generator, recipe_table, table_markdown, vae_recipe_table,  # noqa: E402
                               write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
-from w2w.micro.train import MODEL_SEEDS, photo_version, stage_stamp, train_base  # noqa: E402
-from w2w.micro.world import DEFAULT_DIR, World, _lora_stage, load_world, make_space  # noqa: E402
+from w2w.micro.train import MODEL_SEEDS, train_base  # noqa: E402
+from w2w.micro.world import DEFAULT_DIR, World, _lora_stage, load_world, lora_stage_stamp, make_space  # noqa: E402
 
 
 def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
@@ -52,8 +52,7 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
     space = world.space
     if models:
         seeds = [MODEL_SEEDS + i for i in range(models)]
-        stamp = stage_stamp("loras", world.config.lora, stage_stamp("base", base, photo_version(base.photos)),
-                            MODEL_SEEDS, models)
+        stamp = lora_stage_stamp("loras", world.config.lora, base, MODEL_SEEDS, models)
         weights, _ = _lora_stage(workdir, "loras", unet, text, seeds, world.config.lora, base.photos, stamp, print,
                                  workers)
         space = make_space(unet, weights, seeds, world.config.pcs, world.config.sample_pcs)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .faces import STYLE_VERSIONS, caption_words, identity_params, render_batch, scene_words
-from .model import (TOKENS, VOCAB, MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize,
+from .model import (BASE_VOCAB, TOKENS, VOCAB, MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize,
                     v_target)
 
 __all__ = ["BaseConfig", "base_caption", "train_base", "LoraConfig", "train_loras", "initial_factors", "view_seeds",
@@ -56,7 +56,7 @@ def load_checkpoint(path: str):
 
 # settings added after worlds were built, at the values that build those worlds: left out of a stamp at that value,
 # so a work folder started before they existed still resumes
-_LATER_DEFAULTS = {"scene_captions": False, "vocab": 12}
+_LATER_DEFAULTS = {"scene_captions": False, "vocab": len(BASE_VOCAB)}
 
 
 def _stamp_value(v):

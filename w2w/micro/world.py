@@ -207,6 +207,11 @@ def _lora_stage(workdir: str, name: str, unet, text, seeds: list[int], config: L
     return torch.cat([p["weights"] for p in parts]), sum(float(p["seconds"]) for p in parts)
 
 
+def lora_stage_stamp(name: str, lora: LoraConfig, base: BaseConfig, first_seed: int, count: int) -> str:
+    """The stamp of a LoRA stage: its recipe, the base model it trains on, and its identities."""
+    return stage_stamp(name, lora, stage_stamp("base", base, photo_version(base.photos)), first_seed, count)
+
+
 def _stage_seconds(workdir: str, name: str) -> float:
     state = load_checkpoint(os.path.join(workdir, name))
     return round(float(state.get("seconds", 0.0)), 1) if state is not None else 0.0
@@ -228,16 +233,15 @@ def build_world(workdir: str, out: str | None = None, config: WorldConfig = Worl
     info["seconds_base"] = _stage_seconds(workdir, "base.ckpt")
     judge = train_judge(workdir, config.judge, log)
     info["seconds_judge"] = _stage_seconds(workdir, "judge.ckpt")
-    base_stamp = stage_stamp("base", config.base, photo_version(config.photos))
     model_seeds = [MODEL_SEEDS + i for i in range(config.models)]
     heldout_seeds = [HELDOUT_SEEDS + i for i in range(config.heldout)]
     weights, secs = _lora_stage(workdir, "loras", unet, text, model_seeds, config.lora, config.photos,
-                                stage_stamp("loras", config.lora, base_stamp, MODEL_SEEDS, config.models), log,
+                                lora_stage_stamp("loras", config.lora, config.base, MODEL_SEEDS, config.models), log,
                                 workers)
     info["seconds_loras"] = round(secs, 1)
     heldout, secs = _lora_stage(workdir, "heldout", unet, text, heldout_seeds, config.lora, config.photos,
-                                stage_stamp("heldout", config.lora, base_stamp, HELDOUT_SEEDS, config.heldout), log,
-                                workers)
+                                lora_stage_stamp("heldout", config.lora, config.base, HELDOUT_SEEDS, config.heldout),
+                                log, workers)
     info["seconds_heldout_loras"] = round(secs, 1)
     t0 = time.perf_counter()
     space = make_space(unet, weights, model_seeds, config.pcs, config.sample_pcs)

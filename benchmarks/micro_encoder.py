@@ -63,9 +63,20 @@ def main() -> int:
     p.add_argument("--refine-sweep", action="store_true",
                    help="retrieve: also refine the encoder's identity at several lr on two sets of 24 validation "
                         "people, scored judge-free by the encoder's own face embedding (minutes)")
+    p.add_argument("--refine-lrs", default="0.03,0.1,0.3",
+                   help="--refine-sweep: the learning rates, comma-separated (default 0.03,0.1,0.3)")
+    p.add_argument("--refine-momentum", type=float, default=0.0,
+                   help="--refine-sweep: refine with SGD of this momentum (0 < m < 1) instead of Adam; its lr are in "
+                        "gradient units (Adam's are per coefficient), e.g. 760,1100,1900 in the shipped world")
     p.add_argument("--people", type=int, default=0,
                    help="measure on the first N held-out people (default: all; each costs three 400-step inversions)")
     args = p.parse_args()
+    try:
+        lrs = tuple(float(x) for x in args.refine_lrs.split(","))
+    except ValueError:
+        p.error(f"--refine-lrs {args.refine_lrs!r}: comma-separated numbers, e.g. 0.03,0.1,0.3")
+    if not all(lr > 0 for lr in lrs) or not 0.0 <= args.refine_momentum < 1.0:
+        p.error("--refine-lrs must be positive and --refine-momentum in [0, 1)")
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.perf_counter()
     world = load_world(args.artifacts)
@@ -98,7 +109,8 @@ def main() -> int:
     if args.refine_sweep:
         if encoder.config.head != "retrieve":
             p.error("--refine-sweep scores with the encoder's face embedding: it needs --head retrieve")
-        sweeps = [refinement_sweep(world, encoder, first=first, log=_log) for first in (0, 24)]
+        sweeps = [refinement_sweep(world, encoder, lrs=lrs, first=first, momentum=args.refine_momentum, log=_log)
+                  for first in (0, 24)]
     measured = measure_targets(world, encoder, targets, workdir=args.workdir, log=_log)
     text = targets_markdown(measured) + "\n" + pcs_markdown(pcs) + (("\n" + choice_markdown(choice)) if choice else "")
     text += "".join("\n" + sweep_markdown(sweep) for sweep in sweeps)

@@ -135,6 +135,12 @@ def test_retrieval_command_and_the_blend_table(toy, tmp_path, capsys):
     text = sweep_markdown(sweep)
     assert "| 2 | " in text and "lr 0.3" in text
     assert text.count("≥ full") == sum(v >= sweep["full"] for c in sweep["curves"].values() for v in c)
+    sgd = refinement_sweep(world, encoder, lrs=(0.1,), record=(0, 2), people=2, first=5, full_steps=3, momentum=0.9,
+                           log=lambda s: None)  # the SGD variant: same start and reference, another refined identity
+    assert sweep["optimizer"] == "Adam" and sgd["optimizer"] == "SGD, momentum 0.9" and "SGD, momentum 0.9" in \
+        sweep_markdown(sgd)
+    assert sgd["curves"]["0.1"][0] == sweep["curves"]["0.1"][0] and sgd["full"] == sweep["full"]
+    assert sgd["curves"]["0.1"][1] != sweep["curves"]["0.1"][1]
     with pytest.raises(ValueError, match="retrieval encoder"):
         encoder_identity_scores(world, build_encoder(world.space, 5, "conv", image_size=32, width=8, hidden=8),
                                 start[:, :5], val, scorer)

@@ -355,10 +355,44 @@ def test_batched_inversions_equal_one_at_a_time(toy_world):
                    world.context(world.config.lora.prompt), InvertSettings(pcs=space.pcs, steps=3, seed=seeds[0]),
                    init=ident, alphas_cumprod=abar())
     torch.testing.assert_close(from_start[3][0], alone.identity.coefficients, rtol=1e-4, atol=1e-5)
-    for bad in (dict(seeds=[1]), dict(init=torch.zeros(2, space.pcs + 1)), dict(lr=0.0)):
+    for bad in (dict(seeds=[1]), dict(init=torch.zeros(2, space.pcs + 1)), dict(lr=0.0), dict(momentum=1.0),
+                dict(momentum=-0.1)):
         kwargs = {"seeds": seeds, **bad}
         with pytest.raises(ValueError):
             invert_batch(world, photos, kwargs.pop("seeds"), steps=1, **kwargs)
+
+
+def test_batched_sgd_momentum_follows_the_gradient(toy_world):
+    """invert_batch(momentum=m): heavy-ball SGD on each person's own diffusion loss, with the same seeded draws as
+    the Adam inversion (timestep, then noise): two steps recomputed here by hand; people stay independent."""
+    from w2w.diffusion import ddpm_noise
+    from w2w.micro.batch_invert import invert_batch
+    from w2w.micro.model import MicroDenoiser, alphas_cumprod
+
+    _, world, _ = toy_world
+    space = world.space
+    photos = torch.cat([world.photos_of(s, 1, 0) for s in world.heldout_seeds])
+    seeds, lr, m = [3, 8], 50.0, 0.9
+    runs = invert_batch(world, photos, seeds, steps=2, lr=lr, momentum=m, record=(1,))
+    denoiser, abar = MicroDenoiser(world.unet, world.layout.scale), alphas_cumprod().double()
+    ctx = world.context(world.config.lora.prompt)
+    basis, std, mean = space.components[: space.pcs].float(), space.std.float(), space.mean.float()
+    for i, photo in enumerate(photos):
+        gen = torch.Generator().manual_seed(seeds[i])
+        beta, velocity = torch.zeros(space.pcs), torch.zeros(space.pcs)
+        for step in (1, 2):
+            t = torch.randint(0, abar.shape[0], (1,), generator=gen)
+            noise = torch.randn((1, *photo.shape), generator=gen)
+            b = beta.clone().requires_grad_(True)
+            pred = denoiser(ddpm_noise(photo[None], t, noise, abar), t, ctx,
+                            world.layout.factors(torch.addcmul(mean, b[None] @ basis, std)))
+            (pred.float() - noise).square().mean().backward()
+            velocity = m * velocity + b.grad
+            beta = beta - lr * velocity
+            torch.testing.assert_close(runs[step][i], beta, rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(runs[2][0]) > 0  # it moved
+    adam = invert_batch(world, photos, seeds, steps=2, lr=0.1)
+    assert not torch.allclose(adam[2], runs[2], atol=1e-4)  # and momentum > 0 is not Adam
 
 
 def test_targets_read_the_tables():

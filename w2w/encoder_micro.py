@@ -510,12 +510,13 @@ def encoder_identity_scores(world, encoder: FaceEncoder, betas: torch.Tensor, pe
 
 def refinement_sweep(world, encoder: FaceEncoder, lrs: tuple[float, ...] = (0.03, 0.1, 0.3),
                      record: tuple[int, ...] = (0, 25, 50, 100, 200), *, people: int = 24, first: int = 0,
-                     full_steps: int = 400, full_lr: float = 0.1, log=print) -> dict:
+                     full_steps: int = 400, full_lr: float = 0.1, momentum: float = 0.0, log=print) -> dict:
     """How refining the encoder's identity goes on validation people (one photo each, view 0; people ``first`` ..
     ``first + people`` of the validation range), judge-free: at each refinement lr, the encoder identity score
     (:func:`encoder_identity_scores`) along the steps of ``record``, and the score of the full inversion from the
-    mean model (``full_steps`` at ``full_lr``) on the same people. -> {"people", "record", "full", "curves":
-    {lr: [mean score per recorded step]}, "sem": {...}}."""
+    mean model (``full_steps`` at ``full_lr``) on the same people. ``momentum`` > 0 refines with SGD of that momentum
+    instead of Adam (the full inversion stays Adam's). -> {"people", "record", "full", "curves": {lr: [mean score per
+    recorded step]}, "sem": {...}, "optimizer"}."""
     val = [VALIDATION_SEEDS + first + i for i in range(people)]
     photos = torch.cat([world.photos_of(s, 1, 0) for s in val])
     start = torch.stack([encode_person(world, encoder, ph[None]).coefficients for ph in photos])
@@ -525,14 +526,15 @@ def refinement_sweep(world, encoder: FaceEncoder, lrs: tuple[float, ...] = (0.03
     full_scores = encoder_identity_scores(world, encoder, full, val, scorer)
     out = {"people": people, "first": first, "record": list(record), "full": float(full_scores.mean()),
            "full_sem": _sem(full_scores.tolist()), "full_steps": full_steps, "full_lr": full_lr, "curves": {},
-           "sem": {}}
+           "sem": {}, "optimizer": f"SGD, momentum {momentum:g}" if momentum > 0 else "Adam"}
     log(f"refinement sweep: full inversion ({full_steps} steps) {out['full']:.4f}")
     for lr in lrs:
-        runs = invert_batch(world, photos, seeds, steps=max(record), lr=lr, init=start, record=record)
+        runs = invert_batch(world, photos, seeds, steps=max(record), lr=lr, init=start, record=record,
+                            momentum=momentum)
         scores = [encoder_identity_scores(world, encoder, runs[s], val, scorer) for s in record]
         out["curves"][str(lr)] = [float(x.mean()) for x in scores]
         out["sem"][str(lr)] = [_sem(x.tolist()) for x in scores]
-        log(f"refinement sweep: lr {lr:g}: " + ", ".join(f"{s}: {v:.4f}" for s, v in zip(record,
+        log(f"refinement sweep ({out['optimizer']}): lr {lr:g}: " + ", ".join(f"{s}: {v:.4f}" for s, v in zip(record,
                                                                                          out["curves"][str(lr)])))
     return out
 
@@ -542,7 +544,8 @@ def sweep_markdown(sweep: dict) -> str:
     lrs = list(sweep["curves"])
     first, last = sweep["first"], sweep["first"] + sweep["people"] - 1
     lines = [f"**Refining the encoder's identity, validation people {first}–{last} (seeds {VALIDATION_SEEDS:,}…), "
-             "judge-free** (the encoder's own face embedding: mean cosine of the model's images with unseen photos; "
+             f"judge-free, {sweep.get('optimizer', 'Adam')}** (the encoder's own face embedding: mean cosine of the "
+             "model's images with unseen photos; "
              f"mean ± s.e.). Full inversion from the mean model ({sweep['full_steps']} steps, lr "
              f"{sweep['full_lr']:g}): {sweep['full']:.4f} ± {sweep['full_sem']:.4f}", "",
              "| steps | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]

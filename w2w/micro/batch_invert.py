@@ -6,6 +6,9 @@ with its seed, drawn in the order :func:`w2w.invert.invert` draws them: timestep
 of the per-person diffusion losses, so β_i's gradient is that of person i's own loss, and Adam (elementwise, L2 weight
 decay) updates it as it would alone: the result equals n calls of :func:`w2w.invert.invert` (one photo, every PC of
 the space) up to floating-point rounding. On a CPU one batched step costs far less than n single steps.
+
+``momentum`` > 0 replaces Adam by SGD with that (heavy-ball) momentum, an experiment of the refinement benchmark
+(docs/encoder.md): its step follows the gradient's size per coefficient where Adam's is about ``lr`` for every one.
 """
 from __future__ import annotations
 
@@ -22,19 +25,21 @@ __all__ = ["invert_batch"]
 
 def invert_batch(world, photos: torch.Tensor, seeds: Sequence[int], *, steps: int = 400, lr: float = 0.1,
                  weight_decay: float = 1e-10, space=None, init: torch.Tensor | None = None,
-                 record: Sequence[int] = (), chunk: int = 64) -> dict[int, torch.Tensor]:
+                 record: Sequence[int] = (), chunk: int = 64, momentum: float = 0.0) -> dict[int, torch.Tensor]:
     """Invert one photo per person, ``photos`` (n, 3, H, W) in [-1, 1], over every PC of ``space`` (default: the
     world's), person i with seed ``seeds[i]`` and start ``init[i]`` (n, ≤ pcs; zero-padded; None: the mean model).
     -> {step: β (n, pcs)} for every step of ``record`` (0 = the start) and the last. ``chunk`` people per pass
-    (memory); the result does not depend on it."""
+    (memory); the result does not depend on it. ``momentum`` > 0: SGD with that momentum at ``lr`` instead of Adam
+    (``weight_decay`` is Adam's only)."""
     space = world.space if space is None else space
     if photos.dim() != 4 or photos.shape[0] < 1:
         raise ValueError(f"photos must be a non-empty (n, 3, H, W) batch, got {tuple(photos.shape)}")
     n, k = photos.shape[0], space.pcs
     if len(seeds) != n:
         raise ValueError(f"one seed per photo: got {len(seeds)} seeds for {n} photos")
-    if steps < 0 or not (math.isfinite(lr) and lr > 0) or chunk < 1:
-        raise ValueError(f"steps must be >= 0, lr > 0 and chunk >= 1, got {steps}, {lr}, {chunk}")
+    if steps < 0 or not (math.isfinite(lr) and lr > 0) or chunk < 1 or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"steps must be >= 0, lr > 0, chunk >= 1 and 0 <= momentum < 1, got {steps}, {lr}, {chunk}, "
+                         f"{momentum}")
     beta0 = torch.zeros(n, k)
     if init is not None:
         if init.dim() != 2 or init.shape[0] != n or init.shape[1] > k:
@@ -44,20 +49,21 @@ def invert_batch(world, photos: torch.Tensor, seeds: Sequence[int], *, steps: in
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         runs = _run(world, space, photos[start:stop], seeds[start:stop], beta0[start:stop], steps, lr, weight_decay,
-                    set(record) | {steps})
+                    set(record) | {steps}, momentum)
         for step, beta in runs.items():
             out.setdefault(step, []).append(beta)
     return {step: torch.cat(parts) for step, parts in out.items()}
 
 
-def _run(world, space, photos, seeds, beta0, steps, lr, weight_decay, record) -> dict[int, torch.Tensor]:
+def _run(world, space, photos, seeds, beta0, steps, lr, weight_decay, record, momentum) -> dict[int, torch.Tensor]:
     denoiser = MicroDenoiser(world.unet, world.layout.scale)
     abar = alphas_cumprod().double()
     ctx = world.context(world.config.lora.prompt)
     gens = [torch.Generator(device="cpu").manual_seed(int(s) & 0xFFFF_FFFF_FFFF_FFFF) for s in seeds]
     basis, std, mean = space.components[: space.pcs].float(), space.std.float(), space.mean.float()
     beta = beta0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([beta], lr=lr, weight_decay=weight_decay)
+    opt = (torch.optim.SGD([beta], lr=lr, momentum=momentum) if momentum > 0
+           else torch.optim.Adam([beta], lr=lr, weight_decay=weight_decay))
     x0 = photos.detach().float()
     kept = {0: beta0.clone()} if 0 in record else {}
     for step in range(1, steps + 1):

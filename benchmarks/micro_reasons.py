@@ -1,10 +1,11 @@
-"""Two measurements behind the miniature world's missed targets (docs/micro-world.md), beside its tables.
+"""Measurements behind the miniature world's missed targets (docs/micro-world.md), beside its tables.
 
     python benchmarks/micro_reasons.py dreambooth            # DreamBooth-LoRA at 60 and 400 steps (≈ 14 min, 2 cores)
     python benchmarks/micro_reasons.py dreambooth --steps 60 400 1000 --people 16
     python benchmarks/micro_reasons.py vae                   # the w2w++ VAE's recipe varied, latent 16 (≈ 3 min)
     python benchmarks/micro_reasons.py vae --latent 32 --markdown vae-recipes.md
     python benchmarks/micro_reasons.py prompts --workdir W   # DreamBooth under scene prompts (≈ 50 min, resumable)
+    python benchmarks/micro_reasons.py fig10                 # Fig. 10 on all 40 held-out people (≈ 15 min)
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of
@@ -22,6 +23,10 @@ like the shipped one whose captions also name the head turn, smile and cap of ea
 resumable, ≈ 25 min), a scene reader that reads the turn and the cap back from an image (≈ 5 min), then
 DreamBooth-LoRAs of the held-out people from 1 and 8 photos at each ``--steps``, each judged under the training
 prompt and under "photo sks person left / right / smiling / cap": ID score and how often the asked turn or cap shows.
+
+``fig10`` (target 4: is the curve's shape the world's or its 12 people's?): the tables' Fig. 10 (ID score of
+single-photo inversion vs the models the space is built from) on ``--people`` held-out people (default: all),
+``--eval-seed`` redrawing the inversions' and images' draws as ``micro_world.py --eval-seed`` does.
 """
 from __future__ import annotations
 
@@ -35,8 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from w2w.micro.tables import (EvalConfig, Generator, recipe_table, table_markdown, vae_recipe_table,  # noqa: E402
-                              write_text)
+from w2w.micro.tables import (EvalConfig, Generator, curve_table, recipe_table, table_markdown,  # noqa: E402
+                              vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.train import MODEL_SEEDS, train_base  # noqa: E402
 from w2w.micro.world import DEFAULT_DIR, World, _lora_stage, load_world, lora_stage_stamp, make_space  # noqa: E402
@@ -64,7 +69,7 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("dreambooth", "vae", "prompts"), help="which measurement")
+    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10"), help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
                    help="prompts: also train this many identity LoRAs on the new base, build a space of them and "
@@ -73,7 +78,8 @@ def main() -> int:
     p.add_argument("--artifacts", default=DEFAULT_DIR, help="micro-world folder (default: the pack's models/micro)")
     p.add_argument("--steps", type=int, nargs="+", default=[60, 400],
                    help="dreambooth, prompts: training steps to compare")
-    p.add_argument("--people", type=int, default=0, help="dreambooth, prompts: held-out people (0 = all)")
+    p.add_argument("--people", type=int, default=0, help="dreambooth, prompts, fig10: held-out people (0 = all)")
+    p.add_argument("--eval-seed", type=int, default=0, help="fig10: seed of the draws (default 0, the tables')")
     p.add_argument("--latent", type=int, default=16, help="vae: latent size (and PCA components)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
@@ -84,6 +90,8 @@ def main() -> int:
         p.error("prompts needs --workdir (the scene base model and the reader are trained there)")
     if min(args.steps) < 1:
         p.error("--steps must be positive")
+    if args.eval_seed < 0:
+        p.error(f"--eval-seed must be >= 0, got {args.eval_seed}")
     world = load_world(args.artifacts)
     t0 = time.perf_counter()
     if args.what == "prompts":
@@ -98,6 +106,12 @@ def main() -> int:
                  "words (ID score: judge against unseen photos; shown: share of images in which the reader sees the "
                  "asked head turn or cap — reader accuracy on real photos " +
                  ", ".join(f"{w} {a:.2f}" for w, a in accuracy.items()) + ")")
+    elif args.what == "fig10":
+        people = len(world.heldout_seeds) if not args.people else min(args.people, len(world.heldout_seeds))
+        config = EvalConfig(curve_people=people, seed=args.eval_seed)
+        rows = curve_table(world, Generator(world, config), config, log=print)
+        title = (f"Inversion ID score vs models in the space (paper Fig. 10), {people} held-out people, evaluation "
+                 f"seed {args.eval_seed}")
     elif args.what == "dreambooth":
         config = EvalConfig(people=args.people)
         rows = recipe_table(world, Generator(world, config), config, tuple(args.steps))

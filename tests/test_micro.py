@@ -587,6 +587,15 @@ def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
     # 5 and 7 models are rebuilt from the shipped weights; 10 (all) is the shipped space itself, once for 10, 20 and 50
     assert [r["models in the space"] for r in tables["models_curve"]] == [5, 7, 10]
     assert [r["PCs"] for r in tables["models_curve"]] == [4, 6, 6]
+    # alone (no inversion table to borrow the full space's inversions from) the curve inverts them itself: same figures
+    from w2w.micro.tables import curve_table
+
+    cfg = EvalConfig(seeds=2, ddim_steps=2, invert_steps=2, references=2, curve_sizes=(5, 7, 10, 20, 50),
+                     curve_people=1)
+    alone = curve_table(world, Generator(world, cfg), cfg, log=lambda s: None)
+    assert [r["models in the space"] for r in alone] == [5, 7, 10]
+    for a, b in zip(alone, tables["models_curve"]):
+        assert a["ID score"] == pytest.approx(b["ID score"], abs=1e-4)
     md = to_markdown(tables)
     assert "Editing vs prompting" in md and "| w2w edit, 0.5 × max projection |" in md and "| prompt |" in md
     assert "The paper's orderings" in md

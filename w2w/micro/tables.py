@@ -409,28 +409,37 @@ def pca_vs_vae_table(world: World, gen: Generator, cfg: EvalConfig, sampled: dic
 
 
 # ---- Fig. 10 -------------------------------------------------------------------------------------------------
-def curve_table(world: World, gen: Generator, cfg: EvalConfig, inversion: dict, log=print) -> list[dict]:
+def curve_table(world: World, gen: Generator, cfg: EvalConfig, inversion: dict | None = None,
+                log=print) -> list[dict]:
     """ID score of single-photo inversion vs the number of models the space is built from (paper Fig. 10).
 
     Smaller spaces are built again (our build, same settings) from the first N training LoRAs; the full one is the
-    shipped space, whose inversions of the same people with the same seeds are the inversion table's.
+    shipped space, whose inversions of the same people with the same seeds are the inversion table's (``inversion``,
+    its second result; without it, the first ``cfg.curve_people`` held-out people are inverted here, as there).
     """
-    people = inversion["people"][: cfg.curve_people]
-    refs = inversion["refs"][: len(people)]
+    if inversion is None:
+        people = _people(world, cfg, cfg.curve_people)
+        refs, _ = gen.read(gen.photos(people, cfg.references, REFERENCE_VIEW))
+    else:
+        people = inversion["people"][: cfg.curve_people]
+        refs = inversion["refs"][: len(people)]
     inputs = [world.photos_of(s, 1, 0) for s in people]
     n_all = world.space.train_coefs.shape[0]
     rows = []
     for n in sorted({min(n, n_all) for n in cfg.curve_sizes}):  # sizes beyond the world are the whole world, once
+        ws = None
         if n >= n_all:
-            n, space, ws = n_all, world.space, inversion["inverted"][: len(people)]
+            n, space = n_all, world.space
+            ws = None if inversion is None else inversion["inverted"][: len(people)]
         elif n <= world.weights.shape[0]:
             space = make_space(world.unet, world.weights[:n], list(world.model_seeds[:n]), world.config.pcs,
                                world.config.sample_pcs)
+        else:
+            continue  # only the first raw_models LoRAs are shipped as weights
+        if ws is None:
             runs = invert_batch(world, torch.cat(inputs), [cfg.seed + i for i in range(len(people))],
                                 steps=cfg.invert_steps, lr=cfg.invert_lr, space=space)
             ws = space.weights(runs[cfg.invert_steps])
-        else:
-            continue  # only the first raw_models LoRAs are shipped as weights
         emb, _ = gen.read_models(ws)
         rows.append({"models in the space": n, "PCs": space.pcs, "ID score": _pairwise(emb, refs)})
         log(f"  curve: {n} models -> {rows[-1]['ID score']:.3f}")

@@ -532,10 +532,11 @@ def refinement_sweep(world, encoder: FaceEncoder, lrs: tuple[float, ...] = (0.03
         runs = invert_batch(world, photos, seeds, steps=max(record), lr=lr, init=start, record=record,
                             momentum=momentum)
         scores = [encoder_identity_scores(world, encoder, runs[s], val, scorer) for s in record]
-        out["curves"][str(lr)] = [float(x.mean()) for x in scores]
-        out["sem"][str(lr)] = [_sem(x.tolist()) for x in scores]
-        log(f"refinement sweep ({out['optimizer']}): lr {lr:g}: " + ", ".join(f"{s}: {v:.4f}" for s, v in zip(record,
-                                                                                         out["curves"][str(lr)])))
+        key = f"{lr:g}"
+        out["curves"][key] = [float(x.mean()) for x in scores]
+        out["sem"][key] = [_sem(x.tolist()) for x in scores]
+        log(f"refinement sweep ({out['optimizer']}): lr {key}: "
+            + ", ".join(f"{s}: {v:.4f}" for s, v in zip(record, out["curves"][key])))
     return out
 
 

@@ -5,7 +5,7 @@
     python benchmarks/micro_reasons.py vae                   # the w2w++ VAE's recipe varied, latent 16 (≈ 3 min)
     python benchmarks/micro_reasons.py vae --latent 32 --markdown vae-recipes.md
     python benchmarks/micro_reasons.py prompts --workdir W   # DreamBooth under scene prompts (≈ 50 min, resumable)
-    python benchmarks/micro_reasons.py fig10                 # Fig. 10 on all 40 held-out people (≈ 15 min)
+    python benchmarks/micro_reasons.py fig10                 # Fig. 10 on all 40 held-out people (≈ 9 min)
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of

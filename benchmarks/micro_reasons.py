@@ -6,6 +6,7 @@
     python benchmarks/micro_reasons.py vae --latent 32 --markdown vae-recipes.md
     python benchmarks/micro_reasons.py prompts --workdir W   # DreamBooth under scene prompts (≈ 50 min, resumable)
     python benchmarks/micro_reasons.py fig10                 # Fig. 10 on all 40 held-out people (≈ 9 min)
+    python benchmarks/micro_reasons.py edits --image-seeds 16  # the edits table with 4 x the images per model
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of
@@ -27,6 +28,10 @@ prompt and under "photo sks person left / right / smiling / cap": ID score and h
 ``fig10`` (target 4: is the curve's shape the world's or its 12 people's?): the tables' Fig. 10 (ID score of
 single-photo inversion vs the models the space is built from) on ``--people`` held-out people (default: all),
 ``--eval-seed`` redrawing the inversions' and images' draws as ``micro_world.py --eval-seed`` does.
+
+``edits`` (target 2: is its verdict the method's or its draws'?): the tables' edits-vs-prompting table and target 2's
+verdict, with ``--image-seeds`` images per model (the tables use 4, the same 4 for every model) and ``--eval-seed``.
+``fig10`` takes ``--image-seeds`` too.
 """
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from w2w.micro.tables import (EvalConfig, Generator, curve_table, recipe_table, table_markdown,  # noqa: E402
-                              vae_recipe_table, write_text)
+from w2w.micro.tables import (EvalConfig, Generator, check_targets, curve_table, editing_table,  # noqa: E402
+                              recipe_table, table_markdown, vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.train import MODEL_SEEDS, train_base  # noqa: E402
 from w2w.micro.world import DEFAULT_DIR, World, _lora_stage, load_world, lora_stage_stamp, make_space  # noqa: E402
@@ -69,7 +74,7 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10"), help="which measurement")
+    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits"), help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
                    help="prompts: also train this many identity LoRAs on the new base, build a space of them and "
@@ -79,7 +84,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[60, 400],
                    help="dreambooth, prompts: training steps to compare")
     p.add_argument("--people", type=int, default=0, help="dreambooth, prompts, fig10: held-out people (0 = all)")
-    p.add_argument("--eval-seed", type=int, default=0, help="fig10: seed of the draws (default 0, the tables')")
+    p.add_argument("--eval-seed", type=int, default=0, help="fig10, edits: seed of the draws (default 0, the tables')")
+    p.add_argument("--image-seeds", type=int, default=4,
+                   help="fig10, edits: images per model, each with its own noise seed (default 4, the tables')")
     p.add_argument("--latent", type=int, default=16, help="vae: latent size (and PCA components)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
@@ -92,6 +99,8 @@ def main() -> int:
         p.error("--steps must be positive")
     if args.eval_seed < 0:
         p.error(f"--eval-seed must be >= 0, got {args.eval_seed}")
+    if args.image_seeds < 1:
+        p.error(f"--image-seeds must be >= 1, got {args.image_seeds}")
     world = load_world(args.artifacts)
     t0 = time.perf_counter()
     if args.what == "prompts":
@@ -108,10 +117,19 @@ def main() -> int:
                  ", ".join(f"{w} {a:.2f}" for w, a in accuracy.items()) + ")")
     elif args.what == "fig10":
         people = len(world.heldout_seeds) if not args.people else min(args.people, len(world.heldout_seeds))
-        config = EvalConfig(curve_people=people, seed=args.eval_seed)
+        config = EvalConfig(curve_people=people, seed=args.eval_seed, seeds=args.image_seeds)
         rows = curve_table(world, Generator(world, config), config, log=print)
         title = (f"Inversion ID score vs models in the space (paper Fig. 10), {people} held-out people, evaluation "
-                 f"seed {args.eval_seed}")
+                 f"seed {args.eval_seed}, {args.image_seeds} images per model; target 4 "
+                 + ("met" if check_targets({"models_curve": rows})[0]["met"] else "missed"))
+    elif args.what == "edits":
+        config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds,
+                            **({"edit_people": args.people} if args.people else {}))
+        rows, _ = editing_table(world, Generator(world, config), config)
+        target = check_targets({"editing": rows})[0]
+        title = (f"Editing vs prompting, {config.edit_people} held-out people, evaluation seed {args.eval_seed}, "
+                 f"{args.image_seeds} images per model; target 2 {'met' if target['met'] else 'missed'}: "
+                 f"{target['measured']}")
     elif args.what == "dreambooth":
         config = EvalConfig(people=args.people)
         rows = recipe_table(world, Generator(world, config), config, tuple(args.steps))

@@ -7,6 +7,7 @@
     python benchmarks/micro_reasons.py prompts --workdir W   # DreamBooth under scene prompts (≈ 50 min, resumable)
     python benchmarks/micro_reasons.py fig10                 # Fig. 10 on all 40 held-out people (≈ 9 min)
     python benchmarks/micro_reasons.py edits --image-seeds 16  # the edits table with 4 x the images per model
+    python benchmarks/micro_reasons.py inversion --image-seeds 16  # the inversion table, likewise
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of
@@ -31,6 +32,7 @@ single-photo inversion vs the models the space is built from) on ``--people`` he
 
 ``edits`` (target 2: is its verdict the method's or its draws'?): the tables' edits-vs-prompting table and target 2's
 verdict, with ``--image-seeds`` images per model (the tables use 4, the same 4 for every model) and ``--eval-seed``.
+``inversion`` (target 1, likewise): the tables' inversion-vs-DreamBooth table and target 1's verdicts.
 ``fig10`` takes ``--image-seeds`` too.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from w2w.micro.tables import (EvalConfig, Generator, check_targets, curve_table, editing_table,  # noqa: E402
-                              recipe_table, table_markdown, vae_recipe_table, write_text)
+                              inversion_table, recipe_table, table_markdown, vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.train import MODEL_SEEDS, train_base  # noqa: E402
 from w2w.micro.world import DEFAULT_DIR, World, _lora_stage, load_world, lora_stage_stamp, make_space  # noqa: E402
@@ -74,7 +76,8 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits"), help="which measurement")
+    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion"),
+                   help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
                    help="prompts: also train this many identity LoRAs on the new base, build a space of them and "
@@ -83,10 +86,13 @@ def main() -> int:
     p.add_argument("--artifacts", default=DEFAULT_DIR, help="micro-world folder (default: the pack's models/micro)")
     p.add_argument("--steps", type=int, nargs="+", default=[60, 400],
                    help="dreambooth, prompts: training steps to compare")
-    p.add_argument("--people", type=int, default=0, help="dreambooth, prompts, fig10: held-out people (0 = all)")
-    p.add_argument("--eval-seed", type=int, default=0, help="fig10, edits: seed of the draws (default 0, the tables')")
+    p.add_argument("--people", type=int, default=0,
+                   help="dreambooth, prompts, fig10, inversion: held-out people (0 = all)")
+    p.add_argument("--eval-seed", type=int, default=0,
+                   help="fig10, edits, inversion: seed of the draws (default 0, the tables')")
     p.add_argument("--image-seeds", type=int, default=4,
-                   help="fig10, edits: images per model, each with its own noise seed (default 4, the tables')")
+                   help="fig10, edits, inversion: images per model, each with its own noise seed (default 4, the "
+                        "tables')")
     p.add_argument("--latent", type=int, default=16, help="vae: latent size (and PCA components)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
@@ -130,6 +136,14 @@ def main() -> int:
         title = (f"Editing vs prompting, {config.edit_people} held-out people, evaluation seed {args.eval_seed}, "
                  f"{args.image_seeds} images per model; target 2 {'met' if target['met'] else 'missed'}: "
                  f"{target['measured']}")
+    elif args.what == "inversion":
+        config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, people=args.people)
+        rows, _ = inversion_table(world, Generator(world, config), config, log=print)
+        verdicts = "; ".join(f"{t['target']}: {t['measured']} ({'met' if t['met'] else 'missed'})"
+                             for t in check_targets({"inversion": rows}))
+        people = len(world.heldout_seeds) if not args.people else min(args.people, len(world.heldout_seeds))
+        title = (f"Single-photo inversion vs DreamBooth-LoRA, {people} held-out people, "
+                 f"evaluation seed {args.eval_seed}, {args.image_seeds} images per model; {verdicts}")
     elif args.what == "dreambooth":
         config = EvalConfig(people=args.people)
         rows = recipe_table(world, Generator(world, config), config, tuple(args.steps))

@@ -74,6 +74,15 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
     return scene, {**accuracy, "reader": reader}
 
 
+def _people(world, asked: int) -> int:
+    """How many held-out people a measurement uses: ``asked``, at most the world's; 0 = all of them."""
+    return min(asked, len(world.heldout_seeds)) if asked else len(world.heldout_seeds)
+
+
+def _verdict(target: dict) -> str:
+    return "met" if target["met"] else "missed"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion"),
@@ -116,38 +125,38 @@ def main() -> int:
         config = EvalConfig(people=args.people)
         rows = prompt_table(world, Generator(world, config), config, accuracy.pop("reader"), tuple(args.steps),
                             inversion=bool(args.space_models))
-        people = len(world.heldout_seeds) if not args.people else min(args.people, len(world.heldout_seeds))
+        people = _people(world, args.people)
         title = (f"DreamBooth-LoRA under scene prompts, {people} held-out people, a base model that knows the scene "
                  "words (ID score: judge against unseen photos; shown: share of images in which the reader sees the "
                  "asked head turn or cap — reader accuracy on real photos " +
                  ", ".join(f"{w} {a:.2f}" for w, a in accuracy.items()) + ")")
     elif args.what == "fig10":
-        people = len(world.heldout_seeds) if not args.people else min(args.people, len(world.heldout_seeds))
+        people = _people(world, args.people)
         config = EvalConfig(curve_people=people, seed=args.eval_seed, seeds=args.image_seeds)
         rows = curve_table(world, Generator(world, config), config, log=print)
         title = (f"Inversion ID score vs models in the space (paper Fig. 10), {people} held-out people, evaluation "
                  f"seed {args.eval_seed}, {args.image_seeds} images per model; target 4 "
-                 + ("met" if check_targets({"models_curve": rows})[0]["met"] else "missed"))
+                 + _verdict(check_targets({"models_curve": rows})[0]))
     elif args.what == "edits":
         config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds,
                             **({"edit_people": args.people} if args.people else {}))
         rows, _ = editing_table(world, Generator(world, config), config)
         target = check_targets({"editing": rows})[0]
         title = (f"Editing vs prompting, {config.edit_people} held-out people, evaluation seed {args.eval_seed}, "
-                 f"{args.image_seeds} images per model; target 2 {'met' if target['met'] else 'missed'}: "
+                 f"{args.image_seeds} images per model; target 2 {_verdict(target)}: "
                  f"{target['measured']}")
     elif args.what == "inversion":
         config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, people=args.people)
         rows, _ = inversion_table(world, Generator(world, config), config, log=print)
-        verdicts = "; ".join(f"{t['target']}: {t['measured']} ({'met' if t['met'] else 'missed'})"
+        verdicts = "; ".join(f"{t['target']}: {t['measured']} ({_verdict(t)})"
                              for t in check_targets({"inversion": rows}))
-        people = len(world.heldout_seeds) if not args.people else min(args.people, len(world.heldout_seeds))
+        people = _people(world, args.people)
         title = (f"Single-photo inversion vs DreamBooth-LoRA, {people} held-out people, "
                  f"evaluation seed {args.eval_seed}, {args.image_seeds} images per model; {verdicts}")
     elif args.what == "dreambooth":
         config = EvalConfig(people=args.people)
         rows = recipe_table(world, Generator(world, config), config, tuple(args.steps))
-        people = len(world.heldout_seeds) if not args.people else min(args.people, len(world.heldout_seeds))
+        people = _people(world, args.people)
         title = (f"Single-photo DreamBooth-LoRA trained longer, {people} held-out people (judge ID score against "
                  "unseen photos; seconds for all people)")
     else:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .faces import STYLE_VERSIONS, caption_words, identity_params, render_batch, scene_words
-from .model import (BASE_VOCAB, TOKENS, VOCAB, MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout, tokenize,
-                    v_target)
+from .model import (BASE_VOCAB, TOKENS, VOCAB, MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout,
+                    tokenize, v_target)
 
 __all__ = ["BaseConfig", "base_caption", "train_base", "LoraConfig", "train_loras", "initial_factors", "view_seeds",
            "identity_images", "atomic_save", "load_checkpoint", "Log"]

@@ -109,6 +109,39 @@ def test_beta_schedule_warmup_then_ramp():
         TrainConfig(holdout=1.0)
 
 
+def test_keep_best_returns_the_epoch_with_the_lowest_heldout_error(space, tmp_path):
+    """keep_best: the VAE holds the weights of the full-KL epoch whose held-out error is lowest (its held-out error,
+    recomputed on the rows train_vae held back, is that epoch's), the file records the epoch, and the settings it
+    cannot work with are refused."""
+    from w2w.vae import chosen_stats, describe_vae, heldout_rows
+
+    cfg = TrainConfig(epochs=12, batch_size=64, lr=3e-2, warmup_epochs=1, ramp_epochs=2, holdout=0.2, seed=4,
+                      keep_best=True)
+    result = train_from_space(space, latent=2, hidden=(64, 64), train=cfg)
+    errors = [h.heldout_error for h in result.history]
+    eligible = range(cfg.warmup_epochs + cfg.ramp_epochs - 1, len(errors))
+    best = min(eligible, key=lambda i: errors[i])
+    assert result.chosen_epoch == best + 1 and result.chosen.heldout_error == errors[best]
+    assert result.chosen_epoch < len(result.history)  # this run's error rose at the end: the choice is exercised
+    held = heldout_rows(space.train_coefs.shape[0], cfg)
+    assert int(held.sum()) == round(0.2 * space.train_coefs.shape[0])
+    vae = result.vae
+    assert reconstruction_error(vae, space.train_coefs[held], vae.shift) == pytest.approx(errors[best], rel=1e-5)
+    last = train_from_space(space, latent=2, hidden=(64, 64), train=dataclasses.replace(cfg, keep_best=False))
+    assert last.chosen_epoch == len(last.history) and last.chosen == last.final
+    assert last.history[best].heldout_error == errors[best]  # the same run up to the choice
+    path = str(tmp_path / "best.safetensors")
+    save_vae(vae, path)
+    back = load_vae(path)
+    assert back.chosen_epoch == best + 1 and chosen_stats(back) == result.chosen
+    assert describe_vae(back)["chosen_epoch"] == best + 1
+    assert describe_vae(back)["heldout_error"] == pytest.approx(errors[best])
+    with pytest.raises(ValueError, match="holdout"):
+        TrainConfig(holdout=0.0, keep_best=True)
+    with pytest.raises(ValueError, match="rising after all 5 epochs"):
+        TrainConfig(epochs=5, warmup_epochs=2, ramp_epochs=3, keep_best=True)
+
+
 def test_active_units_reported_every_epoch_and_callback_can_stop(space):
     seen = []
 

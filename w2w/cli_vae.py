@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--ramp", type=int, default=10, help="epochs over which the KL weight rises to --beta")
     p.add_argument("--free-bits", type=float, default=0.1, help="nats per latent unit not penalised (0 = off)")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of models held out for the error report")
+    p.add_argument("--keep-best", action="store_true",
+                   help="keep the weights of the epoch with the lowest held-out error among those at the full KL "
+                        "weight (early stopping), not the last epoch's")
     p.add_argument("--block-rows", type=int, default=4096, help="rows read at a time from --weights")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_train)
@@ -54,7 +57,7 @@ def _train(args) -> int:
     hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
                         warmup_epochs=args.warmup, ramp_epochs=args.ramp, free_bits=args.free_bits,
-                        holdout=args.holdout, seed=args.seed, block_rows=args.block_rows)
+                        holdout=args.holdout, seed=args.seed, block_rows=args.block_rows, keep_best=args.keep_best)
     if args.input == "weights":
         space = load_space(args.space, 1, training=False)  # its mean and std standardise the weights
     else:  # never hold more PCs than the coefficients need (the released basis has 10,000 columns, 4 GB)
@@ -69,8 +72,9 @@ def _train(args) -> int:
     result = train_from_space(space, input=args.input, pcs=args.pcs, latent=args.latent, hidden=hidden,
                               weights=weights, train=train, whiten=not args.no_whiten, callback=progress)
     save_vae(result.vae, args.out)
-    final = result.final
-    print(f"wrote {args.out}: {final.active}/{result.vae.latent} latent units active"
+    final = result.chosen
+    chosen = f" (weights of epoch {result.chosen_epoch}, the lowest held-out error)" if args.keep_best else ""
+    print(f"wrote {args.out}{chosen}: {final.active}/{result.vae.latent} latent units active"
           + ("" if math.isnan(final.heldout_error) else f", held-out relative error {final.heldout_error:.4f}"))
     if final.active < result.vae.latent / 2:
         print("note: fewer than half the latent units are active; the data may need fewer units, or lower --beta / "

@@ -19,6 +19,7 @@ of the space (coefficients tied to its fingerprint) or straight weight vectors. 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -37,7 +38,7 @@ __all__ = ["VAEConfig", "TrainConfig", "EpochStats", "TrainResult", "StopTrainin
            "train_vae", "save_vae", "load_vae", "decode_identity", "decode_weights", "encode_identity",
            "sample_latents", "interpolate", "active_units", "reconstruction_error", "pca_reconstruction_error",
            "LatentParam", "VAE_FORMAT", "INPUTS", "VAELatent", "describe_vae", "informative_units",
-           "train_from_space"]
+           "train_from_space", "heldout_rows", "chosen_stats"]
 
 VAE_FORMAT = "w2w-vae"
 INPUTS = ("coefs", "weights")
@@ -87,6 +88,9 @@ class TrainConfig:
     block_rows: int = 4096  # rows read from disk at a time when streaming
     grad_clip: float = 10.0
     threads: int = 0  # CPU threads while training; 0 = one for small models (much faster on a busy CPU), else torch's
+    # keep the weights of the epoch with the lowest held-out error among those at the full KL weight (early
+    # stopping on the rows held out; needs holdout > 0), instead of the last epoch's
+    keep_best: bool = False
 
 
     def __post_init__(self) -> None:
@@ -97,6 +101,12 @@ class TrainConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid training setting {bad[0]}={getattr(self, bad[0])!r}")
+        if self.keep_best and not self.holdout:
+            raise ValueError("keep_best chooses the epoch by its held-out error: set holdout > 0")
+        if self.keep_best and self.warmup_epochs + self.ramp_epochs >= self.epochs:
+            raise ValueError(f"keep_best chooses among the epochs at the full KL weight, but the KL weight is still "
+                             f"rising after all {self.epochs} epochs (warm-up {self.warmup_epochs} + ramp "
+                             f"{self.ramp_epochs}): train longer or shorten the warm-up")
 
     def beta_at(self, progress: float) -> float:
         """KL weight after ``progress`` epochs (fractional)."""
@@ -127,10 +137,16 @@ class TrainResult:
     vae: "W2WVAE"
     history: tuple[EpochStats, ...]
     stopped: bool  # True when the callback raised StopTraining
+    chosen_epoch: int = 0  # the epoch whose weights :attr:`vae` holds (the last, or the best with keep_best)
 
     @property
     def final(self) -> EpochStats:
         return self.history[-1]
+
+    @property
+    def chosen(self) -> EpochStats:
+        """The statistics of the epoch whose weights the VAE holds."""
+        return self.history[self.chosen_epoch - 1] if self.chosen_epoch else self.history[-1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -355,6 +371,11 @@ def _split(rows: int, holdout: float, gen: torch.Generator) -> tuple[torch.Tenso
     return held, monitor.sort().values
 
 
+def heldout_rows(rows: int, train: TrainConfig) -> torch.Tensor:
+    """Boolean mask of the rows :func:`train_vae` holds out (never trains on) of ``rows`` rows under ``train``."""
+    return _split(rows, train.holdout, torch.Generator().manual_seed(train.seed))[0]
+
+
 def train_vae(data, *, config: VAEConfig, train: TrainConfig = TrainConfig(),
               transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
               shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, whiten: bool = True,
@@ -409,6 +430,7 @@ def _fit(vae: W2WVAE, source: _Source, train: TrainConfig, gen: torch.Generator,
     steps_per_epoch = sum(math.ceil(int((~held[s:s + source.block_rows]).sum()) / train.batch_size)
                           for s in source.block_starts())
     total, step, history, stopped = train.epochs * steps_per_epoch, 0, [], False
+    best: tuple[float, int, dict] | None = None  # (held-out error, epoch, weights) with keep_best
     for epoch in range(train.epochs):
         t0 = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64)
@@ -442,6 +464,10 @@ def _fit(vae: W2WVAE, source: _Source, train: TrainConfig, gen: torch.Generator,
         stats = _epoch_stats(vae, epoch, train.beta_at(epoch + 1), sums / train_rows, monitor,
                              bool(train.holdout), time.perf_counter() - t0)
         history.append(stats)
+        full_beta = epoch + 1 >= train.warmup_epochs + train.ramp_epochs
+        if (train.keep_best and full_beta and math.isfinite(stats.heldout_error)
+                and (best is None or stats.heldout_error < best[0])):
+            best = (stats.heldout_error, epoch + 1, copy.deepcopy(vae.state_dict()))
         if stopped:
             break
         if callback is not None:
@@ -450,11 +476,25 @@ def _fit(vae: W2WVAE, source: _Source, train: TrainConfig, gen: torch.Generator,
             except StopTraining:
                 stopped = True
                 break
+    chosen = len(history)
+    if best is not None:
+        vae.load_state_dict(best[2])
+        chosen = best[1]
     vae.eval()
     vae.requires_grad_(False)
     vae.history = tuple(history)
     vae.train_config = train
-    return TrainResult(vae, tuple(history), stopped)
+    vae.chosen_epoch = chosen
+    return TrainResult(vae, tuple(history), stopped, chosen)
+
+
+def chosen_stats(vae: W2WVAE) -> EpochStats | None:
+    """The training statistics of the epoch whose weights ``vae`` holds (the last one unless trained with
+    ``keep_best``); None for a VAE without a training history."""
+    history = getattr(vae, "history", ())
+    if not history:
+        return None
+    return history[getattr(vae, "chosen_epoch", len(history)) - 1]
 
 
 def _epoch_stats(vae: W2WVAE, epoch: int, beta: float, means: torch.Tensor, monitor: torch.Tensor, heldout: bool,
@@ -518,7 +558,8 @@ def save_vae(vae: W2WVAE, path: str, *, dtype: torch.dtype = torch.float32) -> N
     train = getattr(vae, "train_config", None)
     meta = {"format": VAE_FORMAT, "format_version": "1", "config": json.dumps(asdict(vae.config)),
             "train_config": json.dumps(asdict(train) if train is not None else None),
-            "history": json.dumps(history, allow_nan=True)}
+            "history": json.dumps(history, allow_nan=True),
+            "chosen_epoch": str(getattr(vae, "chosen_epoch", len(history)))}
     write_safetensors(path, tensors, meta)
 
 
@@ -533,9 +574,12 @@ def load_vae(path: str) -> W2WVAE:
         config = VAEConfig(**{**cfg, "hidden": tuple(cfg["hidden"])})
         history = tuple(EpochStats(**h) for h in json.loads(meta.get("history", "[]")))
         train = json.loads(meta.get("train_config", "null"))
+        chosen = int(meta.get("chosen_epoch", len(history)))
+        if history and not 1 <= chosen <= len(history):
+            raise ValueError(f"chosen epoch {chosen} of {len(history)}")
     except SafetensorError as exc:
         raise W2WFileError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {exc}") from None
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise W2WFileError(f"{path}: malformed VAE metadata ({exc})") from None
     vae = W2WVAE(config)
     try:
@@ -546,16 +590,18 @@ def load_vae(path: str) -> W2WVAE:
     vae.requires_grad_(False)
     vae.history = history
     vae.train_config = TrainConfig(**train) if train else None
+    vae.chosen_epoch = chosen
     return vae
 
 
 def describe_vae(vae: W2WVAE) -> dict:
     """A JSON-friendly summary (``vae-info``)."""
     c = vae.config
-    last = vae.history[-1] if getattr(vae, "history", ()) else None
+    last = chosen_stats(vae)
     return {"input": c.input, "input_dim": c.input_dim, "latent": c.latent, "hidden": list(c.hidden),
             "space_fingerprint": c.space_fingerprint, "parameters": sum(p.numel() for p in vae.parameters()),
             "epochs_trained": len(getattr(vae, "history", ())),
+            "chosen_epoch": getattr(vae, "chosen_epoch", None) if last is not None else None,
             "active_units": None if last is None else last.active,
             "heldout_error": None if last is None or math.isnan(last.heldout_error) else last.heldout_error,
             "train_config": None if getattr(vae, "train_config", None) is None else asdict(vae.train_config)}

@@ -2,11 +2,12 @@
 
     python benchmarks/micro_reasons.py dreambooth            # DreamBooth-LoRA at 60 and 400 steps (≈ 14 min, 2 cores)
     python benchmarks/micro_reasons.py dreambooth --steps 60 400 1000 --people 16
-    python benchmarks/micro_reasons.py vae                   # the w2w++ VAE's recipe varied, latent 16 (≈ 3 min)
+    python benchmarks/micro_reasons.py vae                   # the w2w++ VAE's recipe varied, latent 16 (≈ 4 min)
     python benchmarks/micro_reasons.py vae --latent 32 --markdown vae-recipes.md
     python benchmarks/micro_reasons.py prompts --workdir W   # DreamBooth under scene prompts (≈ 50 min, resumable)
     python benchmarks/micro_reasons.py fig10                 # Fig. 10 on all 40 held-out people (≈ 9 min)
     python benchmarks/micro_reasons.py edits --image-seeds 16  # the edits table with 4 x the images per model
+    python benchmarks/micro_reasons.py edits --debias        # the edits with debiased directions
     python benchmarks/micro_reasons.py inversion --image-seeds 16  # the inversion table, likewise
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
@@ -15,10 +16,13 @@ steps (its learning-rate schedule stretched over them; 60 is the recipe of the s
 DreamBooth rows, 400 the inversion's step count), next to the single-photo w2w inversion of the same people; the
 judge's ID score of each model's images against unseen photos, as in the tables' inversion table.
 
-``vae`` (target 5: why the VAE does not beat PCA's held-out weight error): VAEs of one latent size trained on the
-world's training coefficients with the recipe of its shipped VAEs, varied in input scaling (each PC whitened, as
-shipped, or one common scale, so the loss weighs the PCs as the weight error does) and in KL weight; each scored on
-the held-out people's LoRAs as the tables' PCA vs VAE table scores them (1 = the mean model), after PCA at that size.
+``vae`` (target 5: when does the VAE beat PCA's held-out weight error?): VAEs of one latent size trained on the
+world's training coefficients with the recipe of its shipped VAEs, varied in input scaling (each PC whitened, or one
+common scale, so the loss weighs the PCs as the weight error does), in length (the epoch with the lowest error on the
+training models the recipe holds back, or the last of 200) and in KL weight; each scored on the held-out people's
+LoRAs as the tables' PCA vs VAE table scores them (1 = the mean model), after PCA at that size, and on the training
+models it fitted and held back (over-fitting shows as a gap). Then whether anything a nonlinear code could hold is
+left: the rest of each model's coefficients predicted from its first PCs by k nearest neighbours and by an MLP.
 
 ``prompts`` (target 1 under the paper's protocol: models judged on images made with diverse prompts): a base model
 like the shipped one whose captions also name the head turn, smile and cap of each photo (trained into ``--workdir``,
@@ -31,7 +35,8 @@ single-photo inversion vs the models the space is built from) on ``--people`` he
 ``--eval-seed`` redrawing the inversions' and images' draws as ``micro_world.py --eval-seed`` does.
 
 ``edits`` (target 2: is its verdict the method's or its draws'?): the tables' edits-vs-prompting table and target 2's
-verdict, with ``--image-seeds`` images per model (the tables use 4, the same 4 for every model) and ``--eval-seed``.
+verdict, with ``--image-seeds`` images per model (the tables use 4, the same 4 for every model) and ``--eval-seed``;
+``--debias`` edits along each direction debiased against every other attribute's (the reference code's debiasing).
 ``inversion`` (target 1, likewise): the tables' inversion-vs-DreamBooth table and target 1's verdicts.
 ``fig10`` takes ``--image-seeds`` too.
 """
@@ -48,10 +53,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from w2w.micro.tables import (EvalConfig, Generator, check_targets, curve_table, editing_table,  # noqa: E402
-                              inversion_table, recipe_table, table_markdown, vae_recipe_table, write_text)
+                              inversion_table, recipe_table, structure_table, table_markdown, vae_recipe_table,
+                              write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.train import MODEL_SEEDS, train_base  # noqa: E402
-from w2w.micro.world import DEFAULT_DIR, World, _lora_stage, load_world, lora_stage_stamp, make_space  # noqa: E402
+from w2w.micro.world import (DEFAULT_DIR, World, _lora_stage, load_world, lora_stage_stamp, make_space,  # noqa: E402
+                             with_directions)
 
 
 def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
@@ -102,6 +109,9 @@ def main() -> int:
     p.add_argument("--image-seeds", type=int, default=4,
                    help="fig10, edits, inversion: images per model, each with its own noise seed (default 4, the "
                         "tables')")
+    p.add_argument("--debias", action="store_true",
+                   help="edits: each direction debiased against every other attribute's (the reference code's "
+                        "debiasing) instead of the tables' plain least-squares directions")
     p.add_argument("--latent", type=int, default=16, help="vae: latent size (and PCA components)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
@@ -118,6 +128,7 @@ def main() -> int:
         p.error(f"--image-seeds must be >= 1, got {args.image_seeds}")
     world = load_world(args.artifacts)
     t0 = time.perf_counter()
+    extra = ""
     if args.what == "prompts":
         if args.space_models and not 3 <= args.space_models <= world.config.models:
             p.error(f"--space-models must be 3..{world.config.models} (or 0)")
@@ -140,10 +151,13 @@ def main() -> int:
     elif args.what == "edits":
         config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds,
                             **({"edit_people": args.people} if args.people else {}))
+        if args.debias:
+            world = replace(world, space=with_directions(world.space, world.config.sample_pcs, debias=True))
         rows, _ = editing_table(world, Generator(world, config), config)
         target = check_targets({"editing": rows})[0]
-        title = (f"Editing vs prompting, {config.edit_people} held-out people, evaluation seed {args.eval_seed}, "
-                 f"{args.image_seeds} images per model; target 2 {_verdict(target)}: "
+        kind = "directions debiased against every other attribute" if args.debias else "least-squares directions"
+        title = (f"Editing vs prompting, {config.edit_people} held-out people, {kind}, evaluation seed "
+                 f"{args.eval_seed}, {args.image_seeds} images per model; target 2 {_verdict(target)}: "
                  f"{target['measured']}")
     elif args.what == "inversion":
         config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, people=args.people)
@@ -165,8 +179,12 @@ def main() -> int:
         config = EvalConfig()
         rows = vae_recipe_table(world, config, args.latent)
         title = (f"w2w++ VAE recipes vs PCA, latent {args.latent}, {config.vae_people} held-out people (held-out "
-                 "weight error; 1 = the mean model)")
-    text = table_markdown(title, rows) + "\n"
+                 "weight error; 1 = the mean model; errors on the training models in the space's coefficients)")
+        structure = structure_table(world, config, args.latent)
+        extra = table_markdown(
+            f"What the first {args.latent} PCs leave, predicted from them (error in the space's coefficients, "
+            f"1 = the mean model; fitted on the training models the VAE recipe fits)", structure)
+    text = table_markdown(title, rows) + "\n" + ("\n" + extra + "\n" if extra else "")
     print(text)
     print(f"in {time.perf_counter() - t0:.0f} s")
     if args.markdown:

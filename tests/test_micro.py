@@ -291,8 +291,15 @@ def test_lora_stage_in_two_processes_equals_one(tiny_model, tmp_path):
 
 
 def test_world_config_round_trips_and_checks_styles():
+    import json
+
     cfg = WorldConfig()
     assert WorldConfig.from_json(cfg.to_json()) == cfg
+    # files written before the VAE recipe had its own settings read as the rule their VAEs were trained by
+    old = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in ("vae_warmup", "vae_ramp", "vae_whiten",
+                                                                           "vae_keep_best")}
+    read = WorldConfig.from_json(json.dumps({**old, "vae_epochs": 200}))
+    assert (read.vae_warmup, read.vae_ramp, read.vae_whiten, read.vae_keep_best) == (20, 40, True, False)
     assert cfg.lora.shared_noise and cfg.photos == "hard"
     assert cfg.pcs == micro_layout(MicroUNet(cfg.base.model)).dim // 10  # the paper's 10 % of the LoRA values
     with pytest.raises(ValueError, match="same style"):
@@ -538,17 +545,20 @@ def test_prompt_table_scores_dreambooth_under_scene_prompts(toy_world, tmp_path)
 
 
 def test_vae_recipe_table_varies_the_shipped_recipe(toy_world):
-    """vae_recipe_table: PCA at the latent size, then one VAE per recipe; the whitened recipe is the world's own (its
-    error is that of the world's shipped VAE, up to fp16 storage); the scaling changes the result."""
-    from w2w.micro.tables import EvalConfig, _people, vae_reconstruction, vae_recipe_table, weight_error
+    """vae_recipe_table: PCA at the latent size, then one VAE per recipe; the recipe with no change is the world's
+    own (its error is that of the world's shipped VAE, up to fp16 storage); the scaling changes the result; the
+    errors on the training models fitted and held back are PCA's own figures for PCA (checked by hand)."""
+    from w2w.micro.tables import HELD_BACK, TRAINED, EvalConfig, _people, _training_split, vae_reconstruction, \
+        vae_recipe_table, weight_error
 
     _, world, _ = toy_world
     latent = world.config.vae_latents[0]
     cfg = EvalConfig()
-    recipes = (("whitened", True, None), ("common", False, None), ("common, no KL", False, 0.0))
+    recipes = (("own", {}), ("whitened", {"vae_whiten": not world.config.vae_whiten}),
+               ("no KL, last epoch", {"vae_beta": 0.0, "vae_keep_best": False}))
     rows = vae_recipe_table(world, cfg, latent=latent, recipes=recipes, log=lambda s: None)
     assert [r["model"] for r in rows] == [f"w2w PCA, {latent} PCs"] + [f"w2w++ VAE, latent {latent}, {label}"
-                                                                        for label, _, _ in recipes]
+                                                                        for label, _ in recipes]
     space = world.space
     held = world.heldout_weights[: len(_people(world, cfg, cfg.vae_people))]
     full = space.project(held)
@@ -557,6 +567,82 @@ def test_vae_recipe_table_varies_the_shipped_recipe(toy_world):
     assert rows[2]["held-out weight error"] != pytest.approx(rows[1]["held-out weight error"], abs=1e-6)
     mean_model = space.mean[None].expand_as(held)
     assert weight_error(space, held, mean_model) == pytest.approx(1.0)  # the scale of every figure
+    fitted, back = _training_split(world)
+    assert fitted.shape[0] + back.shape[0] == space.train_coefs.shape[0] and back.shape[0] >= 1
+    centre = fitted.double().mean(0)
+    basis = torch.linalg.svd(fitted.double() - centre, full_matrices=False)[2][:latent]
+    resid = (back.double() - centre) - ((back.double() - centre) @ basis.T) @ basis
+    assert rows[0][HELD_BACK] == pytest.approx(float(resid.square().sum() / (back.double() - centre).square().sum()),
+                                               rel=1e-6)
+    assert all(0 <= r[TRAINED] for r in rows) and all(0 <= r[HELD_BACK] for r in rows)
+
+
+def test_retrain_vaes_rewrites_the_vaes_and_their_recipe_only(toy_world, tmp_path):
+    """retrain_vaes: the VAEs are trained with the given recipe and written with it and their chosen epoch; every
+    other artifact keeps its tensors, and the world's other settings are unchanged."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from w2w.micro.world import retrain_vaes
+    from w2w.vae import chosen_stats
+
+    root, world, _ = toy_world
+    out = tmp_path / "copy"
+    shutil.copytree(root / "out", out)
+    before = {name: load_file(str(out / name)) for name in ARTIFACTS}
+    raw = {name: (out / name).read_bytes() for name in ARTIFACTS[1:]}
+    config = replace(world.config, vae_epochs=4, vae_warmup=0, vae_ramp=1, vae_whiten=not world.config.vae_whiten,
+                     vae_keep_best=True)
+    new = retrain_vaes(str(out), config, log=lambda s: None)
+    assert new.config == config
+    for name in ARTIFACTS:
+        after = load_file(str(out / name))
+        assert after.keys() == before[name].keys() and all(torch.equal(after[k], before[name][k]) for k in after), name
+    assert all((out / name).read_bytes() == raw[name] for name in ARTIFACTS[1:])  # judge, space, weights: untouched
+    for latent, vae in new.vaes.items():
+        assert vae.train_config.epochs == 4 and vae.train_config.keep_best and 1 <= vae.chosen_epoch <= 4
+        assert new.info["vae_heldout_error"][str(latent)] == pytest.approx(chosen_stats(vae).heldout_error)
+        assert not torch.equal(vae.scale, world.vaes[latent].scale)  # whitened <-> one common scale
+
+
+def test_structure_table_predicts_what_the_first_pcs_leave(toy_world):
+    """structure_table: the first PCs alone leave exactly the rest of each model's coefficients (checked by hand);
+    the regressors' rows are errors on the same scale, and a regressor that predicted the rest perfectly would
+    score 0."""
+    from w2w.micro.tables import EvalConfig, _training_split, structure_table
+
+    _, world, _ = toy_world
+    latent = 2
+    rows = structure_table(world, EvalConfig(), latent=latent, log=lambda s: None)
+    assert [r["reconstruction from the first PCs"].split(" ")[0] for r in rows] == ["first", "+", "+"]
+    _, back = _training_split(world)
+    alone = float(back[:, latent:].square().sum() / back.square().sum())
+    assert rows[0]["error, training models held back"] == pytest.approx(alone, rel=1e-6)
+    people = world.space.project(world.heldout_weights).float()
+    assert rows[0]["error, held-out people"] == pytest.approx(
+        float(people[:, latent:].square().sum() / people.square().sum()), rel=1e-6)
+    assert all(r["error, training models held back"] >= 0 for r in rows)
+
+
+def test_debiased_directions_move_the_other_attributes_scores_less(toy_world):
+    """with_directions(debias=True): the last attribute each direction is debiased against gets no least-squares
+    score from an edit along it (exactly, up to rounding), and the plain refit is the world's own directions."""
+    from w2w.micro.world import with_directions
+
+    _, world, _ = toy_world
+    space = world.space
+    plain = with_directions(space, world.config.sample_pcs)
+    for name, d in space.directions.items():
+        assert torch.allclose(plain.directions[name].vector, d.vector)
+    debiased = with_directions(space, world.config.sample_pcs, debias=True)
+    names = list(debiased.directions)
+    assert len(names) >= 2, "the toy world must vary in two attributes at least"
+    for name in names:
+        d = debiased.directions[name]
+        last = [b for b in names if b != name][-1]
+        assert d.debias[-1] == last
+        assert abs(float(plain.directions[last].vector @ d.unit)) < 1e-5 * float(plain.directions[last].vector.norm())
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from ..build import ArraySource, BuildConfig, attach_labels, build_space
 from ..edit import fit_directions
 from ..space import Space, load_space, save_space
 from ..stfile import write_safetensors
-from ..vae import TrainConfig, W2WVAE, load_vae, save_vae, train_from_space
+from ..vae import TrainConfig, W2WVAE, chosen_stats, load_vae, save_vae, train_from_space
 from .faces import ATTRIBUTES, attributes, identity_params
 from .judge import JudgeConfig, JudgeNet, train_judge
 from .model import VOCAB, MicroConfig, MicroUNet, TextEncoder, micro_layout
@@ -31,7 +31,8 @@ from .train import (HELDOUT_SEEDS, MODEL_SEEDS, BaseConfig, Log, LoraConfig, ato
                     load_checkpoint, photo_version, resume_stage, stage_stamp, train_base, train_loras)
 
 __all__ = ["WorldConfig", "World", "build_world", "load_world", "save_world", "ARTIFACTS", "toy_config",
-           "first_world_config", "DEFAULT_DIR", "make_space", "make_vaes", "vae_artifact"]
+           "first_world_config", "DEFAULT_DIR", "make_space", "make_vaes", "vae_artifact",
+           "retrain_vaes", "with_directions"]
 
 ARTIFACTS = ("micro-unet.safetensors", "micro-judge.safetensors", "micro-space.safetensors",
              "micro-weights.safetensors")
@@ -60,8 +61,12 @@ class WorldConfig:
     raw_models: int = 2000  # training LoRAs shipped as weights (all of them are in the space as coefficients)
     vae_latents: tuple[int, ...] = (8, 16, 32)  # one w2w++ VAE per latent size
     vae_hidden: tuple[int, ...] = (256, 256)
-    vae_epochs: int = 200
-    vae_beta: float = 0.05  # final KL weight
+    vae_epochs: int = 60
+    vae_beta: float = 1.0  # final KL weight (the ELBO)
+    vae_warmup: int = 2  # epochs at KL weight 0, then vae_ramp epochs rising to vae_beta
+    vae_ramp: int = 8
+    vae_whiten: bool = False  # False: all PCs on one common scale, so the loss weighs them as the weight error does
+    vae_keep_best: bool = True  # keep the epoch with the lowest error on the training models the recipe holds back
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,6 +87,10 @@ class WorldConfig:
     def from_json(cls, text: str, model: MicroConfig | None = None) -> "WorldConfig":
         """Settings saved by :meth:`to_json`; settings the first world's files lack take the first world's values."""
         d = json.loads(text)
+        if "vae_keep_best" not in d:  # written before the VAE recipe had these settings: the rule it followed then
+            epochs = d.get("vae_epochs", first_world_config().vae_epochs)
+            d.update(vae_warmup=max(1, epochs // 10), vae_ramp=max(1, epochs // 5), vae_whiten=True,
+                     vae_keep_best=False)
         first = asdict(first_world_config())
         for key in ("base", "judge", "lora"):
             d[key] = {**first[key], **d[key]}
@@ -100,7 +109,7 @@ def toy_config() -> WorldConfig:
                        judge=JudgeConfig(identities=12, steps=3, batch=8, checkpoint_every=2),
                        lora=LoraConfig(images=2, steps=2, per_step=2, parallel=4, shared_noise=True),
                        models=10, heldout=2, pcs=6, sample_pcs=3, raw_models=7, vae_latents=(2,), vae_hidden=(8,),
-                       vae_epochs=3)
+                       vae_epochs=3, vae_warmup=0, vae_ramp=1)
 
 
 def first_world_config() -> WorldConfig:
@@ -108,7 +117,8 @@ def first_world_config() -> WorldConfig:
     return WorldConfig(base=BaseConfig(steps=2400, photos="plain"),
                        judge=JudgeConfig(identities=2000, steps=1200, photos="plain", width=24),
                        lora=LoraConfig(), models=240, heldout=16, pcs=0, sample_pcs=0, raw_models=240,
-                       vae_latents=(16,), vae_hidden=(128, 64), vae_epochs=300, vae_beta=1.0)
+                       vae_latents=(16,), vae_hidden=(128, 64), vae_epochs=300, vae_beta=1.0, vae_warmup=30,
+                       vae_ramp=60, vae_whiten=True, vae_keep_best=False)
 
 
 @dataclass(eq=False)
@@ -249,7 +259,7 @@ def build_world(workdir: str, out: str | None = None, config: WorldConfig = Worl
     t0 = time.perf_counter()
     vaes = make_vaes(space, config, log)
     info["seconds_vae"] = round(time.perf_counter() - t0, 1)
-    info["vae_heldout_error"] = {str(k): v.history[-1].heldout_error for k, v in vaes.items()}
+    info["vae_heldout_error"] = {str(k): chosen_stats(v).heldout_error for k, v in vaes.items()}
     world = World(unet, text, judge, space, weights[: config.raw_models], tuple(model_seeds), heldout,
                   tuple(heldout_seeds), vaes, config, info)
     log(f"stage seconds: {json.dumps(info)}")
@@ -274,29 +284,60 @@ def make_space(unet: MicroUNet, weights: torch.Tensor, seeds: list[int], pcs: in
                          base_model="w2w-micro")
     labels = torch.from_numpy(np.stack([attributes(identity_params(s)) for s in seeds]))
     space = attach_labels(result.space, labels, ATTRIBUTES)
-    varied = [a for a, col in zip(ATTRIBUTES, labels.T) if 0 < float(col.sum()) < n]  # both classes present
+    return with_directions(space, sample_pcs)
+
+
+def with_directions(space: Space, sample_pcs: int = 0, debias: bool = False) -> Space:
+    """``space`` with least-squares directions for every attribute its training models vary in (both classes
+    present), fitted on the first ``sample_pcs`` coefficients (0: all). ``debias``: each direction minus, one after
+    another, its projection on every other attribute's direction (the reference code's debiasing), so an edit moves
+    the other attributes' least-squares scores less."""
+    labels = space.labels
+    n = labels.shape[0]
+    varied = [a for a, col in zip(space.attribute_names, labels.T) if 0 < float(col.sum()) < n]
+    k = space.train_coefs.shape[1]
     m = min(sample_pcs or k, k)
-    head = replace(space, train_coefs=space.train_coefs[:, :m], pinverse=None, coef_cov=None)
-    return replace(space, directions=fit_directions(head, varied, method="lstsq").directions)
+    head = replace(space, train_coefs=space.train_coefs[:, :m], pinverse=None, coef_cov=None, directions={})
+    others = {a: [b for b in varied if b != a] for a in varied} if debias else None
+    return replace(space, directions=fit_directions(head, varied, method="lstsq", debias=others).directions)
 
 
 def vae_recipe(config: WorldConfig, beta: float | None = None) -> TrainConfig:
     """The world's w2w++ VAE training settings (KL weight ``beta``; default the world's)."""
     return TrainConfig(epochs=config.vae_epochs, batch_size=64, lr=2e-3,
-                       beta=config.vae_beta if beta is None else beta, warmup_epochs=max(1, config.vae_epochs // 10),
-                       ramp_epochs=max(1, config.vae_epochs // 5), holdout=0.1, seed=config.seed)
+                       beta=config.vae_beta if beta is None else beta, warmup_epochs=config.vae_warmup,
+                       ramp_epochs=config.vae_ramp, holdout=0.1, seed=config.seed, keep_best=config.vae_keep_best)
 
 
 def make_vaes(space: Space, config: WorldConfig, log: Log = print) -> dict[int, W2WVAE]:
-    """One w2w++ VAE per latent size, on the training models' coefficients (all PCs, whitened)."""
+    """One w2w++ VAE per latent size, on the training models' coefficients (all PCs; whitened or on one common
+    scale as the config says), 10 % of the training models held back for the held-out error (and early stopping)."""
     out = {}
     for latent in config.vae_latents:
         vae = train_from_space(space, input="coefs", latent=latent, hidden=config.vae_hidden,
-                               train=vae_recipe(config)).vae
-        log(f"w2w++ VAE, latent {latent}: held-out error {vae.history[-1].heldout_error:.3f}, "
-            f"{vae.history[-1].active} active units")
+                               train=vae_recipe(config), whiten=config.vae_whiten).vae
+        stats = chosen_stats(vae)
+        log(f"w2w++ VAE, latent {latent}: held-out error {stats.heldout_error:.3f} (epoch {stats.epoch}), "
+            f"{stats.active} active units")
         out[latent] = vae
     return out
+
+
+def retrain_vaes(folder: str, config: WorldConfig | None = None, log: Log = print) -> World:
+    """Train the w2w++ VAEs of the artifacts in ``folder`` anew with ``config``'s VAE settings (default: the code's)
+    and write them, and the settings, back; every other artifact keeps its tensors (and the judge, space and weights
+    files their bytes)."""
+    world = load_world(folder)
+    new = WorldConfig() if config is None else config
+    vae_fields = {f.name: getattr(new, f.name) for f in fields(WorldConfig) if f.name.startswith("vae_")}
+    world = replace(world, config=replace(world.config, **vae_fields))
+    t0 = time.perf_counter()
+    world.vaes = make_vaes(world.space, world.config, log)
+    world.info = {**world.info, "seconds_vae": round(time.perf_counter() - t0, 1),
+                  "vae_heldout_error": {str(k): chosen_stats(v).heldout_error for k, v in world.vaes.items()}}
+    _save_model(world, folder)  # the same tensors; the settings and the stage record in its metadata are new
+    _save_vaes(world, folder)
+    return load_world(folder)
 
 
 # ---- artifacts ----------------------------------------------------------------------------------------------
@@ -306,12 +347,7 @@ def _half(state: dict) -> dict:
 
 def save_world(world: World, out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    meta = {"format": FORMAT, "format_version": "2", "vocab": json.dumps(VOCAB[: world.unet.config.vocab]),
-            "model_config": json.dumps(world.unet.config.to_dict()), "world_config": world.config.to_json(),
-            "info": json.dumps(world.info), "prompt": world.config.lora.prompt}
-    tensors = {f"unet.{k}": v for k, v in _half(world.unet.state_dict()).items()}
-    tensors.update({f"text.{k}": v for k, v in _half(world.text.state_dict()).items()})
-    write_safetensors(os.path.join(out, ARTIFACTS[0]), tensors, meta)
+    _save_model(world, out)
     write_safetensors(os.path.join(out, ARTIFACTS[1]), _half(world.judge.state_dict()),
                       {"format": FORMAT, "attributes": json.dumps(ATTRIBUTES)})
     save_space(world.space, os.path.join(out, ARTIFACTS[2]), dtype=torch.float16)
@@ -320,6 +356,20 @@ def save_world(world: World, out: str) -> None:
                       {"format": FORMAT, "model_seeds": json.dumps(list(world.model_seeds)),
                        "heldout_seeds": json.dumps(list(world.heldout_seeds)),
                        "layout": world.layout.to_json()})
+    _save_vaes(world, out)
+
+
+def _save_model(world: World, out: str) -> None:
+    """The base model and text encoder, with the world's settings and stage record in the file's metadata."""
+    meta = {"format": FORMAT, "format_version": "2", "vocab": json.dumps(VOCAB[: world.unet.config.vocab]),
+            "model_config": json.dumps(world.unet.config.to_dict()), "world_config": world.config.to_json(),
+            "info": json.dumps(world.info), "prompt": world.config.lora.prompt}
+    tensors = {f"unet.{k}": v for k, v in _half(world.unet.state_dict()).items()}
+    tensors.update({f"text.{k}": v for k, v in _half(world.text.state_dict()).items()})
+    write_safetensors(os.path.join(out, ARTIFACTS[0]), tensors, meta)
+
+
+def _save_vaes(world: World, out: str) -> None:
     for name in os.listdir(out):  # VAEs of other latent sizes are stale
         if name.startswith("micro-vae") and name.endswith(".safetensors") and \
                 name not in {vae_artifact(k) for k in world.vaes}:

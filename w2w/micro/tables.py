@@ -349,7 +349,7 @@ def vae_reconstruction(vae, space: Space, coefs: torch.Tensor) -> torch.Tensor:
     return torch.stack(recs)
 
 
-_LONG = {"vae_epochs": 200, "vae_warmup": 20, "vae_ramp": 40, "vae_keep_best": False}  # the first shipped recipe's
+_LONG = {"vae_epochs": 200, "vae_warmup": 20, "vae_ramp": 40, "vae_keep_best": False}  # as the VAEs shipped before
 VAE_RECIPES = (("the world's (one common scale, best epoch on its held-back models)", {}),
                ("KL weight 0.05, best epoch", {"vae_beta": 0.05}),
                ("β 0 (an autoencoder), best epoch", {"vae_beta": 0.0}),
@@ -373,9 +373,8 @@ def vae_recipe_table(world: World, cfg: EvalConfig, latent: int = 16, recipes=VA
     """The w2w++ VAE's recipe against PCA: VAEs of one latent size trained on the world's training coefficients with
     the world's recipe, varied (``recipes``: label, settings of its ``WorldConfig`` changed: input scaling, epochs,
     early stopping, KL weight), scored on the held-out people's LoRAs as in the PCA vs VAE table, after PCA at the
-    same size; and, in
-    the space's coefficients (1 = the mean model), on the training models each fitted and on those the recipe held
-    back (PCA there fitted on the same rows as the VAEs), which shows over-fitting as a gap between the two."""
+    same size; and, in the space's coefficients (1 = the mean model), on the training models each fitted and on those
+    the recipe held back (PCA there fitted on the same rows as the VAEs): over-fitting shows as a gap between the two."""
     space = world.space
     people = _people(world, cfg, cfg.vae_people)
     held = world.heldout_weights[: len(people)]

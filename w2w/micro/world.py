@@ -302,10 +302,10 @@ def with_directions(space: Space, sample_pcs: int = 0, debias: bool = False) -> 
     return replace(space, directions=fit_directions(head, varied, method="lstsq", debias=others).directions)
 
 
-def vae_recipe(config: WorldConfig, beta: float | None = None) -> TrainConfig:
-    """The world's w2w++ VAE training settings (KL weight ``beta``; default the world's)."""
+def vae_recipe(config: WorldConfig) -> TrainConfig:
+    """The world's w2w++ VAE training settings."""
     return TrainConfig(epochs=config.vae_epochs, batch_size=64, lr=2e-3,
-                       beta=config.vae_beta if beta is None else beta, warmup_epochs=config.vae_warmup,
+                       beta=config.vae_beta, warmup_epochs=config.vae_warmup,
                        ramp_epochs=config.vae_ramp, holdout=0.1, seed=config.seed, keep_best=config.vae_keep_best)
 
 

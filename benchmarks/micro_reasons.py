@@ -178,8 +178,10 @@ def main() -> int:
             p.error(f"--latent must be 1..{world.space.pcs} (the space's PCs)")
         config = EvalConfig()
         rows = vae_recipe_table(world, config, args.latent)
+        reach = float(world.space.train_coefs.norm(dim=1).mean())
         title = (f"w2w++ VAE recipes vs PCA, latent {args.latent}, {config.vae_people} held-out people (held-out "
-                 "weight error; 1 = the mean model; errors on the training models in the space's coefficients)")
+                 "weight error; 1 = the mean model; errors on the training models in the space's coefficients; "
+                 f"the training models lie {reach:.1f} from the mean model)")
         structure = structure_table(world, config, args.latent)
         extra = table_markdown(
             f"What the first {args.latent} PCs leave, predicted from them (error in the space's coefficients, "

@@ -548,8 +548,11 @@ def test_vae_recipe_table_varies_the_shipped_recipe(toy_world):
     """vae_recipe_table: PCA at the latent size, then one VAE per recipe; the recipe with no change is the world's
     own (its error is that of the world's shipped VAE, up to fp16 storage); the scaling changes the result; the
     errors on the training models fitted and held back are PCA's own figures for PCA (checked by hand)."""
-    from w2w.micro.tables import HELD_BACK, TRAINED, EvalConfig, _people, _training_split, vae_reconstruction, \
-        vae_recipe_table, weight_error
+    import math
+
+    from w2w.micro.tables import DISTANCE, HELD_BACK, TRAINED, EvalConfig, _people, _training_split, \
+        vae_reconstruction, vae_recipe_table, weight_error
+    from w2w.vae import sample_latents
 
     _, world, _ = toy_world
     latent = world.config.vae_latents[0]
@@ -575,6 +578,10 @@ def test_vae_recipe_table_varies_the_shipped_recipe(toy_world):
     assert rows[0][HELD_BACK] == pytest.approx(float(resid.square().sum() / (back.double() - centre).square().sum()),
                                                rel=1e-6)
     assert all(0 <= r[TRAINED] for r in rows) and all(0 <= r[HELD_BACK] for r in rows)
+    prior = sample_latents(latent, 24, seed=cfg.seed)
+    own = float(world.vaes[latent].decode(prior).norm(dim=1).mean())
+    assert rows[1][DISTANCE] == pytest.approx(own, rel=2e-2)  # the world's VAE's samples, up to fp16 storage
+    assert math.isnan(rows[0][DISTANCE]) and all(r[DISTANCE] > 0 for r in rows[1:])
 
 
 def test_retrain_vaes_rewrites_the_vaes_and_their_recipe_only(toy_world, tmp_path):

@@ -360,6 +360,7 @@ VAE_RECIPES = (("the world's (one common scale, best epoch on its held-back mode
 
 
 TRAINED, HELD_BACK = "error on the training models it fitted", "error on the training models held back"
+DISTANCE = "prior samples' distance from the mean model"
 
 
 def _training_split(world: World) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,7 +375,9 @@ def vae_recipe_table(world: World, cfg: EvalConfig, latent: int = 16, recipes=VA
     the world's recipe, varied (``recipes``: label, settings of its ``WorldConfig`` changed: input scaling, epochs,
     early stopping, KL weight), scored on the held-out people's LoRAs as in the PCA vs VAE table, after PCA at the
     same size; and, in the space's coefficients (1 = the mean model), on the training models each fitted and on those
-    the recipe held back (PCA there fitted on the same rows as the VAEs): over-fitting shows as a gap between the two."""
+    the recipe held back (PCA there fitted on the same rows as the VAEs): over-fitting shows as a gap between the two.
+    Last, how far from the mean model the VAE's samples lie (24 latents from its prior, decoded; mean norm of their
+    coefficients, the standardised weight-space distance within the space): samples near the mean are faint people."""
     space = world.space
     people = _people(world, cfg, cfg.vae_people)
     held = world.heldout_weights[: len(people)]
@@ -384,7 +387,8 @@ def vae_recipe_table(world: World, cfg: EvalConfig, latent: int = 16, recipes=VA
     zero = torch.zeros(fitted.shape[1])
     rows = [{"model": f"w2w PCA, {latent} PCs", "held-out weight error": weight_error(space, held, pca),
              TRAINED: pca_reconstruction_error(fitted, fitted, latent),
-             HELD_BACK: pca_reconstruction_error(fitted, back, latent), "seconds": 0.0}]
+             HELD_BACK: pca_reconstruction_error(fitted, back, latent), DISTANCE: float("nan"), "seconds": 0.0}]
+    prior = sample_latents(latent, 24, seed=cfg.seed)
     for label, settings in recipes:
         t0 = time.perf_counter()
         config = replace(world.config, **settings)
@@ -393,7 +397,7 @@ def vae_recipe_table(world: World, cfg: EvalConfig, latent: int = 16, recipes=VA
         rows.append({"model": f"w2w++ VAE, latent {latent}, {label}",
                      "held-out weight error": weight_error(space, held, vae_reconstruction(vae, space, full)),
                      TRAINED: reconstruction_error(vae, fitted, zero), HELD_BACK: reconstruction_error(vae, back, zero),
-                     "seconds": time.perf_counter() - t0})
+                     DISTANCE: float(vae.decode(prior).norm(dim=1).mean()), "seconds": time.perf_counter() - t0})
         log(f"  {rows[-1]['model']}: {rows[-1]['held-out weight error']:.3f}")
     return rows
 

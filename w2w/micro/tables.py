@@ -439,7 +439,7 @@ def structure_table(world: World, cfg: EvalConfig, latent: int = 16, log=print) 
             row[f"error, {name}"] = error(pred, data)
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        log(f"  {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("error")))
+        log(f"  {label}: " + ", ".join(f"{name} {v:.3f}" for name, v in row.items() if name.startswith("error")))
     return rows
 
 

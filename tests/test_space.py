@@ -1,5 +1,7 @@
 """Space loading, conversion and reconstruction against the released file format."""
 
+import os
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -190,3 +192,18 @@ def test_written_files_get_the_mode_open_would_give(tmp_path, umask):
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_resaved_space_records_no_folder_in_its_source(release, converted, tmp_path):
+    """A file's provenance names where it came from, never the folder it was read from on some machine."""
+    from w2w.space import save_space
+
+    for loaded, name in ((load_space(converted), "space.safetensors"), (load_space(release.folder), None)):
+        assert os.path.dirname(os.path.abspath(converted if name else release.folder)) in loaded.source  # shown as is
+        out = str(tmp_path / "again.safetensors")
+        save_space(loaded, out)
+        with safe_open(out, "pt") as f:
+            source = f.metadata()["source"]
+        expected = name or os.path.basename(os.path.normpath(release.folder))
+        assert source.endswith(": " + expected) and os.sep not in source, source
+        assert load_space(out).fingerprint == loaded.fingerprint

@@ -435,6 +435,18 @@ def _metadata(space_like: dict) -> dict[str, str]:
     return {k: (v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))) for k, v in space_like.items()}
 
 
+_PATH_SOURCES = ("w2w space file: ", "released files: ")
+
+
+def portable_source(source: str) -> str:
+    """What a written file records as its source: a space loaded from a file or a released folder names it by its
+    base name only, so a file's provenance never carries the folder it happened to be read from."""
+    for prefix in _PATH_SOURCES:
+        if source.startswith(prefix):
+            return prefix + os.path.basename(os.path.normpath(source[len(prefix):]))
+    return source
+
+
 def save_space(space: Space, path: str, *, dtype: torch.dtype = torch.float32, training: bool = True,
                components: TensorSource | None = None, extra_metadata: dict | None = None) -> None:
     """Write ``space`` in our single-file format (atomically). ``components`` may stream a larger basis."""
@@ -449,7 +461,7 @@ def save_space(space: Space, path: str, *, dtype: torch.dtype = torch.float32, t
     if space.coef_cov is not None:
         tensors["coef_cov"] = space.coef_cov.float()
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "base_model": space.base_model,
-            "layout": space.layout.to_json(), "fingerprint": space.fingerprint, "source": space.source,
+            "layout": space.layout.to_json(), "fingerprint": space.fingerprint, "source": portable_source(space.source),
             "attributes": list(space.attribute_names)}
     if training and space.train_coefs is not None:
         tensors["train_coefs"] = space.train_coefs.float()

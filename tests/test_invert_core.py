@@ -450,3 +450,115 @@ def test_latent_std_gives_a_fresh_posterior_sample_every_step(space, monkeypatch
         invert(space, TinyDenoiser(space.layout.scale), latents, make_cond(), settings, latent_std=std[:1])
     with pytest.raises(ValueError, match="latent_std must be"):
         invert(space, TinyDenoiser(space.layout.scale), latents, make_cond(), settings, latent_std=-std)
+
+
+# ---- identity loss -----------------------------------------------------------------------------------------
+def latent_embed(seed: int = 6):
+    """A frozen 'face embedding' of latents: a fixed random projection of the pooled pixels, normalised."""
+    proj = torch.randn(CHANNELS * 4, 5, generator=torch.Generator().manual_seed(seed))
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float(), 2).flatten(1)
+        return torch.nn.functional.normalize(pooled @ proj, dim=1)
+
+    return embed
+
+
+def test_identity_loss_adds_weight_times_one_minus_cos_of_the_predicted_clean_latents(space):
+    """Each step's loss is the diffusion loss + weight · mean(1 − cos(embed(x̂0), embed(photo))), x̂0 from ε̂ (the
+    denoiser has no predict); the draws are the inversion's own, the curve shown stays the diffusion loss, and weight
+    0 is no identity loss at all. Followed against autograd + torch.optim.Adam on the same draws."""
+    from w2w.invert import IdentityLoss, predict_clean
+
+    denoiser = TinyDenoiser(space.layout.scale)
+    latents, cond = make_latents(2), make_cond()
+    abar = sd15_alphas_cumprod()
+    settings = InvertSettings(pcs=space.pcs, steps=5, lr=0.05, weight_decay=0.0, seed=7)
+    embed, weight = latent_embed(), 0.3
+    plain = invert(space, denoiser, latents, cond, settings)
+    zero = invert(space, denoiser, latents, cond, settings, identity=IdentityLoss(embed, 0.0))
+    assert torch.equal(plain.identity.coefficients, zero.identity.coefficients)
+    infos = []
+    result = invert(space, denoiser, latents, cond, settings, identity=IdentityLoss(embed, weight),
+                    callback=lambda s, n, info: infos.append(info["identity_loss"]))
+    # the same run by hand: the engine's draws (timesteps, noise; both images each step), autograd, torch Adam
+    fmap = FactorMap(space, space.pcs)
+    beta = torch.zeros(space.pcs, requires_grad=True)
+    opt = torch.optim.Adam([beta], lr=0.05)
+    gen = torch.Generator().manual_seed(7)
+    targets = embed(latents)
+    losses, id_losses = [], []
+    for _ in range(5):
+        t = torch.randint(0, 1000, (2,), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        x_t = ddpm_noise(latents, t, noise, abar)
+        eps = denoiser(x_t, t, cond, fmap.factors(beta))
+        a = abar[t].view(-1, 1, 1, 1).float()
+        x0_hat = (x_t - (1 - a).sqrt() * eps.float()) / a.sqrt()
+        id_loss = (1 - (embed(x0_hat) * targets).sum(1)).mean()
+        diff = diffusion_loss(eps, noise)
+        opt.zero_grad()
+        (diff + weight * id_loss).backward()
+        opt.step()
+        losses.append(float(diff.detach()))
+        id_losses.append(float(id_loss.detach()))
+    torch.testing.assert_close(result.identity.coefficients, beta.detach(), rtol=1e-4, atol=1e-5)
+    assert result.losses == pytest.approx(losses, rel=1e-5) and infos == pytest.approx(id_losses, rel=1e-5)
+    assert not torch.allclose(result.identity.coefficients, plain.identity.coefficients)
+    assert "identity_loss=0.3" in result.identity.history[-1]
+    eps, x0 = predict_clean(denoiser, x_t, t, cond, fmap.factors(beta.detach()), abar)
+    torch.testing.assert_close(ddpm_noise(x0, t, eps.float(), abar).float(), x_t.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_balanced_identity_weight_equalises_the_gradients_at_the_start(space):
+    """balance=True: the weight used is weight × RMS(∇ diffusion) / RMS(∇ identity) at the start, over draws of its
+    own — the inversion's own draws are unchanged (a balanced run equals a fixed-weight run at that weight)."""
+    from w2w.invert import IdentityLoss, balanced_identity_weight
+
+    denoiser = TinyDenoiser(space.layout.scale)
+    latents, cond = make_latents(1), make_cond()
+    abar = sd15_alphas_cumprod()
+    embed = latent_embed()
+    settings = InvertSettings(pcs=space.pcs, steps=3, lr=0.05, seed=2)
+    fmap = FactorMap(space, space.pcs)
+    identity = IdentityLoss(embed, 2.0, balance=True, balance_draws=3)
+    w = balanced_identity_weight(fmap, denoiser, torch.zeros(space.pcs), latents, cond, abar, identity,
+                                 identity.targets(latents), seed=2, per_step=1)
+    # by hand: the same three draws, the two gradients' RMS
+    gen = torch.Generator().manual_seed(2 + 0x1D1D)
+    d, i = 0.0, 0.0
+    for _ in range(3):
+        t = torch.randint(0, 1000, (1,), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        beta = torch.zeros(space.pcs, requires_grad=True)
+        x_t = ddpm_noise(latents, t, noise, abar)
+        eps = denoiser(x_t, t, cond, fmap.factors(beta))
+        a = abar[t].view(-1, 1, 1, 1).float()
+        x0_hat = (x_t - (1 - a).sqrt() * eps.float()) / a.sqrt()
+        g1, = torch.autograd.grad(diffusion_loss(eps, noise), beta, retain_graph=True)
+        g2, = torch.autograd.grad((1 - (embed(x0_hat) * embed(latents)).sum(1)).mean(), beta)
+        d, i = d + float(g1.square().mean()), i + float(g2.square().mean())
+    assert w == pytest.approx(2.0 * (d / i) ** 0.5, rel=1e-5)
+    balanced = invert(space, denoiser, latents, cond, settings, identity=identity)
+    fixed = invert(space, denoiser, latents, cond, settings, identity=IdentityLoss(embed, w))
+    torch.testing.assert_close(balanced.identity.coefficients, fixed.identity.coefficients, rtol=1e-5, atol=1e-6)
+    assert f"identity_loss={w:.4g}" in balanced.identity.history[-1]
+
+
+def test_identity_loss_errors(space):
+    from w2w.invert import IdentityLoss
+
+    denoiser = TinyDenoiser(space.layout.scale)
+    latents, cond = make_latents(1), make_cond()
+    settings = InvertSettings(pcs=space.pcs, steps=1)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        IdentityLoss(latent_embed(), float("nan"))
+    with pytest.raises(TypeError, match="callable"):
+        IdentityLoss("facenet")
+    with pytest.raises(ValueError, match="unit vectors"):
+        invert(space, denoiser, latents, cond, settings, identity=IdentityLoss(lambda x: x.flatten(1)[:, :3] * 5, 1.0))
+    with pytest.raises(ValueError, match="one finite vector per image"):
+        invert(space, denoiser, latents, cond, settings, identity=IdentityLoss(lambda x: torch.ones(3, 2), 1.0))
+    flat = IdentityLoss(lambda x: torch.nn.functional.normalize(torch.ones(x.shape[0], 3), dim=1), 1.0, balance=True)
+    with pytest.raises(ValueError, match="no gradient"):
+        invert(space, denoiser, latents, cond, settings, identity=flat)

@@ -26,7 +26,7 @@ from .space import Space
 
 __all__ = ["InvertSettings", "PRESETS", "PRECISIONS", "FactorMap", "FusedAdam", "Factors", "FactorBoard",
            "FactorWrapper", "Denoiser", "InversionResult", "invert", "prepare_mask", "diffusion_loss", "step_loss",
-           "initial_coefficients", "Parametrisation"]
+           "initial_coefficients", "Parametrisation", "IdentityLoss", "predict_clean", "balanced_identity_weight"]
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layout module: (A (rank, in), B (out, rank))
 
@@ -259,6 +259,90 @@ class Parametrisation(Protocol):
 
 
 @dataclass(frozen=True, eq=False)
+class IdentityLoss:
+    """An identity loss added to the diffusion loss at every step, as PuLID adds one: ``weight`` · (1 − cos) between
+    ``embed`` of the clean latents the model predicts at that step (x̂0) and ``embed`` of the photos' own latents.
+
+    ``embed``: latents (n, C, h, w) in the inversion's units -> unit face embeddings (n, E), differentiable in the
+    latents, its own network frozen (e.g. decode with the VAE, then FaceNet). ``balance``: ``weight`` is relative —
+    the weight used is ``weight`` × the ratio that makes the identity loss's gradient as large (RMS over the
+    coefficients) as the diffusion loss's at the start, over ``balance_draws`` draws of their own (the rule the
+    miniature world measured, docs/encoder.md); ``balance=False`` uses ``weight`` as it is."""
+
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    weight: float = 1.0
+    balance: bool = False
+    balance_draws: int = 4
+
+    def __post_init__(self) -> None:
+        if not callable(self.embed):
+            raise TypeError("IdentityLoss.embed must be callable (latents -> unit embeddings)")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"the identity loss weight must be a finite number >= 0, got {self.weight}")
+        if self.balance_draws < 1:
+            raise ValueError(f"balance_draws must be >= 1, got {self.balance_draws}")
+
+    def targets(self, latents: torch.Tensor) -> torch.Tensor:
+        """The photos' embeddings (N, E), without gradients."""
+        with torch.no_grad():
+            out = self.embed(latents).detach().float()
+        if out.dim() != 2 or out.shape[0] != latents.shape[0] or not bool(torch.isfinite(out).all()):
+            raise ValueError(f"the identity embedding must give one finite vector per image, got shape "
+                             f"{tuple(out.shape)} for {latents.shape[0]} image(s)")
+        if not torch.allclose(out.norm(dim=1), torch.ones(out.shape[0]), atol=1e-3):
+            raise ValueError("the identity embedding must give unit vectors (normalise its output)")
+        return out
+
+    def per_item(self, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """1 − cos(embed(x̂0), target) of each item (n,) (unit embeddings: the dot product)."""
+        emb = self.embed(x0_hat).float()
+        return 1.0 - (emb * targets.to(emb.device)).sum(1)
+
+    def loss(self, x0_hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of 1 − cos(embed(x̂0), target)."""
+        return self.per_item(x0_hat, targets).mean()
+
+
+def predict_clean(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any, factors: Factors,
+                  alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε̂, x̂0) of the model at ``factors``. A denoiser with a ``predict`` method gives both (the micro UNet's v and
+    ComfyUI's denoised output are well conditioned at every timestep); otherwise x̂0 = (x_t − sqrt(1−ᾱ)·ε̂)/sqrt(ᾱ)."""
+    predict = getattr(denoiser, "predict", None)
+    if callable(predict):
+        return predict(x_t, t, cond, factors)
+    eps = denoiser(x_t, t, cond, factors)
+    a = alphas_cumprod.to(x_t.device)[t.to(x_t.device)].view(-1, *([1] * (x_t.dim() - 1))).to(eps.dtype)
+    return eps, (x_t.to(eps.dtype) - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def balanced_identity_weight(fmap: "FactorMap", denoiser: Denoiser, beta: torch.Tensor, latents: torch.Tensor,
+                             cond: Any, alphas_cumprod: torch.Tensor, identity: IdentityLoss, targets: torch.Tensor,
+                             seed: int, per_step: int) -> float:
+    """``identity.weight`` × RMS(∇ diffusion loss) / RMS(∇ identity loss) at ``beta``, over ``identity.balance_draws``
+    draws (timesteps, images, noise) from a generator of their own (the inversion's own draws stay unchanged)."""
+    gen = torch.Generator(device="cpu").manual_seed((int(seed) + 0x1D1D) & 0xFFFF_FFFF_FFFF_FFFF)
+    device, images = latents.device, latents.shape[0]
+    diff_sq, id_sq = 0.0, 0.0
+    for _ in range(identity.balance_draws):
+        index = torch.arange(images) if per_step == images else torch.randperm(images, generator=gen)[:per_step]
+        t = torch.randint(0, alphas_cumprod.shape[0], (per_step,), generator=gen)
+        x0 = latents[index.to(device)]
+        noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
+        b = beta.detach().clone().requires_grad_(True)
+        eps, x0_hat = predict_clean(denoiser, ddpm_noise(x0, t.to(device), noise, alphas_cumprod), t.to(device), cond,
+                                    fmap.factors(b), alphas_cumprod)
+        id_term = identity.loss(x0_hat, targets[index.to(targets.device)])
+        g_diff, = torch.autograd.grad(diffusion_loss(eps, noise), b, retain_graph=True)
+        g_id = torch.autograd.grad(id_term, b, allow_unused=True)[0] if id_term.requires_grad else None
+        diff_sq += float(g_diff.float().square().mean())
+        id_sq += 0.0 if g_id is None else float(g_id.float().square().mean())
+    if not (math.isfinite(diff_sq) and math.isfinite(id_sq)) or id_sq <= 0.0:
+        raise ValueError("the identity loss has no gradient with respect to the coefficients at the start (does its "
+                         "embedding depend on the image?): turn it off or check the face embedding")
+    return identity.weight * math.sqrt(diff_sq / id_sq)
+
+
+@dataclass(frozen=True, eq=False)
 class InversionResult:
     identity: Identity
     losses: tuple[float, ...]  # the training loss of every step
@@ -324,7 +408,7 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
            callback: Callable[[int, int, dict], None] | None = None, name: str = "inverted",
            param: Parametrisation | None = None, precision: str = "auto",
-           latent_std: torch.Tensor | None = None) -> InversionResult:
+           latent_std: torch.Tensor | None = None, identity: IdentityLoss | None = None) -> InversionResult:
     """Optimise β so the model denoises ``latents`` (N, C, h, w: N photos of one person, already scaled for the UNet).
 
     ``cond`` is passed to the denoiser untouched (it must fit ``images_per_step`` images). ``callback(step, total,
@@ -337,6 +421,8 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     ``latent_std`` (the shape of ``latents``): the standard deviation of the VAE's posterior around ``latents`` (its
     mean); every step then uses a fresh sample ``latents + latent_std · ε`` (ε from the seeded generator), as the
     reference's ``latent_dist.sample()`` does, instead of the latents themselves.
+    ``identity``: add that identity loss to the diffusion loss (:class:`IdentityLoss`; the callback's info then also
+    has "identity_loss", and "loss" stays the diffusion loss, the curve comparable with and without it).
     """
     if latents.dim() != 4 or latents.shape[0] < 1:
         raise ValueError(f"latents must be a non-empty (N, C, h, w) batch, got shape {tuple(latents.shape)}")
@@ -362,8 +448,18 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
     height, width = latents.shape[-2:]
     if settings.crop > min(height, width):
         raise ValueError(f"crop={settings.crop} is larger than the latents ({height}x{width})")
+    use_id = identity is not None and identity.weight > 0
+    if use_id and param is not None:
+        raise ValueError("the identity loss is for the PCA inversion (coefficients β); turn it off with a "
+                         "parametrisation")
+    beta0 = initial_coefficients(space, pcs, init) if param is None else None
+    id_weight, id_targets = 0.0, None
+    if use_id:
+        id_targets = identity.targets(latents)
+        id_weight = identity.weight if not identity.balance else balanced_identity_weight(
+            fmap, denoiser, beta0.to(device), latents, cond, abar, identity, id_targets, settings.seed, per_step)
     if param is None:
-        fused = FusedAdam(fmap, initial_coefficients(space, pcs, init), settings.lr, settings.weight_decay)
+        fused = FusedAdam(fmap, beta0, settings.lr, settings.weight_decay)
     else:
         optimizer = torch.optim.Adam(list(param.parameters()), lr=settings.lr, weight_decay=settings.weight_decay)
     gen = torch.Generator(device="cpu").manual_seed(int(settings.seed) & 0xFFFF_FFFF_FFFF_FFFF)
@@ -385,11 +481,21 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
         noise = torch.randn((per_step, *x0.shape[1:]), generator=gen).to(device, latents.dtype)
         x_t = ddpm_noise(x0, t.to(device), noise, abar)
         factors = fused.factors() if param is None else fmap.factors(param.coefficients())
-        loss = diffusion_loss(denoiser(x_t, t.to(device), cond, factors), noise, step_masks)
+        if use_id:
+            eps, x0_hat = predict_clean(denoiser, x_t, t.to(device), cond, factors, abar)
+            loss = diffusion_loss(eps, noise, step_masks)
+            # a random crop is compared with the same crop of the photo, otherwise with the whole photo's embedding
+            targets = identity.targets(x0) if "window" in info else id_targets[index.to(id_targets.device)]
+            id_loss = identity.loss(x0_hat, targets)
+            info["identity_loss"] = float(id_loss.detach())
+        else:
+            loss = diffusion_loss(denoiser(x_t, t.to(device), cond, factors), noise, step_masks)
         if param is not None:
             loss = loss + param.prior_loss()
-        value = float(loss.detach())
-        if not math.isfinite(value):
+        value = float(loss.detach())  # the diffusion loss (+ the prior): the curve shown, with or without identity
+        if use_id:
+            loss = loss + id_weight * id_loss
+        if not (math.isfinite(value) and math.isfinite(float(loss.detach()))):
             raise FloatingPointError(f"the inversion loss became {value} at step {step + 1}: lower lr "
                                      f"(now {settings.lr:g}) or check the inputs")
         if not loss.requires_grad:
@@ -410,10 +516,10 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
               f"wd={settings.weight_decay:g} seed={settings.seed}" + (" masked" if mask is not None else "") + \
               (f" crop={settings.crop}" if settings.crop else "") + \
               (" vae_sample" if latent_std is not None else "") + \
+              (f" identity_loss={id_weight:.4g}" if use_id else "") + \
               ("" if param is None else f" {param.describe()}") + \
               ("" if fmap.basis_dtype in (torch.float32, torch.float64) else f" basis={str(fmap.basis_dtype)[6:]}")
     base = init.history if init is not None else ()
     final = fused.beta.clone() if param is None else param.result()
-    identity = Identity(final.float().cpu(), space.fingerprint, name, base + (history,))
-    return InversionResult(identity, tuple(losses))
+    return InversionResult(Identity(final.float().cpu(), space.fingerprint, name, base + (history,)), tuple(losses))
 

@@ -12,14 +12,18 @@
 Targets (held-out people, one photo each, the judge's ID score read from generated images):
 - the encoder alone reaches >= 0.8 x the ID score of a full (400-step) inversion from the mean model, in < 1 s;
 - encoder + refinement reaches the full inversion's score in >= 8x fewer steps;
-- the curves ID score vs refinement steps from the mean model, the nearest training identity and the encoder.
+- the curves ID score vs refinement steps from the mean model, the nearest training identity and the encoder;
+  for a retrieval encoder also refined with the identity loss (its own face embedding of each step's predicted
+  image; weight by the judge-free rule of encoder_micro.balanced_id_weight), from the encoder and from the mean
+  model, and as the node does it (the weight balanced on each photo). --no-identity leaves them out.
 
 A retrieval encoder answers its top-1 training identity (the default of the configuration, fixed before any
 measurement). The table of blends (top_k, temperature) scored by the diffusion loss on validation people is printed
 for information: that loss prefers blends, as it prefers the mean model, so it does not choose them
-(``--blend-by-loss`` uses its pick anyway). Choices (P) are made on validation people (identity seeds 3,000,000..) with a judge-free score:
-the diffusion loss of the chosen identity on unseen photos of that person. The held-out people and the judge are
-only ever measured. Everything resumes from the work folder; re-run the same command on a new world's artifacts.
+(``--blend-by-loss`` uses its pick anyway). Choices (P) are made on validation people (identity seeds 3,000,000..)
+with a judge-free score: the diffusion loss of the chosen identity on unseen photos of that person. The held-out
+people and the judge are only ever measured. Everything resumes from the work folder; re-run the same command on a
+new world's artifacts.
 """
 from __future__ import annotations
 
@@ -60,6 +64,9 @@ def main() -> int:
                    help="retrieve: blend the top_k/temperature the validation diffusion loss prefers (default: top-1)")
     p.add_argument("--no-nearest", action="store_true",
                    help="leave out the curve from the nearest training identity (its search costs minutes per person)")
+    p.add_argument("--no-identity", action="store_true",
+                   help="leave out the curves refined with the identity loss (a retrieval encoder's face embedding of "
+                        "the predicted clean image; they are measured by default for a retrieval encoder)")
     p.add_argument("--refine-sweep", action="store_true",
                    help="retrieve: also refine the encoder's identity at several lr on two sets of 24 validation "
                         "people, scored judge-free by the encoder's own face embedding (minutes)")
@@ -89,6 +96,7 @@ def main() -> int:
                                timing_repeats=3)
     if args.encoder:
         encoder = load_encoder(args.encoder, world.space)
+        args.head = encoder.config.head
         trained = f"loaded {args.encoder}"
     else:
         result = train_micro_encoder(world, config, os.path.join(args.workdir, "encoder"), log=_log)
@@ -111,6 +119,7 @@ def main() -> int:
             p.error("--refine-sweep scores with the encoder's face embedding: it needs --head retrieve")
         sweeps = [refinement_sweep(world, encoder, lrs=lrs, first=first, momentum=args.refine_momentum, log=_log)
                   for first in (0, 24)]
+    targets = dataclasses.replace(targets, identity=args.head == "retrieve" and not args.no_identity)
     measured = measure_targets(world, encoder, targets, workdir=args.workdir, log=_log)
     text = targets_markdown(measured) + "\n" + pcs_markdown(pcs) + (("\n" + choice_markdown(choice)) if choice else "")
     text += "".join("\n" + sweep_markdown(sweep) for sweep in sweeps)

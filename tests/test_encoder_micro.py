@@ -265,7 +265,8 @@ def test_targets_curves_and_contact_sheet_rows(toy, tmp_path, monkeypatch):
 
     runs = []
     real = encoder_micro.invert_batch
-    monkeypatch.setattr(encoder_micro, "invert_batch", lambda *a, **k: runs.append(k["init"]) or real(*a, **k))
+    monkeypatch.setattr(encoder_micro, "invert_batch", lambda *a, **k: (runs.append(k["init"]) if "init" in k else None)
+                        or real(*a, **k))  # (the step timing's runs pass no init)
     quick = measure_targets(world, other.encoder, dataclasses.replace(config, nearest=False),
                             workdir=str(tmp_path / "t"), log=logs.append)
     assert len(runs) == 1 and runs[0] is not None  # only the new encoder's inversion ran (not the mean model's)
@@ -295,3 +296,135 @@ def test_shipped_micro_encoder_fits_the_budget_and_its_world():
     world = load_world(str(folder))
     encoder = load_encoder(str(SHIPPED), world.space)
     assert encoder.pcs <= world.space.pcs
+
+
+@pytest.fixture(scope="module")
+def retrieval(toy, tmp_path_factory):
+    _, world = toy
+    config = dataclasses.replace(TINY, rendered=0, head="retrieve", embed=8, diffusion_weight=0.0)
+    return train_micro_encoder(world, config, str(tmp_path_factory.mktemp("retrieval")), log=lambda s: None).encoder
+
+
+def test_identity_loss_refinement_is_the_documented_loss(toy, retrieval):
+    """invert_batch(identity=...): each person's loss is the diffusion loss plus weight · (1 − cos) between the
+    encoder's face embedding of the clean image the model predicts (x̂0) and that of the person's photo; the draws are
+    the ones without it; weight 0 changes nothing; people stay independent; the encoder itself is left untouched."""
+    from w2w.diffusion import ddpm_noise
+    from w2w.encoder_micro import balanced_id_weight, encoder_embedder
+    from w2w.invert import IdentityLoss
+    from w2w.micro.batch_invert import invert_batch
+
+    _, world = toy
+    people = list(world.heldout_seeds[:2])
+    photos = torch.cat([world.photos_of(p, 1, 0) for p in people])
+    seeds = [3, 8]
+    start = torch.stack([encode_person(world, retrieval, ph[None]).coefficients for ph in photos])
+    before = {k: v.clone() for k, v in retrieval.state_dict().items()}
+    grads = [None if p.grad is None else p.grad.clone() for p in retrieval.parameters()]
+    embed = encoder_embedder(retrieval)
+    plain = invert_batch(world, photos, seeds, steps=3, init=start)
+    zero = invert_batch(world, photos, seeds, steps=3, init=start, identity=IdentityLoss(embed, 0.0))
+    assert torch.equal(plain[3], zero[3])
+    weight = 0.5
+    term = IdentityLoss(embed, weight)
+    one = invert_batch(world, photos, seeds, steps=1, init=start, identity=term)[1]
+    # by hand: person i's first Adam step on its own loss, drawn as the engine draws (timestep, then noise)
+    space, abar = world.space, alphas_cumprod().double()
+    denoiser = MicroDenoiser(world.unet, world.layout.scale)
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        t = torch.randint(0, abar.shape[0], (1,), generator=gen)
+        noise = torch.randn((1, *photos.shape[1:]), generator=gen)
+        beta = start[i:i + 1].clone().requires_grad_(True)
+        w = torch.addcmul(space.mean.float(), beta @ space.components[: space.pcs].float(), space.std.float())
+        x_t = ddpm_noise(photos[i:i + 1], t, noise, abar)
+        eps, x0_hat = denoiser.predict(x_t, t, world.context(world.config.lora.prompt), world.layout.factors(w))
+        cos = (embed(x0_hat) * embed(photos[i:i + 1])).sum()
+        loss = (eps - noise).square().mean() + weight * (1 - cos)
+        grad, = torch.autograd.grad(loss, beta)
+        grad = grad + 1e-10 * beta.detach()  # Adam's L2 weight decay
+        expected = start[i] - 0.1 * grad[0] / (grad[0].abs() + 1e-8)  # Adam's first step (bias-corrected)
+        torch.testing.assert_close(one[i], expected, rtol=0, atol=2e-5)
+    # the pack's engine (one inversion at a time) with the same identity loss gives the batched result
+    engine = invert_from(world, photos[1:], encode_person(world, retrieval, photos[1:]), 3, seed=seeds[1],
+                         identity=term)[3]
+    alone = invert_batch(world, photos[1:], seeds[1:], steps=3, init=start[1:], identity=term)[3]
+    torch.testing.assert_close(engine, alone[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fixed weight"):
+        invert_batch(world, photos, seeds, steps=1, identity=IdentityLoss(embed, 1.0, balance=True))
+    with_id = invert_batch(world, photos, seeds, steps=3, init=start, identity=term)[3]
+    torch.testing.assert_close(with_id[1:], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(with_id, plain[3])
+    assert all(torch.equal(v, before[k]) for k, v in retrieval.state_dict().items())
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, retrieval.parameters()))
+    w1, w2 = balanced_id_weight(world, retrieval, people=3, draws=2), balanced_id_weight(world, retrieval, people=3,
+                                                                                           draws=2)
+    assert w1 == w2 and 0 < w1 < float("inf")
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        IdentityLoss(embed, -1.0)
+    regress = train_micro_encoder(world, TINY, None, log=lambda s: None).encoder
+    with pytest.raises(ValueError, match="retrieval encoder"):
+        encoder_embedder(regress)
+
+
+def test_targets_with_the_identity_loss(toy, retrieval, tmp_path):
+    """A retrieval encoder's targets add the curves refined with the identity loss (from its answer and from the mean
+    model), at the weight of balanced_id_weight; they start where the plain curves start and are cached."""
+    from w2w.encoder_micro import balanced_id_weight, encoder_embedder
+    from w2w.invert import IdentityLoss
+    from w2w.micro.batch_invert import invert_batch
+
+    _, world = toy
+    config = TargetConfig(full_steps=4, record=(0, 2, 4), people=1, seeds=1, ddim_steps=2, references=2,
+                          nearest=False, timing_repeats=1)
+    logs = []
+    measured = measure_targets(world, retrieval, config, workdir=str(tmp_path), log=logs.append)
+    assert set(measured["curves"]) == {"mean", "encoder", "mean+id", "encoder+id", "encoder+id/node"}
+    assert measured["id_weight"] == balanced_id_weight(world, retrieval)
+    assert measured["curves"]["encoder+id"][0][0] == measured["curves"]["encoder"][0][0]
+    assert measured["curves"]["mean+id"][0][0] == measured["curves"]["mean"][0][0]
+    assert measured["curves"]["encoder+id"][0][2] != measured["curves"]["encoder"][0][2]
+    assert set(measured["step_seconds"]) == {"diffusion loss", "with the identity loss"}
+    person = world.heldout_seeds[0]
+    photo = world.photos_of(person, 1, 0)
+    run = invert_batch(world, photo, [0], steps=4, identity=IdentityLoss(encoder_embedder(retrieval),
+                                                                          measured["id_weight"]))[4]
+    cached = torch.load(next(tmp_path.glob("targets-identity-*.pt")), weights_only=True)[str(person)]["mean+id"]
+    torch.testing.assert_close(cached[-1], run[0], rtol=1e-4, atol=1e-5)
+    again = measure_targets(world, retrieval, config, workdir=str(tmp_path), log=logs.append)
+    assert again["curves"] == measured["curves"]
+    assert sum("inversions of 1 held-out" in line for line in logs) == 5  # each curve ran once
+    node = invert_from(world, photo, encode_person(world, retrieval, photo), 4, seed=0,
+                       identity=IdentityLoss(encoder_embedder(retrieval), 1.0, balance=True))[4]
+    cached = torch.load(next(tmp_path.glob("targets-identity-*.pt")), weights_only=True)[str(person)]
+    torch.testing.assert_close(cached["encoder+id/node"][-1], node, rtol=1e-5, atol=1e-6)
+    text = targets_markdown(measured)
+    assert "with the identity loss (weight" in text and "encoder init, identity loss" in text
+    assert "balanced on each photo" in text
+    assert "Seconds per inversion step" in text
+    sheet = contact_sheet_rows(world, retrieval, person, seeds=[0], refine_steps=1, full_steps=0, identity_steps=2)
+    assert [r[0].split(" (")[0] for r in sheet] == ["encoder only", "encoder + 1 steps", "encoder + 2 steps, identity loss"]
+    start = encode_person(world, retrieval, photo)
+    balanced = invert_from(world, photo, start, 2, identity=IdentityLoss(encoder_embedder(retrieval), 1.0, balance=True))
+    scorer = Scorer(world, seeds=1)
+    scorer.seeds = [0]
+    torch.testing.assert_close(sheet[2][1][1][1], scorer.images(balanced[2][None])[0, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_micro_denoiser_predicts_noise_and_clean_image_consistently(toy):
+    """MicroDenoiser.predict: ε̂ is what the denoiser returns, and x̂0 the clean image that, with ε̂, makes x_t again
+    (x_t = sqrt(ᾱ)·x̂0 + sqrt(1−ᾱ)·ε̂) wherever x̂0 is inside the pixels' range (it is clamped to [-1, 1])."""
+    _, world = toy
+    denoiser = MicroDenoiser(world.unet, world.layout.scale)
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 3, 32, 32, generator=gen)
+    t = torch.tensor([0, 300, 700, 999])
+    ctx = world.context(world.config.lora.prompt)
+    factors = world.layout.factors(world.space.mean[None].expand(4, -1))
+    eps, x0 = denoiser.predict(x_t, t, ctx, factors)
+    torch.testing.assert_close(eps, denoiser(x_t, t, ctx, factors))
+    assert x0.abs().max() <= 1.0
+    a = alphas_cumprod().float()[t].view(-1, 1, 1, 1)
+    inside = x0.abs() < 1.0
+    assert inside.float().mean() > 0.2
+    torch.testing.assert_close((a.sqrt() * x0 + (1 - a).sqrt() * eps)[inside], x_t[inside], rtol=1e-4, atol=1e-4)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,10 +29,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .diffusion import ddpm_noise
 from .encoder import (EncoderTrainConfig, FaceEncoder, PairSet, TrainResult, build_encoder, encode_photos,
                       retrieval_rows, train_encoder)
 from .identity import Identity
-from .invert import InvertSettings, invert
+from .invert import IdentityLoss, InvertSettings, invert
 from .micro.batch_invert import invert_batch
 from .micro.faces import identity_params, render_batch
 from .micro.judge import id_score
@@ -42,7 +44,8 @@ from .stfile import tensors_fingerprint
 
 __all__ = ["MicroEncoderConfig", "VALIDATION_SEEDS", "AUX_SEEDS", "SAMPLE_SEEDS", "PHOTO_VIEW", "rendered_pairs",
            "photo_pairs", "micro_pairs", "DiffusionTerm", "train_micro_encoder", "photos01", "weights_of",
-           "choose_retrieval", "encoder_identity_scores", "refinement_sweep", "sweep_markdown"]
+           "choose_retrieval", "encoder_identity_scores", "refinement_sweep", "sweep_markdown", "encoder_embedder",
+           "balanced_id_weight"]
 
 VALIDATION_SEEDS = 3_000_000
 AUX_SEEDS = 4_000_000
@@ -213,9 +216,10 @@ def _save(path: str, obj) -> None:
 
 # ---- measuring: inversion from a start point, the judge's ID score, a judge-free score for choices -------------
 def invert_from(world, photo: torch.Tensor, init: Identity | None, steps: int, lr: float = 0.1, seed: int = 0,
-                record: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
+                record: tuple[int, ...] = (), identity: IdentityLoss | None = None) -> dict[int, torch.Tensor]:
     """Inversion of one photo (1, 3, H, W) in [-1, 1] over every PC, with the pack's engine, from ``init`` (None: the
-    mean model) -> {step: β} for every step of ``record`` (0 = the start) and ``steps``."""
+    mean model), with ``identity`` added to its loss -> {step: β} for every step of ``record`` (0 = the start) and
+    ``steps``."""
     space = world.space
     beta0 = torch.zeros(space.pcs) if init is None else torch.cat([init.coefficients,
                                                                    torch.zeros(space.pcs - init.pcs)])
@@ -229,7 +233,7 @@ def invert_from(world, photo: torch.Tensor, init: Identity | None, steps: int, l
 
     settings = InvertSettings(pcs=space.pcs, steps=steps, lr=lr, weight_decay=1e-10, seed=seed)
     invert(space, MicroDenoiser(world.unet, world.layout.scale), photo, world.context(world.config.lora.prompt),
-           settings, init=init, alphas_cumprod=alphas_cumprod(), callback=keep)
+           settings, init=init, alphas_cumprod=alphas_cumprod(), callback=keep, identity=identity)
     return out
 
 
@@ -316,17 +320,24 @@ def encode_person(world, encoder: FaceEncoder, photo: torch.Tensor) -> Identity:
 
 
 def contact_sheet_rows(world, encoder: FaceEncoder, person: int, *, seeds: list[int], refine_steps: int = 25,
-                       full_steps: int = 400, lr: float = 0.1) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
+                       full_steps: int = 400, lr: float = 0.1,
+                       identity_steps: int = 0) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
     """Rows for the micro contact sheet (:func:`w2w.micro.demo.contact_sheet`'s format: label, [(caption, image
     (3, H, W) in [-1, 1])]), each starting with the held-out person's photo (view 0): images of the encoder's
-    identity, of that identity refined ``refine_steps`` steps, and of a full inversion from the mean model
-    (``full_steps``; 0 leaves that row out, e.g. when the sheet has its own inversion row)."""
+    identity, of that identity refined ``refine_steps`` steps, refined ``identity_steps`` steps with the identity
+    loss (a retrieval encoder's embedding, balanced as the node balances it; 0 leaves that row out), and of a full
+    inversion from the mean model (``full_steps``; 0 leaves that row out, e.g. when the sheet has its own inversion
+    row)."""
     photo = world.photos_of(person, 1, 0)
     t0 = time.perf_counter()
     encoded = encode_person(world, encoder, photo)
     seconds = time.perf_counter() - t0
     betas = [encoded.coefficients, invert_from(world, photo, encoded, refine_steps, lr)[refine_steps]]
     labels = [f"encoder only ({seconds * 1000:.0f} ms)", f"encoder + {refine_steps} steps"]
+    if identity_steps:
+        identity = IdentityLoss(encoder_embedder(encoder), 1.0, balance=True)
+        betas.append(invert_from(world, photo, encoded, identity_steps, lr, identity=identity)[identity_steps])
+        labels.append(f"encoder + {identity_steps} steps, identity loss")
     if full_steps:
         betas.append(invert_from(world, photo, None, full_steps, lr)[full_steps])
         labels.append(f"full inversion, {full_steps} steps")
@@ -335,6 +346,53 @@ def contact_sheet_rows(world, encoder: FaceEncoder, person: int, *, seeds: list[
     imgs = scorer.images(torch.stack(betas))
     return [(label, [("input", photo[0])] + [(f"seed {s}", im) for s, im in zip(seeds, row)])
             for label, row in zip(labels, imgs)]
+
+
+# ---- the identity loss ------------------------------------------------------------------------------------------
+def encoder_embedder(encoder: FaceEncoder):
+    """The retrieval encoder's face embedding as a frozen, differentiable function: images (n, 3, H, W) in [-1, 1]
+    -> unit embeddings (n, E). A copy of the encoder is frozen; ``encoder`` itself is untouched."""
+    if encoder.config.head != "retrieve":
+        raise ValueError("the identity loss needs a face embedding: use a retrieval encoder (head='retrieve')")
+    import copy
+
+    frozen = copy.deepcopy(encoder).eval().requires_grad_(False)
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        return frozen.embedding(frozen.features(photos01(images)))
+
+    return embed
+
+
+def balanced_id_weight(world, encoder: FaceEncoder, people: int = 24, first: int = 0, draws: int = 8,
+                       seed: int = 999) -> float:
+    """The identity loss's weight by a judge-free rule fixed before any held-out reading: the one that gives its
+    gradient the diffusion loss's size (RMS over the coefficients) at the encoder's answer, over ``draws`` random
+    (timestep, noise) draws on one photo of each of ``people`` validation people (seeds VALIDATION_SEEDS + first..)."""
+    space = world.space
+    val = [VALIDATION_SEEDS + first + i for i in range(people)]
+    photos = torch.cat([world.photos_of(s, 1, 0) for s in val])
+    start = torch.stack([encode_person(world, encoder, ph[None]).coefficients for ph in photos])
+    embed = encoder_embedder(encoder)
+    denoiser = MicroDenoiser(world.unet, world.layout.scale)
+    abar = alphas_cumprod().double()
+    ctx = world.context(world.config.lora.prompt)
+    basis, std, mean = space.components[: start.shape[1]].float(), space.std.float(), space.mean.float()
+    with torch.no_grad():
+        target = embed(photos)
+    gen = torch.Generator().manual_seed(seed)
+    diff_sq, id_sq = [], []
+    for _ in range(draws):
+        beta = start.clone().float().requires_grad_(True)
+        t = torch.randint(0, abar.shape[0], (len(val),), generator=gen)
+        noise = torch.randn(photos.shape, generator=gen)
+        eps, x0_hat = denoiser.predict(ddpm_noise(photos, t, noise, abar), t, ctx,
+                                       world.layout.factors(torch.addcmul(mean, beta @ basis, std)))
+        g_diff, = torch.autograd.grad((eps - noise).square().flatten(1).mean(1).sum(), beta, retain_graph=True)
+        g_id, = torch.autograd.grad((1.0 - (embed(x0_hat) * target).sum(1)).sum(), beta)
+        diff_sq.append(g_diff.square().mean())
+        id_sq.append(g_id.square().mean())
+    return math.sqrt(float(torch.stack(diff_sq).mean()) / float(torch.stack(id_sq).mean()))
 
 
 # ---- the issue's targets ----------------------------------------------------------------------------------------
@@ -353,6 +411,8 @@ class TargetConfig:
     timing_repeats: int = 20
     nearest: bool = True  # also the curve from the nearest training identity (its search: 20,000 diffusion-loss
     # evaluations per person with 5,000 models, minutes on a CPU)
+    identity: bool = True  # a retrieval encoder: also the curves with the identity loss (the encoder's embedding of
+    # x̂0; its weight by balanced_id_weight), from the encoder's answer and from the mean model
 
 
 def encoder_seconds(world, encoder: FaceEncoder, repeats: int = 20) -> float:
@@ -378,43 +438,58 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
     # two caches: the runs from the mean model and the nearest training identity depend only on the settings and the
     # space; the encoder's on its exact values (not float sums, which depend on the thread count) and configuration.
     # Which people are measured is not part of a key (each person's entry stands alone).
-    settings = {k: v for k, v in asdict(config).items() if k not in ("people", "nearest")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("people", "nearest", "identity")}
     starts = ("mean", "nearest") if config.nearest else ("mean",)
+    use_id = config.identity and encoder.config.head == "retrieve"  # a regression encoder has no face embedding
+    with_id = ("encoder+id", "mean+id", "encoder+id/node") if use_id else ()
+    id_weight = balanced_id_weight(world, encoder) if use_id else 0.0
     base_key = _digest({"config": settings, "space": world.space.fingerprint})
     enc_key = _digest({"encoder": tensors_fingerprint(encoder.state_dict()), "encoder_config": encoder.config.to_json(),
                        "config": settings, "space": world.space.fingerprint})
+    id_key = _digest({"encoder": enc_key, "id_weight": id_weight})
     paths = {name: None if workdir is None else os.path.join(workdir, f"targets-{name}-{key}.pt")
-             for name, key in (("starts", base_key), ("encoder", enc_key))}
+             for name, key in (("starts", base_key), ("encoder", enc_key), ("identity", id_key))}
     caches = {name: torch.load(path, weights_only=True) if path and os.path.isfile(path) else {}
               for name, path in paths.items()}
     t0 = time.perf_counter()
     seed_of = {p: i for i, p in enumerate(people)}  # a person's inversion seed: its place among the held-out people
-    for name in starts + ("encoder",):
-        which = "encoder" if name == "encoder" else "starts"
+    identity = IdentityLoss(encoder_embedder(encoder), id_weight) if use_id else None
+    for name in starts + ("encoder",) + with_id:
+        which = "encoder" if name == "encoder" else "identity" if name in with_id else "starts"
         todo = [p for p in people if (str(p) not in caches["encoder"] if which == "encoder"
-                                      else name not in caches["starts"].get(str(p), {}))]
+                                      else name not in caches[which].get(str(p), {}))]
         if not todo:
             continue
         photos = torch.cat([world.photos_of(p, 1, 0) for p in todo])
         starts_of = {"nearest": lambda ph: nearest_training_identity(world, ph, config.nearest_draws),
                      "encoder": lambda ph: encode_person(world, encoder, ph)}
-        init = None if name == "mean" else torch.stack([starts_of[name](ph[None]).coefficients for ph in photos])
-        # side by side in one batch, each person with its own seed and Adam state (= one at a time, see invert_batch)
-        runs = invert_batch(world, photos, [seed_of[p] for p in todo], steps=steps, lr=config.lr, init=init,
-                            record=record)
+        start = name.split("+")[0]
+        if name == "encoder+id/node":  # as the node does it: the engine, one person at a time, the weight balanced
+            # on that person's photo at the start (IdentityLoss(balance=True), strength 1)
+            balanced = IdentityLoss(identity.embed, 1.0, balance=True)
+            per = [invert_from(world, ph[None], encode_person(world, encoder, ph[None]), steps, config.lr,
+                               seed=seed_of[p], record=record, identity=balanced) for p, ph in zip(todo, photos)]
+            runs = {s: torch.stack([r[s] for r in per]) for s in record}
+        else:
+            init = None if start == "mean" else torch.stack([starts_of[start](ph[None]).coefficients for ph in photos])
+            # side by side in one batch, each person with its own seed and Adam state (= one at a time, see
+            # invert_batch)
+            runs = invert_batch(world, photos, [seed_of[p] for p in todo], steps=steps, lr=config.lr, init=init,
+                                record=record, identity=identity if name in with_id else None)
         for j, person in enumerate(todo):
             run = torch.stack([runs[s][j] for s in record])
             if which == "encoder":
                 caches["encoder"][str(person)] = run
             else:
-                caches["starts"].setdefault(str(person), {})[name] = run
+                caches[which].setdefault(str(person), {})[name] = run
         if paths[which] is not None:
             _save(paths[which], caches[which])
         log(f"targets: {name}-init inversions of {len(todo)} held-out people ({time.perf_counter() - t0:.0f} s)")
-    cache = {str(p): {**caches["starts"][str(p)], "encoder": caches["encoder"][str(p)]} for p in people}
+    cache = {str(p): {**caches["starts"][str(p)], "encoder": caches["encoder"][str(p)],
+                      **caches["identity"].get(str(p), {})} for p in people}
     scorer = Scorer(world, config.seeds, config.ddim_steps, config.references)
     curves = {}
-    for name in starts + ("encoder",):
+    for name in starts + ("encoder",) + with_id:
         betas = torch.stack([cache[str(p)][name] for p in people])  # (people, record, k)
         scores = scorer.scores(betas.flatten(0, 1), [p for p in people for _ in record]).view(len(people), -1)
         curves[name] = scores
@@ -422,8 +497,24 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
     full = curves["mean"][:, record.index(config.full_steps)]
     return {"people": len(people), "record": record, "curves": {k: v.tolist() for k, v in curves.items()},
             "full_inversion": float(full.mean()), "encoder_only": float(curves["encoder"][:, 0].mean()),
-            "encode_seconds": encoder_seconds(world, encoder, config.timing_repeats),
+            "encode_seconds": encoder_seconds(world, encoder, config.timing_repeats), "id_weight": id_weight,
+            "step_seconds": step_seconds(world, identity, config.timing_repeats),
             "threads": torch.get_num_threads(), "config": asdict(config)}
+
+
+def step_seconds(world, identity: IdentityLoss | None, steps: int = 20) -> dict[str, float]:
+    """Wall time of one inversion step of one photo on this CPU, with the diffusion loss alone and (``identity``)
+    with the identity loss added (its embedding's forward and backward): what a step of each curve costs."""
+    photo = world.photos_of(world.heldout_seeds[0], 1, 0)
+    out = {}
+    for name, term in (("diffusion loss", None), ("with the identity loss", identity)):
+        if name != "diffusion loss" and term is None:
+            continue
+        invert_batch(world, photo, [0], steps=2, identity=term)  # warm-up
+        t0 = time.perf_counter()
+        invert_batch(world, photo, [0], steps=steps, identity=term)
+        out[name] = (time.perf_counter() - t0) / steps
+    return out
 
 
 def _digest(obj) -> str:
@@ -442,8 +533,19 @@ def targets_markdown(result: dict) -> str:
     full_steps = result["config"]["full_steps"]
     full = curves["mean"][:, record.index(full_steps)]
     enc0 = curves["encoder"][:, 0]
-    reach = [s for s in record if curves["encoder"][:, record.index(s)].mean() >= full.mean()]
-    first = min(reach) if reach else None
+    def first_reaching(name: str):
+        reach = [s for s in record if curves[name][:, record.index(s)].mean() >= full.mean()]
+        return min(reach) if reach else None
+
+    def steps_cell(first) -> str:
+        saving = ('%.0fx fewer' % (full_steps / first) if first else 'the encoder alone reaches it' if first == 0
+                  else '–')
+        return f"{first if first is not None else f'not within {max(record)}'} ({saving})"
+
+    def met(first) -> str:
+        return 'yes' if first is not None and full_steps / max(first, 1) >= 8 else 'no'
+
+    first = first_reaching("encoder")
     lines = [f"**Targets** ({result['people']} held-out people, one photo each; judge ID score, mean ± s.e.)", "",
              "| target | measured | goal | met |", "|---|---|---|---|",
              f"| encoder alone vs full inversion ({full_steps} steps) | {enc0.mean():.3f} ± {_sem(enc0):.3f} vs "
@@ -451,16 +553,29 @@ def targets_markdown(result: dict) -> str:
              f"{'yes' if enc0.mean() >= 0.8 * full.mean() else 'no'} |",
              f"| seconds per encode (CPU, {result['threads']} thread(s)) | {result['encode_seconds']:.4f} | < 1 | "
              f"{'yes' if result['encode_seconds'] < 1 else 'no'} |",
-             f"| steps for encoder + refinement to reach the full inversion's score | "
-             f"{first if first is not None else f'not within {max(record)}'} "
-             f"({'%.0fx fewer' % (full_steps / first) if first else 'the encoder alone reaches it' if first == 0 else '–'})"
-             f" | ≥ 8x fewer | "
-             f"{'yes' if first is not None and full_steps / max(first, 1) >= 8 else 'no'} |", "",
-             "**ID score vs refinement steps** (lr %g; mean ± s.e. over people)" % result["config"]["lr"], "",
-             "| steps | mean-model init | nearest training identity init | encoder init |", "|---|---|---|---|"]
+             f"| steps for encoder + refinement (diffusion loss) to reach the full inversion's score | "
+             f"{steps_cell(first)} | ≥ 8x fewer | {met(first)} |"]
+    if "encoder+id" in curves:
+        first_id = first_reaching("encoder+id")
+        lines.append(f"| steps for encoder + refinement with the identity loss (weight {result['id_weight']:.4g}) to "
+                     f"reach it | {steps_cell(first_id)} | ≥ 8x fewer | {met(first_id)} |")
+    if "encoder+id/node" in curves:
+        first_node = first_reaching("encoder+id/node")
+        lines.append(f"| the same, the weight balanced on each photo (the node's identity_loss 1) | "
+                     f"{steps_cell(first_node)} | ≥ 8x fewer | {met(first_node)} |")
+    if result.get("step_seconds"):
+        lines += ["", "Seconds per inversion step, one photo (CPU, %d thread(s)): " % result["threads"]
+                  + "; ".join(f"{k} {v:.4f}" for k, v in result["step_seconds"].items())]
+    names = ("mean", "nearest", "encoder", "mean+id", "encoder+id", "encoder+id/node")
+    heads = {"mean": "mean-model init", "nearest": "nearest training identity init", "encoder": "encoder init",
+             "mean+id": "mean-model init, identity loss", "encoder+id": "encoder init, identity loss",
+             "encoder+id/node": "encoder init, identity loss balanced per photo (the node's)"}
+    shown = [k for k in names if k in curves or k in ("mean", "nearest", "encoder")]
+    lines += ["", "**ID score vs refinement steps** (lr %g; mean ± s.e. over people)" % result["config"]["lr"], "",
+              "| steps | " + " | ".join(heads[k] for k in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for i, s in enumerate(record):
         cells = [f"{curves[k][:, i].mean():.3f} ± {_sem(curves[k][:, i]):.3f}" if k in curves else "–"
-                 for k in ("mean", "nearest", "encoder")]
+                 for k in shown]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

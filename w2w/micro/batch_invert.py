@@ -9,6 +9,12 @@ the space) up to floating-point rounding. On a CPU one batched step costs far le
 
 ``momentum`` > 0 replaces Adam by SGD with that (heavy-ball) momentum, an experiment of the refinement benchmark
 (docs/encoder.md): its step follows the gradient's size per coefficient where Adam's is about ``lr`` for every one.
+
+``identity`` (:class:`w2w.invert.IdentityLoss`) adds an identity loss to each person's diffusion loss (as PuLID
+does): ``weight`` · (1 − cos) between a face embedding of the clean image the model predicts at that step's noisy
+photo (x̂0) and the embedding of the photo itself. The embedding is a frozen network's (in this world the retrieval
+encoder's, never the judge's); the draws are the same as without it, so the diffusion part of every step is
+unchanged.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from typing import Sequence
 import torch
 
 from ..diffusion import ddpm_noise
+from ..invert import IdentityLoss
 from .model import MicroDenoiser, alphas_cumprod
 
 __all__ = ["invert_batch"]
@@ -25,12 +32,14 @@ __all__ = ["invert_batch"]
 
 def invert_batch(world, photos: torch.Tensor, seeds: Sequence[int], *, steps: int = 400, lr: float = 0.1,
                  weight_decay: float = 1e-10, space=None, init: torch.Tensor | None = None,
-                 record: Sequence[int] = (), chunk: int = 64, momentum: float = 0.0) -> dict[int, torch.Tensor]:
+                 record: Sequence[int] = (), chunk: int = 64, momentum: float = 0.0,
+                 identity: IdentityLoss | None = None) -> dict[int, torch.Tensor]:
     """Invert one photo per person, ``photos`` (n, 3, H, W) in [-1, 1], over every PC of ``space`` (default: the
     world's), person i with seed ``seeds[i]`` and start ``init[i]`` (n, ≤ pcs; zero-padded; None: the mean model).
     -> {step: β (n, pcs)} for every step of ``record`` (0 = the start) and the last. ``chunk`` people per pass
     (memory); the result does not depend on it. ``momentum`` > 0: SGD with that momentum at ``lr`` instead of Adam
-    (``weight_decay`` is Adam's only)."""
+    (``weight_decay`` is Adam's only). ``identity``: add that identity loss to every person's loss at its
+    fixed weight (module doc; ``balance`` is the single inversion's: refused here)."""
     space = world.space if space is None else space
     if photos.dim() != 4 or photos.shape[0] < 1:
         raise ValueError(f"photos must be a non-empty (n, 3, H, W) batch, got {tuple(photos.shape)}")
@@ -40,6 +49,8 @@ def invert_batch(world, photos: torch.Tensor, seeds: Sequence[int], *, steps: in
     if steps < 0 or not (math.isfinite(lr) and lr > 0) or chunk < 1 or not 0.0 <= momentum < 1.0:
         raise ValueError(f"steps must be >= 0, lr > 0, chunk >= 1 and 0 <= momentum < 1, got {steps}, {lr}, {chunk}, "
                          f"{momentum}")
+    if identity is not None and identity.balance:
+        raise ValueError("invert_batch takes the identity loss at a fixed weight: pass IdentityLoss(balance=False)")
     beta0 = torch.zeros(n, k)
     if init is not None:
         if init.dim() != 2 or init.shape[0] != n or init.shape[1] > k:
@@ -49,13 +60,14 @@ def invert_batch(world, photos: torch.Tensor, seeds: Sequence[int], *, steps: in
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         runs = _run(world, space, photos[start:stop], seeds[start:stop], beta0[start:stop], steps, lr, weight_decay,
-                    set(record) | {steps}, momentum)
+                    set(record) | {steps}, momentum, identity)
         for step, beta in runs.items():
             out.setdefault(step, []).append(beta)
     return {step: torch.cat(parts) for step, parts in out.items()}
 
 
-def _run(world, space, photos, seeds, beta0, steps, lr, weight_decay, record, momentum) -> dict[int, torch.Tensor]:
+def _run(world, space, photos, seeds, beta0, steps, lr, weight_decay, record, momentum,
+         identity) -> dict[int, torch.Tensor]:
     denoiser = MicroDenoiser(world.unet, world.layout.scale)
     abar = alphas_cumprod().double()
     ctx = world.context(world.config.lora.prompt)
@@ -65,6 +77,9 @@ def _run(world, space, photos, seeds, beta0, steps, lr, weight_decay, record, mo
     opt = (torch.optim.SGD([beta], lr=lr, momentum=momentum) if momentum > 0
            else torch.optim.Adam([beta], lr=lr, weight_decay=weight_decay))
     x0 = photos.detach().float()
+    use_id = identity is not None and identity.weight > 0
+    if use_id:
+        target = identity.targets(x0)
     kept = {0: beta0.clone()} if 0 in record else {}
     for step in range(1, steps + 1):
         draws = [(torch.randint(0, abar.shape[0], (1,), generator=g), torch.randn((1, *x0.shape[1:]), generator=g))
@@ -72,8 +87,10 @@ def _run(world, space, photos, seeds, beta0, steps, lr, weight_decay, record, mo
         t = torch.cat([d[0] for d in draws])
         noise = torch.cat([d[1] for d in draws])
         x_t = ddpm_noise(x0, t, noise, abar)
-        pred = denoiser(x_t, t, ctx, world.layout.factors(torch.addcmul(mean, beta @ basis, std)))
+        pred, x0_hat = denoiser.predict(x_t, t, ctx, world.layout.factors(torch.addcmul(mean, beta @ basis, std)))
         total = (pred.float() - noise).square().flatten(1).mean(1).sum()  # Σ_i of person i's diffusion loss
+        if use_id:  # Σ_i of person i's identity loss: each x̂0 against its own photo
+            total = total + identity.weight * identity.per_item(x0_hat.float(), target).sum()
         if not math.isfinite(float(total.detach())):
             raise FloatingPointError(f"an inversion loss became non-finite at step {step}: lower lr (now {lr:g})")
         opt.zero_grad(set_to_none=True)

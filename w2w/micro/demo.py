@@ -22,6 +22,8 @@ __all__ = ["contact_sheet", "encoder_rows", "ENCODER_FILE"]
 
 ENCODER_FILE = "micro-encoder.safetensors"  # the world's face encoder (benchmarks/micro_encoder.py --write-encoder)
 REFINE_STEPS = PRESETS["fast"].steps  # the encoder row refined as the fast preset does
+IDENTITY_STEPS = 10  # the encoder row refined with the identity loss (as the node's identity_loss 1): the fewest
+# recorded steps after which it passed the 400-step inversion on the held-out people (docs/encoder.md)
 
 ZOOM = 3
 LABEL_W = 150
@@ -99,8 +101,9 @@ def contact_sheet(out_path: str, folder: str = DEFAULT_DIR, *, identities: int =
 
 
 def encoder_rows(world, folder: str, person: int, seeds: list[int], log=print) -> list:
-    """Rows of the world's face encoder for ``person`` (encoder alone, encoder + REFINE_STEPS steps), or none when the
-    folder has no encoder or its encoder was made for another space (a rebuilt world until it gets its own)."""
+    """Rows of the world's face encoder for ``person`` (encoder alone, encoder + REFINE_STEPS steps, and for a
+    retrieval encoder + IDENTITY_STEPS steps with the identity loss), or none when the folder has no encoder or its
+    encoder was made for another space (a rebuilt world until it gets its own)."""
     path = os.path.join(folder, ENCODER_FILE)
     if not os.path.isfile(path):
         return []
@@ -112,6 +115,7 @@ def encoder_rows(world, folder: str, person: int, seeds: list[int], log=print) -
     except EncoderMismatch as exc:
         log(f"contact sheet: {ENCODER_FILE} left out ({exc})")
         return []
-    rows = contact_sheet_rows(world, encoder, person, seeds=seeds, refine_steps=REFINE_STEPS, full_steps=0)
+    rows = contact_sheet_rows(world, encoder, person, seeds=seeds, refine_steps=REFINE_STEPS, full_steps=0,
+                              identity_steps=IDENTITY_STEPS if encoder.config.head == "retrieve" else 0)
     log(f"encoder rows for held-out person {person}")
     return rows

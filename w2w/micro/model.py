@@ -316,6 +316,14 @@ class MicroDenoiser:
         self.abar = (alphas_cumprod() if abar is None else abar).float()
 
     def __call__(self, x_t, t, cond, factors):
+        return self.predict(x_t, t, cond, factors)[0]
+
+    def predict(self, x_t, t, cond, factors) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂, x̂0): the noise and the clean image the patched UNet predicts; x̂0 = sqrt(ᾱ)·x_t − sqrt(1−ᾱ)·v, well
+        conditioned at every timestep (clamped to the pixels' range [-1, 1], as the sampler does)."""
         ctx = cond.expand(x_t.shape[0], -1, -1) if cond.shape[0] == 1 else cond
+        a = self.abar.to(x_t.device)[t]
         with self.unet.patched(factors, self.scale):
-            return eps_from_v(x_t, self.unet(x_t, t, ctx), self.abar.to(x_t.device)[t])
+            v = self.unet(x_t, t, ctx)
+        ab = a.view(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
+        return eps_from_v(x_t, v, a), (ab.sqrt() * x_t - (1 - ab).sqrt() * v).clamp(-1, 1)

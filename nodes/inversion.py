@@ -22,6 +22,7 @@ from comfy_api.latest import io
 from ..w2w.diffusion import alphas_cumprod_from_sigmas
 from ..w2w.invert import PRECISIONS, PRESETS, InversionResult, InvertSettings, invert
 from ..w2w.vae import LatentParam, VAELatent
+from .idscore import AUTO as FACENET_AUTO, weights_choices
 from .patching import ComfyDenoiser, check_targets, trainable_clone
 from .routes import send_event, send_progress_text
 from .sockets import (CATEGORY_INVERSION, SEED_MAX, IdentitySocket, LatentSocket, SpaceSocket, VAESocket, advanced,
@@ -37,6 +38,8 @@ PREVIEW_EVERY = 10  # steps between two previews of the current identity's recon
 PREVIEW_MIN_SIDE = 128  # previews are enlarged (nearest) to at least this side to stay readable on the node
 PROGRESS_EVENT = "w2w.invert.progress"  # {node, step, total, loss}: shown on the node by web/js/w2w.js
 LOG_EVERY = 50
+IDENTITY_LOSS_BYTES = 3 * 2**30  # room asked for the identity loss: the decoder and FaceNet (float32, 0.3 GB) and
+# the decoder's activations kept for its backward pass on the face's window at 512 px (an estimate)
 FACE_AUTO, FACE_OFF = "auto", "off"
 FACE_CHOICES = (FACE_AUTO, FACE_OFF)
 RANDOM_CROP_ROOM = 1.125  # random_crop: frame a square this much larger and crop `resolution` of it at every step
@@ -307,18 +310,28 @@ def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *
                   face: str = FACE_AUTO, face_mask: bool = False, random_crop: bool = False,
                   vae_sample: bool = False, checkpointing: bool = True, init=None,
                   make_param: Callable[[], LatentParam] | None = None, name: str = "inverted",
-                  label: str = "w2w inversion") -> tuple[InversionResult, LatentParam | None, Framed]:
+                  label: str = "w2w inversion", identity_strength: float = 0.0,
+                  facenet_weights: str = FACENET_AUTO) -> tuple[InversionResult, LatentParam | None, Framed]:
     """Invert ``image`` into ``space`` on a trainable clone of ``model``; ``model`` and every input stay unchanged.
 
     Frames the photos (:func:`frame_photos`), drives a ProgressBar with previews of the current reconstruction, sends
     the step/loss event the web extension shows, logs every ``LOG_EVERY`` steps and stops at the next step on Cancel.
     ``make_param`` builds the parametrisation to optimise instead of β (called where autograd may record, i.e.
-    outside inference mode); it is returned with the result and the framing.
+    outside inference mode); it is returned with the result and the framing. ``identity_strength`` > 0 adds the
+    identity loss (:mod:`.identity_loss`: FaceNet from ``facenet_weights`` on the decoded clean latents) at that
+    strength relative to the diffusion loss.
     """
     import comfy.model_management as mm
     import comfy.utils
 
     keys = check_targets(model, space)
+    if identity_strength < 0 or not math.isfinite(identity_strength):
+        raise ValueError(f"identity_loss must be a number >= 0 (0 = off), got {identity_strength}")
+    facenet_path = None
+    if identity_strength > 0:
+        from .idscore import resolve_weights
+
+        facenet_path = resolve_weights(facenet_weights)  # a missing file fails here, before any work
     framed = frame_photos(image, mask, resolution, face, face_mask, RANDOM_CROP_ROOM if random_crop else 1.0)
     if random_crop:  # a new resolution-sized crop of the larger framing at every step, as the reference
         settings = dataclasses.replace(settings, crop=resolution // getattr(vae, "downscale_ratio", 8))
@@ -341,7 +354,8 @@ def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *
         pbar.update_absolute(step, total, preview_image(model, denoiser.last_x0) if show else None)
         loss = float(info["loss"])
         send_event(PROGRESS_EVENT, {"node": node_id, "step": step, "total": total, "loss": loss})
-        send_progress_text(node_id, f"step {step}/{total} · loss {loss:.4f}")
+        extra = f" · identity {info['identity_loss']:.3f}" if "identity_loss" in info else ""
+        send_progress_text(node_id, f"step {step}/{total} · loss {loss:.4f}{extra}")
         if step == total or step % LOG_EVERY == 0:
             log.info("%s: step %d/%d, loss %.5f", label, step, total, info["loss"])
 
@@ -351,16 +365,22 @@ def run_inversion(node_id, model, vae, image, space, settings: InvertSettings, *
             device = mm.get_torch_device()
             dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
             pcs = settings.pcs if param is None else param.pcs
-            with device_memory_for(basis_bytes(space, pcs, precision, device, dtype), device, mm):
+            extra = IDENTITY_LOSS_BYTES if identity_strength > 0 else 0
+            with device_memory_for(basis_bytes(space, pcs, precision, device, dtype) + extra, device, mm):
                 sigmas = patcher.model.model_sampling.sigmas.detach().clone().float()
                 denoiser = ComfyDenoiser(patcher, board, sigmas.to(device))
                 masks = framed.masks
+                identity = None
+                if identity_strength > 0:
+                    from .identity_loss import identity_loss
+
+                    identity = identity_loss(model, vae, facenet_path, device, identity_strength)
                 result = invert(space, denoiser,
                                 latents.detach().clone().to(device, torch.float32), context.detach().clone().to(device),
                                 settings, mask=None if masks is None else masks.clone(), init=init,
                                 alphas_cumprod=alphas_cumprod_from_sigmas(sigmas), device=device, dtype=dtype,
                                 callback=progress, name=name, param=param, precision=precision,
-                                latent_std=None if latent_std is None else latent_std.float())
+                                latent_std=None if latent_std is None else latent_std.float(), identity=identity)
     return result, param, framed
 
 
@@ -480,6 +500,18 @@ class W2WInvertImage(io.ComfyNode):
                 resolution_input(),
                 precision_input(),
                 *face_inputs(),
+                advanced(io.Float.Input("identity_loss", default=0.0, min=0.0, max=10.0, step=0.05, optional=True,
+                                        tooltip="Adds a face-identity loss (as PuLID): FaceNet's embedding of the "
+                                                "decoded reconstruction at each step against the photo's. 1 = its "
+                                                "gradient as large as the diffusion loss's at the start; 0 = off (the "
+                                                "paper). In the miniature world, from Encode Face to w2w it passed a "
+                                                "400-step inversion in 10 steps (docs/encoder.md); untested on real "
+                                                "photos. Needs facenet-pytorch and the FaceNet weights (models/facenet)"
+                                                "; costs a VAE decode per step.")),
+                advanced(io.Combo.Input("facenet_weights", options=weights_choices(), default=FACENET_AUTO,
+                                        optional=True,
+                                        tooltip="identity_loss: the FaceNet VGGFace2 weights (models/facenet; auto: "
+                                                "the released file name there or in the torch hub cache).")),
             ],
             outputs=[
                 IdentitySocket.Output(display_name="identity", tooltip="The inverted identity."),
@@ -495,7 +527,8 @@ class W2WInvertImage(io.ComfyNode):
                 mask: io.Mask.Type | None = None, init_identity: IdentitySocket.Type | None = None,
                 resolution: int = 512, precision: str = "auto", face: str = FACE_AUTO,
                 face_mask: bool = False, random_crop: bool = False, vae_sample: bool = False,
-                gradient_checkpointing: bool = True) -> io.NodeOutput:
+                gradient_checkpointing: bool = True, identity_loss: float = 0.0,
+                facenet_weights: str = FACENET_AUTO) -> io.NodeOutput:
         settings = _settings(preset, pcs, steps, lr, seed)
         if preset == FAST:
             settings = fast_settings(settings, space, init_identity)
@@ -507,7 +540,8 @@ class W2WInvertImage(io.ComfyNode):
                                           conditioning=conditioning, prompt=prompt, mask=mask, resolution=resolution,
                                           precision=precision, face=face, face_mask=face_mask,
                                           random_crop=random_crop, vae_sample=vae_sample,
-                                          checkpointing=gradient_checkpointing, init=init_identity)
+                                          checkpointing=gradient_checkpointing, init=init_identity,
+                                          identity_strength=identity_loss, facenet_weights=facenet_weights)
         return io.NodeOutput(result.identity, loss_curve_image(result.losses), ui=framing_preview(framed, cls))
 
 

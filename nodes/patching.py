@@ -326,6 +326,10 @@ class ComfyDenoiser:
         self.last_x0 = None
 
     def __call__(self, x_t, t, cond, factors):
+        return self.predict(x_t, t, cond, factors)[0]
+
+    def predict(self, x_t, t, cond, factors):
+        """(ε̂, x̂0): the noise and the clean latents (ComfyUI's ``denoised``) the patched model predicts."""
         import comfy.model_management
 
         comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: no UNet pass after it
@@ -336,4 +340,4 @@ class ComfyDenoiser:
         context = cond.expand(x.shape[0], *cond.shape[1:])
         denoised = self.patcher.model.apply_model(x, sigma, c_crossattn=context)
         self.last_x0 = denoised.detach()  # the current identity's reconstruction, for the progress preview
-        return (x - denoised) / s
+        return (x - denoised) / s, denoised

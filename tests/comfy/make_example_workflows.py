@@ -116,7 +116,8 @@ def invert_graph() -> dict:
     g["4"] = {"class_type": "W2WInvertImage", "inputs": {
         "model": ["1", 0], "vae": ["1", 2], "image": ["3", 0], "space": ["2", 0], "preset": "reference", "pcs": 10_000,
         "steps": 400, "lr": 0.1, "seed": 0, "clip": ["1", 1], "prompt": "sks person", "resolution": 512,
-        "precision": "auto", "face": "auto", "face_mask": False, "random_crop": False, "vae_sample": False, "gradient_checkpointing": True}}
+        "precision": "auto", "face": "auto", "face_mask": False, "random_crop": False, "vae_sample": False, "gradient_checkpointing": True,
+        "identity_loss": 0.0, "facenet_weights": "auto"}}
     g["5"] = {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}}
     g["12"] = _edit(("4", 0), "Male", 1.0)
     g["13"] = {"class_type": "W2WSaveIdentity", "inputs": {"identity": ["4", 0], "filename_prefix": "w2w_inverted"}}
@@ -190,7 +191,8 @@ def inverted_and_sampled_graph() -> dict:
     g["4"] = {"class_type": "W2WInvertImage", "inputs": {
         "model": ["1", 0], "vae": ["1", 2], "image": ["12", 0], "space": ["2", 0], "preset": "reference",
         "pcs": 10_000, "steps": 400, "lr": 0.1, "seed": 0, "clip": ["1", 1], "prompt": "sks person",
-        "resolution": 512, "precision": "auto", "face": "auto", "face_mask": False, "random_crop": False, "vae_sample": False, "gradient_checkpointing": True}}
+        "resolution": 512, "precision": "auto", "face": "auto", "face_mask": False, "random_crop": False, "vae_sample": False, "gradient_checkpointing": True,
+        "identity_loss": 0.0, "facenet_weights": "auto"}}
     _halves(g, 768, 512)
     _two_regions(g, ("4", 0), ("3", 0))
     g["9"] = _sampler(("1", 0), positive=("27", 0), negative=("27", 1))

@@ -485,3 +485,60 @@ def test_inversion_clones_ask_newer_hosts_for_the_plain_patcher(comfy_host):
     assert helpers.static_clone(Dynamic()) == "plain delegate"
     assert helpers.static_clone(NewPlain()) == "plain"
     assert helpers.static_clone(Old()) == "plain"
+
+
+# ---------------------------------------------------------------------------------------------- identity loss
+def identity_loss_module(comfy_host):
+    inversion = sys.modules[comfy_host.node_class("W2WInvertImage").__module__]
+    return importlib.import_module(inversion.__name__.rsplit(".", 1)[0] + ".identity_loss")
+
+
+def test_private_vae_decoder_equals_vae_decode_and_carries_gradients(comfy_host, space_file, photos, executor):
+    """The identity loss decodes with a private copy of the checkpoint's VAE decoder: under the executor's inference
+    mode ComfyUI's own VAE cannot record a backward pass; the copy gives VAE Decode's pixels, and gradients."""
+    result = comfy_host.run_graph(invert_graph(steps=1), executor=executor)
+    vae, image = result.output("1", 2), result.output("3", 0)
+    module = identity_loss_module(comfy_host)
+    before = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
+    with torch.inference_mode():  # as the executor runs nodes
+        pixels = torch.nn.functional.interpolate(image.movedim(-1, 1), size=(RES, RES)).movedim(1, -1)
+        z = vae.encode(pixels)
+        reference = vae.decode(z)
+        decoder = module.private_decoder(vae, "cpu")
+        with torch.inference_mode(False), torch.enable_grad():
+            latents = z.clone().float().requires_grad_(True)
+            decoded = ((decoder.decode(latents) + 1.0) / 2.0).clamp(0.0, 1.0)
+            decoded.square().sum().backward()
+    assert decoded.shape[1:] == (3, RES, RES)
+    tolerance = 2e-2 if vae.vae_dtype != torch.float32 else 1e-4  # ComfyUI decodes in bfloat16 where it can
+    torch.testing.assert_close(decoded.detach().movedim(1, -1), reference.float(), rtol=0, atol=tolerance)
+    assert latents.grad is not None and float(latents.grad.abs().sum()) > 0
+    assert all(torch.equal(v, before[k]) for k, v in vae.first_stage_model.state_dict().items())
+
+
+def test_identity_loss_in_the_executor(comfy_host, space_file, photos, executor, tmp_path_factory):
+    """identity_loss > 0: FaceNet (random stand-in weights in models/facenet) on the decoded clean latents joins the
+    loss at the balanced weight (noted in the identity's history); 0 is the plain inversion; the MODEL and the VAE
+    stay unchanged."""
+    pytest.importorskip("facenet_pytorch", reason="pip install --no-deps -r requirements-idscore.txt")
+    from w2w.metrics.faces import FACENET_FILENAME
+    from w2w.metrics.standins import save_random_facenet
+
+    weights = save_random_facenet(str(tmp_path_factory.mktemp("facenet") / FACENET_FILENAME), seed=5)
+    comfy_host.stage_model("facenet", weights, FACENET_FILENAME)
+    runs = {}
+    for strength in (0.0, 1.0):
+        graph = invert_graph(steps=2, lr=0.5)
+        graph["4"]["inputs"].update(identity_loss=strength, facenet_weights=FACENET_FILENAME)
+        result = comfy_host.run_graph(graph, executor=executor)
+        runs[strength] = result.output("4", 0)
+    plain = comfy_host.run_graph(invert_graph(steps=2, lr=0.5), executor=executor).output("4", 0)
+    module = identity_loss_module(comfy_host)  # FaceNet looks at the central 60 %: only that (+ a margin) is decoded
+    assert module.face_window(64, 64) == (slice(9, 55), slice(9, 55), 4, 38)
+    assert module.face_window(RES // 8, RES // 8) == (slice(0, 7), slice(0, 7), 1, 5)
+    assert torch.equal(runs[0.0].coefficients, plain.coefficients) and "identity_loss" not in plain.history[-1]
+    assert "identity_loss=" in runs[1.0].history[-1]
+    assert not torch.allclose(runs[1.0].coefficients, plain.coefficients)
+    node_module, _, _ = pack_modules(comfy_host)
+    assert_model_untouched(result.output("1", 0), comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME,
+                           node_module._ours)

@@ -403,7 +403,7 @@ def test_targets_with_the_identity_loss(toy, retrieval, tmp_path):
     assert "balanced on each photo" in text
     assert "Seconds per inversion step" in text
     sheet = contact_sheet_rows(world, retrieval, person, seeds=[0], refine_steps=1, full_steps=0, identity_steps=2)
-    assert [r[0].split(" (")[0] for r in sheet] == ["encoder only", "encoder + 1 steps", "encoder + 2 steps, identity loss"]
+    assert [r[0].split(" (")[0] for r in sheet] == ["encoder only", "encoder + 1 steps", "encoder + 2 steps, ID loss"]
     start = encode_person(world, retrieval, photo)
     balanced = invert_from(world, photo, start, 2, identity=IdentityLoss(encoder_embedder(retrieval), 1.0, balance=True))
     scorer = Scorer(world, seeds=1)

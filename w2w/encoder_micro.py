@@ -337,7 +337,7 @@ def contact_sheet_rows(world, encoder: FaceEncoder, person: int, *, seeds: list[
     if identity_steps:
         identity = IdentityLoss(encoder_embedder(encoder), 1.0, balance=True)
         betas.append(invert_from(world, photo, encoded, identity_steps, lr, identity=identity)[identity_steps])
-        labels.append(f"encoder + {identity_steps} steps, identity loss")
+        labels.append(f"encoder + {identity_steps} steps, ID loss")
     if full_steps:
         betas.append(invert_from(world, photo, None, full_steps, lr)[full_steps])
         labels.append(f"full inversion, {full_steps} steps")

@@ -412,7 +412,8 @@ class TargetConfig:
     nearest: bool = True  # also the curve from the nearest training identity (its search: 20,000 diffusion-loss
     # evaluations per person with 5,000 models, minutes on a CPU)
     identity: bool = True  # a retrieval encoder: also the curves with the identity loss (the encoder's embedding of
-    # x̂0; its weight by balanced_id_weight), from the encoder's answer and from the mean model
+    # x̂0; its weight by balanced_id_weight), from the encoder's answer and from the mean model, and as the node does
+    # it (the engine, the weight balanced on each photo)
 
 
 def encoder_seconds(world, encoder: FaceEncoder, repeats: int = 20) -> float:
@@ -435,8 +436,9 @@ def measure_targets(world, encoder: FaceEncoder, config: TargetConfig = TargetCo
     people = list(world.heldout_seeds)[: config.people or None]
     steps = max(config.full_steps, *config.record)
     record = tuple(sorted(set(config.record) | {0, config.full_steps}))
-    # two caches: the runs from the mean model and the nearest training identity depend only on the settings and the
-    # space; the encoder's on its exact values (not float sums, which depend on the thread count) and configuration.
+    # three caches: the runs from the mean model and the nearest training identity depend only on the settings and
+    # the space; the encoder's on its exact values (not float sums, which depend on the thread count) and
+    # configuration; the identity loss's also on its weight.
     # Which people are measured is not part of a key (each person's entry stands alone).
     settings = {k: v for k, v in asdict(config).items() if k not in ("people", "nearest", "identity")}
     starts = ("mean", "nearest") if config.nearest else ("mean",)

@@ -373,13 +373,12 @@ def balanced_id_weight(world, encoder: FaceEncoder, people: int = 24, first: int
     val = [VALIDATION_SEEDS + first + i for i in range(people)]
     photos = torch.cat([world.photos_of(s, 1, 0) for s in val])
     start = torch.stack([encode_person(world, encoder, ph[None]).coefficients for ph in photos])
-    embed = encoder_embedder(encoder)
+    term = IdentityLoss(encoder_embedder(encoder))
     denoiser = MicroDenoiser(world.unet, world.layout.scale)
     abar = alphas_cumprod().double()
     ctx = world.context(world.config.lora.prompt)
     basis, std, mean = space.components[: start.shape[1]].float(), space.std.float(), space.mean.float()
-    with torch.no_grad():
-        target = embed(photos)
+    target = term.targets(photos)
     gen = torch.Generator().manual_seed(seed)
     diff_sq, id_sq = [], []
     for _ in range(draws):
@@ -389,7 +388,7 @@ def balanced_id_weight(world, encoder: FaceEncoder, people: int = 24, first: int
         eps, x0_hat = denoiser.predict(ddpm_noise(photos, t, noise, abar), t, ctx,
                                        world.layout.factors(torch.addcmul(mean, beta @ basis, std)))
         g_diff, = torch.autograd.grad((eps - noise).square().flatten(1).mean(1).sum(), beta, retain_graph=True)
-        g_id, = torch.autograd.grad((1.0 - (embed(x0_hat) * target).sum(1)).sum(), beta)
+        g_id, = torch.autograd.grad(term.per_item(x0_hat, target).sum(), beta)
         diff_sq.append(g_diff.square().mean())
         id_sq.append(g_id.square().mean())
     return math.sqrt(float(torch.stack(diff_sq).mean()) / float(torch.stack(id_sq).mean()))

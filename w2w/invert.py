@@ -495,7 +495,7 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
         value = float(loss.detach())  # the diffusion loss (+ the prior): the curve shown, with or without identity
         if use_id:
             loss = loss + id_weight * id_loss
-        if not (math.isfinite(value) and math.isfinite(float(loss.detach()))):
+        if not (math.isfinite(value) and (not use_id or math.isfinite(float(loss.detach())))):  # one sync without it
             raise FloatingPointError(f"the inversion loss became {value} at step {step + 1}: lower lr "
                                      f"(now {settings.lr:g}) or check the inputs")
         if not loss.requires_grad:

@@ -2,6 +2,7 @@
 
     python benchmarks/micro_reasons.py dreambooth            # DreamBooth-LoRA at 60 and 400 steps (≈ 14 min, 2 cores)
     python benchmarks/micro_reasons.py dreambooth --steps 60 400 1000 --people 16
+    python benchmarks/micro_reasons.py dreambooth --prior-weight 1   # with prior preservation (the paper's eq. 2)
     python benchmarks/micro_reasons.py vae                   # the w2w++ VAE's recipe varied, latent 16 (≈ 4 min)
     python benchmarks/micro_reasons.py vae --latent 32 --markdown vae-recipes.md
     python benchmarks/micro_reasons.py prompts --workdir W   # DreamBooth under scene prompts (≈ 50 min, resumable)
@@ -9,12 +10,16 @@
     python benchmarks/micro_reasons.py edits --image-seeds 16  # the edits table with 4 x the images per model
     python benchmarks/micro_reasons.py edits --debias        # the edits with debiased directions
     python benchmarks/micro_reasons.py inversion --image-seeds 16  # the inversion table, likewise
+    python benchmarks/micro_reasons.py sampling --guidance 3  # the sampling table at the reference code's guidance
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of
 steps (its learning-rate schedule stretched over them; 60 is the recipe of the space's models and of the tables'
 DreamBooth rows, 400 the inversion's step count), next to the single-photo w2w inversion of the same people; the
-judge's ID score of each model's images against unseen photos, as in the tables' inversion table.
+judge's ID score of each model's images against unseen photos, as in the tables' inversion table. ``--prior-weight``
+adds DreamBooth's prior-preservation loss (the paper's eq. 2, which its DreamBooth baselines and dataset models use):
+λ times the loss on the base model's own images of "photo person", so the LoRA must keep the class and put the person
+into the identifier.
 
 ``vae`` (target 5: when does the VAE beat PCA's held-out weight error?): VAEs of one latent size trained on the
 world's training coefficients with the recipe of its shipped VAEs, varied in input scaling (each PC whitened, or one
@@ -38,7 +43,9 @@ single-photo inversion vs the models the space is built from) on ``--people`` he
 verdict, with ``--image-seeds`` images per model (the tables use 4, the same 4 for every model) and ``--eval-seed``;
 ``--debias`` edits along each direction debiased against every other attribute's (the reference code's debiasing).
 ``inversion`` (target 1, likewise): the tables' inversion-vs-DreamBooth table and target 1's verdicts.
-``fig10`` takes ``--image-seeds`` too.
+``sampling`` (target 3): the tables' sampling table and target 3's verdict. ``fig10`` takes ``--image-seeds`` too;
+``--guidance`` (fig10, edits, inversion, sampling, dreambooth) renders every image with classifier-free guidance, as
+the reference code does (3 for samples, 2.5 for inversions and edits; the tables use none).
 """
 from __future__ import annotations
 
@@ -53,8 +60,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from w2w.micro.tables import (EvalConfig, Generator, check_targets, curve_table, editing_table,  # noqa: E402
-                              inversion_table, recipe_table, structure_table, table_markdown, vae_recipe_table,
-                              write_text)
+                              inversion_table, recipe_table, sampling_table, structure_table, table_markdown,
+                              vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.train import MODEL_SEEDS, train_base  # noqa: E402
 from w2w.micro.world import (DEFAULT_DIR, World, _lora_stage, load_world, lora_stage_stamp, make_space,  # noqa: E402
@@ -92,7 +99,7 @@ def _verdict(target: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion"),
+    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling"),
                    help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
@@ -109,9 +116,16 @@ def main() -> int:
     p.add_argument("--image-seeds", type=int, default=4,
                    help="fig10, edits, inversion: images per model, each with its own noise seed (default 4, the "
                         "tables')")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="fig10, edits, inversion, sampling, dreambooth: classifier-free guidance of every generated "
+                        "image (default 1 = none, the tables'; the reference code samples at 3 and renders inversions "
+                        "and edits at 2.5)")
     p.add_argument("--debias", action="store_true",
                    help="edits: each direction debiased against every other attribute's (the reference code's "
                         "debiasing) instead of the tables' plain least-squares directions")
+    p.add_argument("--prior-weight", type=float, nargs="+", default=[0.0],
+                   help="dreambooth: DreamBooth's prior-preservation weight λ, one run per value (0 = the world's "
+                        "recipe, without it; the paper's DreamBooth uses it)")
     p.add_argument("--latent", type=int, default=16, help="vae: latent size (and PCA components)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
@@ -124,6 +138,10 @@ def main() -> int:
         p.error("--steps must be positive")
     if args.eval_seed < 0:
         p.error(f"--eval-seed must be >= 0, got {args.eval_seed}")
+    if min(args.prior_weight) < 0:
+        p.error("--prior-weight must be >= 0")
+    if not args.guidance >= 1:
+        p.error(f"--guidance must be >= 1, got {args.guidance}")
     if args.image_seeds < 1:
         p.error(f"--image-seeds must be >= 1, got {args.image_seeds}")
     world = load_world(args.artifacts)
@@ -143,13 +161,13 @@ def main() -> int:
                  ", ".join(f"{w} {a:.2f}" for w, a in accuracy.items()) + ")")
     elif args.what == "fig10":
         people = _people(world, args.people)
-        config = EvalConfig(curve_people=people, seed=args.eval_seed, seeds=args.image_seeds)
+        config = EvalConfig(curve_people=people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
         rows = curve_table(world, Generator(world, config), config, log=print)
         title = (f"Inversion ID score vs models in the space (paper Fig. 10), {people} held-out people, evaluation "
                  f"seed {args.eval_seed}, {args.image_seeds} images per model; target 4 "
                  + _verdict(check_targets({"models_curve": rows})[0]))
     elif args.what == "edits":
-        config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds,
+        config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance,
                             **({"edit_people": args.people} if args.people else {}))
         if args.debias:
             world = replace(world, space=with_directions(world.space, world.config.sample_pcs, debias=True))
@@ -160,16 +178,23 @@ def main() -> int:
                  f"{args.eval_seed}, {args.image_seeds} images per model; target 2 {_verdict(target)}: "
                  f"{target['measured']}")
     elif args.what == "inversion":
-        config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, people=args.people)
+        config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, people=args.people, cfg=args.guidance)
         rows, _ = inversion_table(world, Generator(world, config), config, log=print)
         verdicts = "; ".join(f"{t['target']}: {t['measured']} ({_verdict(t)})"
                              for t in check_targets({"inversion": rows}))
         people = _people(world, args.people)
         title = (f"Single-photo inversion vs DreamBooth-LoRA, {people} held-out people, "
                  f"evaluation seed {args.eval_seed}, {args.image_seeds} images per model; {verdicts}")
+    elif args.what == "sampling":
+        config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
+        rows, _ = sampling_table(world, Generator(world, config), config)
+        target = check_targets({"sampling": rows})[0]
+        title = (f"Sampling: consistency across seeds, evaluation seed {args.eval_seed}, {args.image_seeds} images per "
+                 f"model, guidance {args.guidance:g}; target 3 {_verdict(target)}: {target['measured']}")
     elif args.what == "dreambooth":
-        config = EvalConfig(people=args.people)
-        rows = recipe_table(world, Generator(world, config), config, tuple(args.steps))
+        config = EvalConfig(people=args.people, cfg=args.guidance)
+        rows = recipe_table(world, Generator(world, config), config, tuple(args.steps),
+                            prior_weights=tuple(args.prior_weight))
         people = _people(world, args.people)
         title = (f"Single-photo DreamBooth-LoRA trained longer, {people} held-out people (judge ID score against "
                  "unseen photos; seconds for all people)")
@@ -186,6 +211,8 @@ def main() -> int:
         extra = table_markdown(
             f"What the first {args.latent} PCs leave, predicted from them (error in the space's coefficients, "
             f"1 = the mean model; fitted on the training models the VAE recipe fits)", structure)
+    if args.guidance != 1 and "guidance" not in title:
+        title += f" — images with guidance {args.guidance:g}"
     text = table_markdown(title, rows) + "\n" + ("\n" + extra + "\n" if extra else "")
     print(text)
     print(f"in {time.perf_counter() - t0:.0f} s")

@@ -211,6 +211,70 @@ def test_shared_noise_makes_a_lora_independent_of_its_batch(tiny_model):
         train_loras(unet, text, [a, identity_images(3, 1)], LoraConfig(images=2, steps=1, shared_noise=True))
 
 
+def test_prior_preservation_keeps_the_class_and_each_lora_its_own(tiny_model):
+    """DreamBooth with prior preservation (the paper's eq. 2): the LoRA moves the class prompt's predictions on the
+    class images less than without it; side by side with shared noise a LoRA is the one trained alone; the class
+    images are the base model's, the same at every call; λ 0 ignores them."""
+    from w2w.micro.model import alphas_cumprod
+    from w2w.micro.train import _noised, class_images
+
+    unet, text = tiny_model
+    a, b = identity_images(1, 2), identity_images(2, 2)
+    base = LoraConfig(images=2, steps=8, per_step=2, lr=3e-2, shared_noise=True, class_images=6)
+    prior = class_images(unet, text, base)
+    assert prior.shape == (6, 3, 32, 32) and prior.abs().max() <= 1
+    torch.testing.assert_close(class_images(unet, text, base), prior, rtol=0, atol=0)
+    plain = train_loras(unet, text, [a], base, seed=5)
+    torch.testing.assert_close(train_loras(unet, text, [a], base, seed=5, prior=prior), plain, rtol=0, atol=0)
+    kept = train_loras(unet, text, [a], replace(base, prior_weight=20.0), seed=5, prior=prior)
+    assert (kept - plain).abs().max() > 1e-3
+
+    layout = micro_layout(unet)
+    x_t, t, _ = _noised(prior, torch.Generator().manual_seed(9), alphas_cumprod())
+    ctx = text(tokenize([base.class_prompt])).expand(len(prior), -1, -1)
+
+    def class_shift(w):
+        with torch.no_grad():
+            before = unet(x_t, t, ctx)
+            with unet.patched(layout.factors(w[0]), layout.scale):
+                return float((unet(x_t, t, ctx) - before).square().mean())
+
+    assert class_shift(kept) < 0.8 * class_shift(plain)  # measured 0.63 x
+
+    cfg = replace(base, prior_weight=1.0, steps=3)
+    alone = train_loras(unet, text, [a], cfg, seed=5, prior=prior)[0]
+    second = train_loras(unet, text, [b, a], cfg, seed=5, prior=prior)[1]
+    torch.testing.assert_close(alone, second, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="class images must be"):
+        train_loras(unet, text, [a], cfg, prior=prior[:, :1])
+    with pytest.raises(ValueError, match="prior_weight"):
+        LoraConfig(prior_weight=-1.0)
+    with pytest.raises(ValueError, match="class_images"):
+        LoraConfig(class_images=0)
+
+
+def test_prior_settings_leave_the_worlds_lora_stamp_as_it_was():
+    """Work folders of the shipped world's LoRA stage still resume: its stamp, as written before prior
+    preservation existed, is unchanged while the prior is off."""
+    from w2w.micro.train import MODEL_SEEDS
+    from w2w.micro.world import lora_stage_stamp
+
+    c = WorldConfig()
+    written_before = (
+        '["loras", {"final_lr": 0.1, "images": 8, "init_seed": 1234, "lr": 0.02, "parallel": 100, "per_step": 2, '
+        '"prompt": "photo sks person", "shared_noise": true, "steps": 60, "t_min": 0}, "[\\"base\\", '
+        '{\\"batch\\": 32, \\"checkpoint_every\\": 200, \\"drop_caption\\": 0.1, \\"ema\\": 0.995, '
+        '\\"lr\\": 0.002, \\"model\\": {\\"channels\\": [32, 64, 64], \\"context\\": 32, \\"heads\\": 4, '
+        '\\"image\\": 32}, \\"photos\\": \\"hard\\", \\"pool\\": 20000, \\"seed\\": 0, \\"steps\\": 4000}, '
+        '\\"hard-2\\"]", 0, 5000]')
+    assert lora_stage_stamp("loras", c.lora, c.base, MODEL_SEEDS, c.models) == written_before
+    with_prior = lora_stage_stamp("loras", replace(c.lora, prior_weight=1.0), c.base, MODEL_SEEDS, c.models)
+    assert '"prior_weight": 1.0' in with_prior and with_prior != written_before
+    other_class = lora_stage_stamp("loras", replace(c.lora, prior_weight=1.0, class_prompt="photo man"), c.base,
+                                   MODEL_SEEDS, c.models)
+    assert '"class_prompt": "photo man"' in other_class
+
+
 def test_one_photo_fills_the_batch_with_copies(tiny_model):
     unet, text = tiny_model
     w = train_loras(unet, text, [identity_images(1, 1)], LoraConfig(images=1, steps=2, per_step=3, shared_noise=True))
@@ -504,6 +568,22 @@ def test_recipe_table_trains_dreambooth_for_each_step_count(toy_world):
     assert rows[1]["ID score"] != pytest.approx(rows[3]["ID score"], abs=1e-9)  # the steps change the LoRAs
     with pytest.raises(ValueError, match="steps"):
         recipe_table(world, gen, cfg, steps=(0,))
+    # with prior preservation: its own rows, LoRAs trained with the base model's class images and that weight
+    from w2w.micro.train import class_images
+
+    kept = recipe_table(world, gen, cfg, steps=(3,), prior_weights=(0.0, 2.0), log=lambda s: None)
+    assert [r["method"] for r in kept[1:]] == [
+        "DreamBooth LoRA, 1 photo", f"DreamBooth LoRA, {images} photos",
+        "DreamBooth LoRA + prior preservation (λ 2), 1 photo", f"DreamBooth LoRA + prior preservation (λ 2), {images} photos"]
+    assert kept[1]["ID score"] == pytest.approx(rows[3]["ID score"], abs=1e-6)
+    recipe = replace(world.config.lora, images=1, steps=3, prior_weight=2.0)
+    weights = train_loras(world.unet, world.text, [world.photos_of(s, 1, 0) for s in people], recipe, seed=17,
+                          prior=class_images(world.unet, world.text, recipe))
+    emb, _ = gen.read_models(weights)
+    assert kept[3]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    assert kept[3]["ID score"] != pytest.approx(kept[1]["ID score"], abs=1e-9)
+    with pytest.raises(ValueError, match="prior_weights"):
+        recipe_table(world, gen, cfg, steps=(1,), prior_weights=(-1.0,))
 
 
 def test_prompt_table_scores_dreambooth_under_scene_prompts(toy_world, tmp_path):

@@ -25,7 +25,7 @@ from .batch_invert import invert_batch
 from .faces import ATTRIBUTES, WORDS, attributes, identity_params
 from .judge import id_score, judge_quality
 from .model import MicroDenoiser, alphas_cumprod, ddim_sample
-from .train import train_loras
+from .train import class_images, train_loras
 from .world import World, make_space, vae_recipe
 
 __all__ = ["EvalConfig", "Generator", "run_tables", "to_markdown", "invert_person", "REFERENCE_VIEW",
@@ -302,11 +302,15 @@ def dreambooth_sets(world: World, gen: Generator, cfg: EvalConfig, steps: tuple[
 
 
 def recipe_table(world: World, gen: Generator, cfg: EvalConfig, steps: tuple[int, ...] = (60, 400),
-                 log=print) -> list[dict]:
+                 log=print, prior_weights: tuple[float, ...] = (0.0,)) -> list[dict]:
     """Does single-photo DreamBooth-LoRA over-fit when it trains longer? DreamBooth-LoRAs of held-out people from
     their first photo and from their 8 training photos, with the world's recipe run for each number of ``steps``
     (the same learning-rate schedule stretched over them), next to the single-photo w2w inversion of the same people
-    (``cfg.invert_steps`` steps); every model's images against unseen photos, as in the inversion table."""
+    (``cfg.invert_steps`` steps); every model's images against unseen photos, as in the inversion table.
+    ``prior_weights``: each λ > 0 adds DreamBooth's prior preservation with that weight (the paper's eq. 2; the base
+    model's images of "photo person", :func:`w2w.micro.train.class_images`); 0 is the world's recipe."""
+    if not prior_weights or min(prior_weights) < 0:
+        raise ValueError(f"prior_weights must be a non-empty list of weights >= 0, got {prior_weights}")
     people, refs, sets = dreambooth_sets(world, gen, cfg, steps)
     one = sets[0][1]
     lora = world.config.lora
@@ -317,14 +321,20 @@ def recipe_table(world: World, gen: Generator, cfg: EvalConfig, steps: tuple[int
     emb, _ = gen.read_models(world.space.weights(runs[cfg.invert_steps]))
     rows.append({"method": "w2w inversion, 1 photo", "steps": cfg.invert_steps, "ID score": _pairwise(emb, refs),
                  "seconds": time.perf_counter() - t0})
-    for n in steps:
-        for label, images, count in sets:
-            t0 = time.perf_counter()
-            weights = train_loras(world.unet, world.text, images, replace(lora, images=count, steps=n), seed=17)
-            emb, _ = gen.read_models(weights)
-            rows.append({"method": f"DreamBooth LoRA, {label}", "steps": n, "ID score": _pairwise(emb, refs),
-                         "seconds": time.perf_counter() - t0})
-            log(f"  DreamBooth LoRA, {label}, {n} steps: {rows[-1]['ID score']:.3f}")
+    prior = None
+    if max(prior_weights) > 0:
+        prior = class_images(world.unet, world.text, lora)
+    for weight in prior_weights:
+        kind = f" + prior preservation (λ {weight:g})" if weight > 0 else ""
+        for n in steps:
+            for label, images, count in sets:
+                t0 = time.perf_counter()
+                recipe = replace(lora, images=count, steps=n, prior_weight=weight)
+                weights = train_loras(world.unet, world.text, images, recipe, seed=17, prior=prior)
+                emb, _ = gen.read_models(weights)
+                rows.append({"method": f"DreamBooth LoRA{kind}, {label}", "steps": n, "ID score": _pairwise(emb, refs),
+                             "seconds": time.perf_counter() - t0})
+                log(f"  {rows[-1]['method']}, {n} steps: {rows[-1]['ID score']:.3f}")
     return rows
 
 

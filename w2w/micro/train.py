@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from .faces import STYLE_VERSIONS, caption_words, identity_params, render_batch, scene_words
-from .model import (BASE_VOCAB, TOKENS, VOCAB, MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, micro_layout,
-                    tokenize, v_target)
+from .model import (BASE_VOCAB, TOKENS, VOCAB, MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, ddim_sample,
+                    micro_layout, tokenize, v_target)
 
 __all__ = ["BaseConfig", "base_caption", "train_base", "LoraConfig", "train_loras", "initial_factors", "view_seeds",
-           "identity_images", "atomic_save", "load_checkpoint", "Log"]
+           "identity_images", "atomic_save", "load_checkpoint", "Log", "class_images"]
 
 Log = Callable[[str], None]
 
@@ -56,7 +56,8 @@ def load_checkpoint(path: str):
 
 # settings added after worlds were built, at the values that build those worlds: left out of a stamp at that value,
 # so a work folder started before they existed still resumes
-_LATER_DEFAULTS = {"scene_captions": False, "vocab": len(BASE_VOCAB)}
+_LATER_DEFAULTS = {"scene_captions": False, "vocab": len(BASE_VOCAB), "prior_weight": 0.0,
+                   "class_prompt": "photo person", "class_images": 100}
 
 
 def _stamp_value(v):
@@ -201,10 +202,17 @@ class LoraConfig:
     shared_noise: bool = False  # every identity gets the same timesteps, noise and photo slots at each step
     final_lr: float = 1.0  # learning rate at the last step as a fraction of lr (linear decay; 1 = constant)
     t_min: int = 0  # timesteps drawn from t_min..999 (the nearly clean ones carry little of the identity)
+    # DreamBooth's prior preservation (the paper's eq. 2): λ times the same loss on the base model's own images of the
+    # class prompt, made with the LoRA applied (0 = off, the world's recipe)
+    prior_weight: float = 0.0
+    class_prompt: str = "photo person"
+    class_images: int = 100  # how many the base model draws (DDIM, 25 steps), the diffusers script's default
 
     def __post_init__(self) -> None:
-        if min(self.images, self.steps, self.per_step, self.parallel) < 1:
-            raise ValueError(f"images, steps, per_step and parallel must be >= 1, got {self}")
+        if min(self.images, self.steps, self.per_step, self.parallel, self.class_images) < 1:
+            raise ValueError(f"images, steps, per_step, parallel and class_images must be >= 1, got {self}")
+        if not self.prior_weight >= 0:
+            raise ValueError(f"prior_weight must be >= 0, got {self.prior_weight}")
         if not (self.lr > 0 and 0 <= self.final_lr <= 1):
             raise ValueError(f"lr must be > 0 and final_lr in [0, 1], got {self.lr} and {self.final_lr}")
         if not 0 <= self.t_min < 1000:
@@ -228,8 +236,21 @@ def _slots(photos: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return order.repeat(-(-k // photos))[:k]
 
 
+CLASS_IMAGE_SEEDS = 7_000_000  # noise seeds of the base model's class images (prior preservation)
+
+
+def class_images(unet: MicroUNet, text: TextEncoder, config: LoraConfig) -> torch.Tensor:
+    """The base model's own images of ``config.class_prompt`` (class_images, 3, H, W), the same for every call:
+    DreamBooth's prior-preservation data (25 DDIM steps, no guidance, fixed noise seeds)."""
+    with torch.no_grad():
+        ctx = text(tokenize([config.class_prompt]))
+        seeds = [CLASS_IMAGE_SEEDS + i for i in range(config.class_images)]
+        return torch.cat([ddim_sample(unet, ctx, seeds=seeds[s:s + 50]) for s in range(0, len(seeds), 50)])
+
+
 def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], config: LoraConfig = LoraConfig(),
-                *, seed: int = 0, log: Log | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
+                *, seed: int = 0, log: Log | None = None, init: torch.Tensor | None = None,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
     """DreamBooth-style rank-1 LoRAs (to_q/to_v of attn1 and attn2), one per image set -> (len(images), dim).
 
     Every identity starts from the same A (fixed seed) and B = 0, so the flat factor vectors of different people
@@ -239,6 +260,11 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
     the result equals training them one by one, up to the random draws. With ``config.shared_noise`` the draws are
     the same for every identity (timesteps, noise and which photo slot is used), so an identity's LoRA does not
     depend on the batch it trained in, and LoRAs differ only through their photos (common random numbers).
+
+    With ``config.prior_weight`` λ > 0 each step also draws ``per_step`` of the class images (``prior``, or
+    :func:`class_images` of the base model) for every identity and adds λ times the loss of its LoRA on them under
+    the class prompt: DreamBooth with prior preservation (the paper's eq. 2), whose LoRA must keep the class as the
+    base model draws it and so put the person into the identifier.
     """
     layout = micro_layout(unet)
     n, k = len(images), config.per_step
@@ -251,7 +277,17 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
     abar = alphas_cumprod()
     with torch.no_grad():
         ctx = text(tokenize([config.prompt]))
-    owner = torch.arange(n).repeat_interleave(k)
+    use_prior = config.prior_weight > 0
+    if use_prior:
+        prior = class_images(unet, text, config) if prior is None else prior
+        if prior.dim() != 4 or prior.shape[1:] != images[0].shape[1:]:
+            raise ValueError(f"class images must be (N, {', '.join(map(str, images[0].shape[1:]))}), got "
+                             f"{tuple(prior.shape)}")
+        with torch.no_grad():
+            class_ctx = text(tokenize([config.class_prompt]))
+        ctx = torch.cat([ctx.expand(n * k, -1, -1), class_ctx.expand(n * k, -1, -1)])
+    parts = 2 if use_prior else 1
+    owner = torch.arange(n).repeat_interleave(k).repeat(parts)
     for step in range(config.steps):
         if config.shared_noise:
             pick = _slots(images[0].shape[0], k, gen)
@@ -259,13 +295,22 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
         else:
             x0 = torch.cat([x[_slots(x.shape[0], k, gen)] for x in images])
             x_t, t, target = _noised(x0, gen, abar, t_min=config.t_min)
+        if use_prior:  # k class images per identity (with shared noise: the same ones and the same draws for all)
+            if config.shared_noise:
+                c_t, c_tt, c_target = _noised(prior[_slots(len(prior), k, gen)].repeat(n, 1, 1, 1), gen, abar,
+                                              groups=n, t_min=config.t_min)
+            else:
+                c_t, c_tt, c_target = _noised(torch.cat([prior[_slots(len(prior), k, gen)] for _ in range(n)]), gen,
+                                              abar, t_min=config.t_min)
+            x_t, t, target = torch.cat([x_t, c_t]), torch.cat([t, c_tt]), torch.cat([target, c_target])
         for g in opt.param_groups:
             g["lr"] = config.lr * (1 - (1 - config.final_lr) * step / max(1, config.steps - 1))
         factors = [(a[owner], b[owner]) for a, b in layout.factors(w)]
         with unet.patched(factors, layout.scale):
             pred = unet(x_t, t, ctx.expand(x_t.shape[0], -1, -1))
         # sum of per-identity mean losses: identity i's gradient is that of its own loss
-        loss = (pred - target).square().flatten(1).mean(1).view(n, k).mean(1)
+        per_item = (pred - target).square().flatten(1).mean(1).view(parts, n, k).mean(2)
+        loss = per_item[0] + config.prior_weight * per_item[1] if use_prior else per_item[0]
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()

@@ -43,7 +43,8 @@ single-photo inversion vs the models the space is built from) on ``--people`` he
 verdict, with ``--image-seeds`` images per model (the tables use 4, the same 4 for every model) and ``--eval-seed``;
 ``--debias`` edits along each direction debiased against every other attribute's (the reference code's debiasing).
 ``inversion`` (target 1, likewise): the tables' inversion-vs-DreamBooth table and target 1's verdicts.
-``sampling`` (target 3): the tables' sampling table and target 3's verdict. ``fig10`` takes ``--image-seeds`` too;
+``sampling`` (target 3): the tables' sampling table and target 3's verdict, with the training models projected on the
+space's PCs beside them (the consistency the space keeps of real identities). ``fig10`` takes ``--image-seeds`` too;
 ``--guidance`` (fig10, edits, inversion, sampling, dreambooth) renders every image with classifier-free guidance, as
 the reference code does (3 for samples, 2.5 for inversions and edits; the tables use none).
 """
@@ -187,7 +188,7 @@ def main() -> int:
                  f"evaluation seed {args.eval_seed}, {args.image_seeds} images per model; {verdicts}")
     elif args.what == "sampling":
         config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
-        rows, _ = sampling_table(world, Generator(world, config), config)
+        rows, _ = sampling_table(world, Generator(world, config), config, projected=True)
         target = check_targets({"sampling": rows})[0]
         title = (f"Sampling: consistency across seeds, evaluation seed {args.eval_seed}, {args.image_seeds} images per "
                  f"model, guidance {args.guidance:g}; target 3 {_verdict(target)}: {target['measured']}")

@@ -732,6 +732,33 @@ def test_debiased_directions_move_the_other_attributes_scores_less(toy_world):
         assert abs(float(plain.directions[last].vector @ d.unit)) < 1e-5 * float(plain.directions[last].vector.norm())
 
 
+def test_sampling_table_projects_the_training_models_and_renders_with_guidance(toy_world):
+    """sampling_table(projected=True): the training models projected on all PCs and on the sampling PCs, scored as
+    every row; a guided Generator renders other images than an unguided one (the same seeds)."""
+    from w2w.micro.model import ddim_sample
+    from w2w.micro.tables import EvalConfig, Generator, _consistency, sampling_table
+
+    _, world, _ = toy_world
+    cfg = EvalConfig(samples=3, seeds=2, ddim_steps=2)
+    gen = Generator(world, cfg)
+    plain, _ = sampling_table(world, gen, cfg)
+    rows, emb = sampling_table(world, gen, cfg, projected=True)
+    space = world.space
+    labels = [f"Training models projected on {k} PCs" for k in (space.pcs, world.sample_pcs)]
+    assert [r["models"] for r in rows] == [r["models"] for r in plain][:-1] + labels + [plain[-1]["models"]]
+    on_sample_pcs = space.weights(space.project(world.weights[:3], world.sample_pcs))
+    torch.testing.assert_close(emb[labels[1]], gen.read_models(on_sample_pcs)[0], rtol=0, atol=1e-6)
+    assert rows[-2]["same model, other seeds"] == pytest.approx(_consistency(emb[labels[1]]), abs=1e-9)
+
+    guided = Generator(world, replace(cfg, cfg=3.0))
+    w = world.weights[:1]
+    images = guided.images(w)
+    assert (images - gen.images(w)).abs().max() > 1e-3
+    by_hand = ddim_sample(world.unet, gen.ctx, seeds=gen.seeds, steps=2, cfg=3.0, uncond=world.context(""),
+                          factors=world.layout.factors(w.repeat(2, 1)), scale=world.layout.scale)
+    torch.testing.assert_close(images[0], by_hand, rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_toy_tables_and_demo(toy_world, tmp_path, quick_sheet):
     from demo.cli import main

@@ -131,7 +131,10 @@ def _people(world: World, cfg: EvalConfig, limit: int = 0) -> list[int]:
 
 
 # ---- sampling (paper §4.2, Fig. 3-4) -------------------------------------------------------------------------
-def sampling_table(world: World, gen: Generator, cfg: EvalConfig) -> tuple[list[dict], dict]:
+def sampling_table(world: World, gen: Generator, cfg: EvalConfig, projected: bool = False) -> tuple[list[dict], dict]:
+    """Consistency of models across seeds and closeness to the training people. ``projected`` adds the training
+    models projected on all the space's PCs and on the PCs sampling draws: how much of their consistency the space
+    itself keeps (what a sample could have at best)."""
     space = world.space
     n_train = min(cfg.samples, world.weights.shape[0])
     known = list(world.model_seeds[: world.weights.shape[0]])
@@ -150,6 +153,9 @@ def sampling_table(world: World, gen: Generator, cfg: EvalConfig) -> tuple[list[
     for latent, vae in sorted(world.vaes.items()):
         z = sample_latents(latent, cfg.samples, seed=cfg.seed + 5)
         rows_models[f"w2w++ samples (VAE, latent {latent})"] = decode_weights(vae, z, space).float()
+    if projected:
+        for k in dict.fromkeys((space.pcs, world.sample_pcs)):
+            rows_models[f"Training models projected on {k} PCs"] = space.weights(space.project(world.weights[:n_train], k))
     rows, embeddings = [], {}
     real_emb, _ = gen.read(gen.photos(known[:n_train], cfg.seeds, REFERENCE_VIEW + 10))
     rows.append({"models": "Real photos of training people (judge reference)", "n": n_train,

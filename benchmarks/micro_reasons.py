@@ -41,7 +41,8 @@ single-photo inversion vs the models the space is built from) on ``--people`` he
 
 ``edits`` (target 2: is its verdict the method's or its draws'?): the tables' edits-vs-prompting table and target 2's
 verdict, with ``--image-seeds`` images per model (the tables use 4, the same 4 for every model) and ``--eval-seed``;
-``--debias`` edits along each direction debiased against every other attribute's (the reference code's debiasing).
+``--debias`` edits along each direction debiased against every other attribute's (the reference code's debiasing);
+``--direction-pcs`` fits the directions on more of the space's PCs than the world's sample PCs.
 ``inversion`` (target 1, likewise): the tables' inversion-vs-DreamBooth table and target 1's verdicts.
 ``sampling`` (target 3): the tables' sampling table and target 3's verdict, with the training models projected on the
 space's PCs beside them (the consistency the space keeps of real identities). ``fig10`` takes ``--image-seeds`` too;
@@ -127,6 +128,12 @@ def main() -> int:
     p.add_argument("--prior-weight", type=float, nargs="+", default=[0.0],
                    help="dreambooth: DreamBooth's prior-preservation weight λ, one run per value (0 = the world's "
                         "recipe, without it; the paper's DreamBooth uses it)")
+    p.add_argument("--direction-pcs", type=int, default=0,
+                   help="edits: fit the attribute directions on this many PCs (default: the world's sample PCs, as "
+                        "the paper fits them on its first 1,000)")
+    p.add_argument("--strengths", type=float, nargs="+",
+                   help="edits: the sweep of w2w edit strengths, × each direction's largest training projection "
+                        "(default: the tables' 0.5 1 1.5 2)")
     p.add_argument("--latent", type=int, default=16, help="vae: latent size (and PCA components)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
@@ -168,14 +175,20 @@ def main() -> int:
                  f"seed {args.eval_seed}, {args.image_seeds} images per model; target 4 "
                  + _verdict(check_targets({"models_curve": rows})[0]))
     elif args.what == "edits":
+        if args.strengths and min(args.strengths) <= 0:
+            p.error("--strengths must be positive")
         config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance,
-                            **({"edit_people": args.people} if args.people else {}))
-        if args.debias:
-            world = replace(world, space=with_directions(world.space, world.config.sample_pcs, debias=True))
+                            **({"edit_people": args.people} if args.people else {}),
+                            **({"edit_strengths": tuple(args.strengths)} if args.strengths else {}))
+        if not 0 <= args.direction_pcs <= world.space.pcs:
+            p.error(f"--direction-pcs must be 1..{world.space.pcs} (or 0: the world's {world.sample_pcs})")
+        pcs = args.direction_pcs or world.config.sample_pcs
+        if args.debias or args.direction_pcs:
+            world = replace(world, space=with_directions(world.space, pcs, debias=args.debias))
         rows, _ = editing_table(world, Generator(world, config), config)
         target = check_targets({"editing": rows})[0]
         kind = "directions debiased against every other attribute" if args.debias else "least-squares directions"
-        title = (f"Editing vs prompting, {config.edit_people} held-out people, {kind}, evaluation seed "
+        title = (f"Editing vs prompting, {config.edit_people} held-out people, {kind} on {pcs} PCs, evaluation seed "
                  f"{args.eval_seed}, {args.image_seeds} images per model; target 2 {_verdict(target)}: "
                  f"{target['measured']}")
     elif args.what == "inversion":

@@ -182,7 +182,7 @@ def main() -> int:
                             **({"edit_strengths": tuple(args.strengths)} if args.strengths else {}))
         if not 0 <= args.direction_pcs <= world.space.pcs:
             p.error(f"--direction-pcs must be 1..{world.space.pcs} (or 0: the world's {world.sample_pcs})")
-        pcs = args.direction_pcs or world.config.sample_pcs
+        pcs = args.direction_pcs or world.sample_pcs
         if args.debias or args.direction_pcs:
             world = replace(world, space=with_directions(world.space, pcs, debias=args.debias))
         rows, _ = editing_table(world, Generator(world, config), config)

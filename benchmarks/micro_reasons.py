@@ -11,6 +11,7 @@
     python benchmarks/micro_reasons.py edits --debias        # the edits with debiased directions
     python benchmarks/micro_reasons.py inversion --image-seeds 16  # the inversion table, likewise
     python benchmarks/micro_reasons.py sampling --guidance 3  # the sampling table at the reference code's guidance
+    python benchmarks/micro_reasons.py prior-space --workdir W --workers 2  # a space of LoRAs with prior preservation
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of
@@ -44,6 +45,10 @@ verdict, with ``--image-seeds`` images per model (the tables use 4, the same 4 f
 ``--debias`` edits along each direction debiased against every other attribute's (the reference code's debiasing);
 ``--direction-pcs`` fits the directions on more of the space's PCs than the world's sample PCs.
 ``inversion`` (target 1, likewise): the tables' inversion-vs-DreamBooth table and target 1's verdicts.
+``prior-space`` (target 1 with the paper's DreamBooth everywhere): ``--space-models`` (default 1,000) of the training
+identities get LoRAs with prior preservation (``--prior-weight``, default 1; resumable in ``--workdir``, ≈ 25 min on
+2 workers) and a space is built on them, beside the space of the same identities' shipped LoRAs; each inverts the
+held-out people's first photo, next to DreamBooth-LoRAs of them with and without the prior.
 ``sampling`` (target 3): the tables' sampling table and target 3's verdict, with the training models projected on the
 space's PCs beside them (the consistency the space keeps of real identities). ``fig10`` takes ``--image-seeds`` too;
 ``--guidance`` (fig10, edits, inversion, sampling, dreambooth) renders every image with classifier-free guidance, as
@@ -65,7 +70,9 @@ from w2w.micro.tables import (EvalConfig, Generator, check_targets, curve_table,
                               inversion_table, recipe_table, sampling_table, structure_table, table_markdown,
                               vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
-from w2w.micro.train import MODEL_SEEDS, train_base  # noqa: E402
+from w2w.micro.batch_invert import invert_batch  # noqa: E402
+from w2w.micro.tables import _pairwise, dreambooth_sets  # noqa: E402
+from w2w.micro.train import MODEL_SEEDS, class_images, train_base, train_loras  # noqa: E402
 from w2w.micro.world import (DEFAULT_DIR, World, _lora_stage, load_world, lora_stage_stamp, make_space,  # noqa: E402
                              with_directions)
 
@@ -90,6 +97,41 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
     return scene, {**accuracy, "reader": reader}
 
 
+def prior_space_table(world, workdir: str, models: int, workers: int, weight: float, cfg: EvalConfig) -> list[dict]:
+    """The paper's DreamBooth (eq. 2, prior preservation) everywhere: the first ``models`` training identities get
+    LoRAs with prior weight ``weight`` (resumable in ``workdir``) and a space of the world's PCs is built on them;
+    beside it the space of the same identities' shipped LoRAs (the world's recipe). Each inverts the held-out
+    people's first photo; DreamBooth-LoRAs of them from 1 and 8 photos with and without the prior stand beside."""
+    lora = replace(world.config.lora, prior_weight=weight)
+    seeds = [MODEL_SEEDS + i for i in range(models)]
+    stamp = lora_stage_stamp("loras", lora, world.config.base, MODEL_SEEDS, models)
+    t0 = time.perf_counter()
+    weights, _ = _lora_stage(workdir, "loras", world.unet, world.text, seeds, lora, world.config.photos, stamp, print,
+                             workers)
+    print(f"  {models} LoRAs with prior preservation in {time.perf_counter() - t0:.0f} s")
+    pcs, sample = world.config.pcs, world.config.sample_pcs
+    spaces = {"the world's recipe": make_space(world.unet, world.weights[:models], seeds, pcs, sample),
+              f"with prior preservation (λ {weight:g})": make_space(world.unet, weights, seeds, pcs, sample)}
+    gen = Generator(world, cfg)
+    people, refs, sets = dreambooth_sets(world, gen, cfg, (lora.steps,))
+    rows = []
+    for label, space in spaces.items():
+        runs = invert_batch(world, torch.cat(sets[0][1]), [cfg.seed + i for i in range(len(people))],
+                            steps=cfg.invert_steps, lr=cfg.invert_lr, space=space)
+        emb, _ = gen.read_models(space.weights(runs[cfg.invert_steps]))
+        rows.append({"model": f"w2w inversion, 1 photo, space of {models:,} LoRAs trained {label}",
+                     "ID score": _pairwise(emb, refs)})
+    prior = class_images(world.unet, world.text, lora)
+    for w in (0.0, weight):
+        kind = f" + prior preservation (λ {w:g})" if w else ""
+        for label, images, count in sets:
+            trained = train_loras(world.unet, world.text, images, replace(lora, images=count, prior_weight=w),
+                                  seed=17, prior=prior)
+            emb, _ = gen.read_models(trained)
+            rows.append({"model": f"DreamBooth LoRA{kind}, {label}, {lora.steps} steps", "ID score": _pairwise(emb, refs)})
+    return rows
+
+
 def _people(world, asked: int) -> int:
     """How many held-out people a measurement uses: ``asked``, at most the world's; 0 = all of them."""
     return min(asked, len(world.heldout_seeds)) if asked else len(world.heldout_seeds)
@@ -101,7 +143,8 @@ def _verdict(target: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling"),
+    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling",
+                                    "prior-space"),
                    help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
@@ -140,8 +183,8 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.what == "prompts" and not args.workdir:
-        p.error("prompts needs --workdir (the scene base model and the reader are trained there)")
+    if args.what in ("prompts", "prior-space") and not args.workdir:
+        p.error(f"{args.what} needs --workdir (what it trains is kept there and resumes)")
     if min(args.steps) < 1:
         p.error("--steps must be positive")
     if args.eval_seed < 0:
@@ -199,6 +242,15 @@ def main() -> int:
         people = _people(world, args.people)
         title = (f"Single-photo inversion vs DreamBooth-LoRA, {people} held-out people, "
                  f"evaluation seed {args.eval_seed}, {args.image_seeds} images per model; {verdicts}")
+    elif args.what == "prior-space":
+        models = args.space_models or 1000
+        if not 3 <= models <= world.weights.shape[0]:
+            p.error(f"--space-models must be 3..{world.weights.shape[0]} (the training LoRAs the world ships as weights)")
+        weight = max(args.prior_weight) or 1.0
+        config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
+        rows = prior_space_table(world, args.workdir, models, args.workers, weight, config)
+        title = (f"The paper's DreamBooth (prior preservation) for the space's models too, {_people(world, args.people)} "
+                 f"held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} images per model")
     elif args.what == "sampling":
         config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
         rows, _ = sampling_table(world, Generator(world, config), config, projected=True)

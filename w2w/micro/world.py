@@ -28,7 +28,8 @@ from .faces import ATTRIBUTES, attributes, identity_params
 from .judge import JudgeConfig, JudgeNet, train_judge
 from .model import VOCAB, MicroConfig, MicroUNet, TextEncoder, micro_layout
 from .train import (HELDOUT_SEEDS, MODEL_SEEDS, BaseConfig, Log, LoraConfig, atomic_save, identity_images,
-                    load_checkpoint, photo_version, resume_stage, stage_stamp, train_base, train_loras)
+                    class_images, load_checkpoint, photo_version, resume_stage, stage_stamp, train_base,
+                    train_loras)
 
 __all__ = ["WorldConfig", "World", "build_world", "load_world", "save_world", "ARTIFACTS", "toy_config",
            "first_world_config", "DEFAULT_DIR", "make_space", "make_vaes", "vae_artifact",
@@ -182,11 +183,14 @@ def _train_chunks(states: tuple[dict, dict], model: MicroConfig, chunks: list[tu
     unet, text = MicroUNet(model), TextEncoder(model.context, model.vocab)
     unet.load_state_dict(states[0]), text.load_state_dict(states[1])
     _freeze(unet, text)
+    # prior preservation: the base model's class images, drawn once for all chunks (they are the same every time)
+    prior = class_images(unet, text, config) if config.prior_weight > 0 else None
     for index, seeds in chunks:
         t0 = time.perf_counter()
         images = [identity_images(s, config.images, 0, model.image, photos) for s in seeds]
         # with shared noise every chunk draws the same (an identity's LoRA does not depend on its chunk)
-        w = train_loras(unet, text, images, config, seed=17 if config.shared_noise else index * config.parallel + 17)
+        w = train_loras(unet, text, images, config, seed=17 if config.shared_noise else index * config.parallel + 17,
+                        prior=prior)
         seconds = time.perf_counter() - t0
         atomic_save({"weights": w, "stamp": stamp, "seconds": seconds * share}, _chunk_path(folder, index))
         print(f"{os.path.basename(folder)}: chunk {index} ({len(seeds)} identities) in {seconds:.0f} s", flush=True)

@@ -12,6 +12,7 @@
     python benchmarks/micro_reasons.py inversion --image-seeds 16  # the inversion table, likewise
     python benchmarks/micro_reasons.py sampling --guidance 3  # the sampling table at the reference code's guidance
     python benchmarks/micro_reasons.py prior-space --workdir W --workers 2  # a space of LoRAs with prior preservation
+    python benchmarks/micro_reasons.py degraded              # inversion vs DreamBooth from a low-resolution photo (≈ 11 min)
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of
@@ -49,6 +50,10 @@ verdict, with ``--image-seeds`` images per model (the tables use 4, the same 4 f
 identities get LoRAs with prior preservation (``--prior-weight``, default 1; resumable in ``--workdir``, ≈ 25 min on
 2 workers) and a space is built on them, beside the space of the same identities' shipped LoRAs; each inverts the
 held-out people's first photo, next to DreamBooth-LoRAs of them with and without the prior.
+``degraded`` (target 1 where one photo shows less of a person): each held-out person's first photo, clean and taken
+``--factor`` times coarser (blocks averaged, enlarged back), inverted into the space and given to single-photo
+DreamBooth-LoRAs of the world's recipe at each ``--steps``; every model's images against clean unseen photos — the
+paper's out-of-distribution projection (§4.5) read with its Table 2 protocol.
 ``sampling`` (target 3): the tables' sampling table and target 3's verdict, with the training models projected on the
 space's PCs beside them (the consistency the space keeps of real identities). ``fig10`` takes ``--image-seeds`` too;
 ``--guidance`` (fig10, edits, inversion, sampling, dreambooth) renders every image with classifier-free guidance, as
@@ -66,8 +71,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from w2w.micro.tables import (EvalConfig, Generator, check_targets, curve_table, editing_table,  # noqa: E402
-                              inversion_table, recipe_table, sampling_table, structure_table, table_markdown,
+from w2w.micro.tables import (EvalConfig, Generator, check_targets, curve_table, degraded_table,  # noqa: E402
+                              editing_table, inversion_table, recipe_table, sampling_table, structure_table, table_markdown,
                               vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.batch_invert import invert_batch  # noqa: E402
@@ -143,7 +148,7 @@ def _verdict(target: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling",
+    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling", "degraded",
                                     "prior-space"),
                    help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
@@ -177,6 +182,8 @@ def main() -> int:
     p.add_argument("--strengths", type=float, nargs="+",
                    help="edits: the sweep of w2w edit strengths, × each direction's largest training projection "
                         "(default: the tables' 0.5 1 1.5 2)")
+    p.add_argument("--factor", type=int, default=4,
+                   help="degraded: how many times coarser the input photo is taken (must divide the photo size)")
     p.add_argument("--latent", type=int, default=16, help="vae: latent size (and PCA components)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
@@ -257,6 +264,15 @@ def main() -> int:
         target = check_targets({"sampling": rows})[0]
         title = (f"Sampling: consistency across seeds, evaluation seed {args.eval_seed}, {args.image_seeds} images per "
                  f"model, guidance {args.guidance:g}; target 3 {_verdict(target)}: {target['measured']}")
+    elif args.what == "degraded":
+        size = world.unet.config.image
+        if args.factor < 2 or size % args.factor:
+            p.error(f"--factor must be >= 2 and divide the photo size {size}, got {args.factor}")
+        config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
+        rows = degraded_table(world, Generator(world, config), config, args.factor, tuple(args.steps))
+        title = (f"Single-photo inversion vs DreamBooth-LoRA from a clean and a 1/{args.factor}-resolution photo, "
+                 f"{_people(world, args.people)} held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} "
+                 "images per model (ID score against clean unseen photos)")
     elif args.what == "dreambooth":
         config = EvalConfig(people=args.people, cfg=args.guidance)
         rows = recipe_table(world, Generator(world, config), config, tuple(args.steps),

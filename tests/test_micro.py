@@ -586,6 +586,61 @@ def test_recipe_table_trains_dreambooth_for_each_step_count(toy_world):
         recipe_table(world, gen, cfg, steps=(1,), prior_weights=(-1.0,))
 
 
+
+def test_low_resolution_averages_blocks_and_leaves_its_input():
+    from w2w.micro.tables import low_resolution
+
+    g = torch.Generator().manual_seed(0)
+    photos = torch.rand((3, 3, 8, 8), generator=g) * 2 - 1  # the world's pixel space
+    before = photos.clone()
+    coarse = low_resolution(photos, 4)
+    assert torch.equal(photos, before)  # the input is not touched
+    assert coarse.dtype == photos.dtype and coarse.shape == photos.shape
+    assert not torch.allclose(coarse, photos, atol=0.1)
+    assert coarse.min() >= -1 and coarse.max() <= 1
+    assert torch.equal(low_resolution(photos, 1), photos)
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    assert torch.allclose(low_resolution(flat, 2), flat, atol=1e-6)  # nothing to lose in a flat image
+    # only the 2 x 2 grid of block means is left: pixels shuffled within each 4 x 4 block give the same coarse photo
+    blocks = photos.view(3, 3, 2, 4, 2, 4)
+    shuffled = blocks.flip(3, 5).reshape(3, 3, 8, 8)
+    assert not torch.equal(shuffled, photos)
+    assert torch.allclose(low_resolution(shuffled, 4), coarse, atol=1e-6)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="factor"):
+            low_resolution(photos, bad)
+
+
+def test_degraded_table_inverts_and_trains_on_clean_and_coarse_photos(toy_world):
+    """degraded_table: per input (the clean first photo, then the same photo taken coarser) the photo's own score,
+    the w2w inversion and single-photo DreamBooth-LoRAs per step count; a row is recomputed here."""
+    from dataclasses import replace
+
+    from w2w.micro.tables import REFERENCE_VIEW, EvalConfig, Generator, _pairwise, degraded_table, low_resolution
+    from w2w.micro.train import train_loras
+
+    _, world, _ = toy_world
+    cfg = EvalConfig(seeds=2, ddim_steps=2, references=2, invert_steps=2)
+    gen = Generator(world, cfg)
+    rows = degraded_table(world, gen, cfg, factor=2, steps=(1, 3), log=lambda s: None)
+    coarse = "photo at 1/2 resolution"
+    assert [(r["method"], r["input"], r["steps"]) for r in rows] == [
+        (m, i, n) for i in ("clean photo", coarse) for m, n in
+        (("the input photo itself (judge reference)", 0), ("w2w inversion", 2), ("DreamBooth LoRA", 1),
+         ("DreamBooth LoRA", 3))]
+    people = list(world.heldout_seeds)
+    refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
+    photos = [low_resolution(world.photos_of(s, 1, 0), 2) for s in people]
+    emb, _ = gen.read(torch.stack(photos))
+    assert rows[4]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    weights = train_loras(world.unet, world.text, photos, replace(world.config.lora, images=1, steps=3), seed=17)
+    emb, _ = gen.read_models(weights)
+    assert rows[7]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    assert rows[7]["ID score"] != pytest.approx(rows[3]["ID score"], abs=1e-9)  # the coarse photo trains other LoRAs
+    assert all(0 <= r["attributes right"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="steps"):
+        degraded_table(world, gen, cfg, steps=())
+
 def test_prompt_table_scores_dreambooth_under_scene_prompts(toy_world, tmp_path):
     """prompt_table: the base model and DreamBooth-LoRAs at each step count, each under the training prompt and the
     scene prompts; identity as the inversion table reads it, fidelity as the share of asked words the reader sees."""

@@ -158,9 +158,9 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="prompts: processes training the space's LoRAs")
     p.add_argument("--artifacts", default=DEFAULT_DIR, help="micro-world folder (default: the pack's models/micro)")
     p.add_argument("--steps", type=int, nargs="+", default=[60, 400],
-                   help="dreambooth, prompts: training steps to compare")
+                   help="dreambooth, prompts, degraded: training steps to compare")
     p.add_argument("--people", type=int, default=0,
-                   help="dreambooth, prompts, fig10, inversion: held-out people (0 = all)")
+                   help="dreambooth, prompts, degraded, fig10, inversion: held-out people (0 = all)")
     p.add_argument("--eval-seed", type=int, default=0,
                    help="fig10, edits, inversion: seed of the draws (default 0, the tables')")
     p.add_argument("--image-seeds", type=int, default=4,

@@ -344,7 +344,6 @@ def recipe_table(world: World, gen: Generator, cfg: EvalConfig, steps: tuple[int
     return rows
 
 
-
 def low_resolution(photos: torch.Tensor, factor: int) -> torch.Tensor:
     """Photos (n, 3, H, W) (the world's pixel space, [-1, 1]) as a camera ``factor`` times coarser takes them: each
     ``factor`` × ``factor`` block averaged, then enlarged back to H × W (bilinear) — a new tensor of the same dtype;
@@ -388,6 +387,7 @@ def degraded_table(world: World, gen: Generator, cfg: EvalConfig, factor: int = 
                          "attributes right": _attr_agreement(prob, people)})
             log(f"  DreamBooth LoRA, {label}, {n} steps: {rows[-1]['ID score']:.3f}")
     return rows
+
 
 # ---- w2w vs w2w++ ---------------------------------------------------------------------------------------------
 def pca_cut(space: Space, coefs: torch.Tensor, k: int) -> torch.Tensor:

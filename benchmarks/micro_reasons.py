@@ -12,7 +12,8 @@
     python benchmarks/micro_reasons.py inversion --image-seeds 16  # the inversion table, likewise
     python benchmarks/micro_reasons.py sampling --guidance 3  # the sampling table at the reference code's guidance
     python benchmarks/micro_reasons.py prior-space --workdir W --workers 2  # a space of LoRAs with prior preservation
-    python benchmarks/micro_reasons.py degraded              # inversion vs DreamBooth from a low-resolution photo (≈ 11 min)
+    python benchmarks/micro_reasons.py degraded              # inversion vs DreamBooth from a low-resolution photo (≈ 14 min)
+    python benchmarks/micro_reasons.py degraded --degradation half-hidden  # ... from a photo half hidden by an object
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of
@@ -51,9 +52,11 @@ identities get LoRAs with prior preservation (``--prior-weight``, default 1; res
 2 workers) and a space is built on them, beside the space of the same identities' shipped LoRAs; each inverts the
 held-out people's first photo, next to DreamBooth-LoRAs of them with and without the prior.
 ``degraded`` (target 1 where one photo shows less of a person): each held-out person's first photo, clean and taken
-``--factor`` times coarser (blocks averaged, enlarged back), inverted into the space and given to single-photo
-DreamBooth-LoRAs of the world's recipe at each ``--steps``; every model's images against clean unseen photos — the
-paper's out-of-distribution projection (§4.5) read with its Table 2 protocol.
+``--factor`` times coarser (blocks averaged, enlarged back; ``--degradation resolution``, the default) or with its left
+or right half behind a flat object of one colour (``--degradation half-hidden``), inverted into the space and given
+to single-photo DreamBooth-LoRAs of the world's recipe at each ``--steps``, beside DreamBooth-LoRAs of the person's 8
+clean training photos; every model's images against clean unseen photos — the paper's out-of-distribution projection
+(§4.5) read with its Table 2 protocol.
 ``sampling`` (target 3): the tables' sampling table and target 3's verdict, with the training models projected on the
 space's PCs beside them (the consistency the space keeps of real identities). ``fig10`` takes ``--image-seeds`` too;
 ``--guidance`` (fig10, edits, inversion, sampling, dreambooth) renders every image with classifier-free guidance, as
@@ -71,9 +74,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from w2w.micro.tables import (EvalConfig, Generator, check_targets, curve_table, degraded_table,  # noqa: E402
-                              editing_table, inversion_table, recipe_table, sampling_table, structure_table, table_markdown,
-                              vae_recipe_table, write_text)
+from w2w.micro.tables import (DEGRADATIONS, EvalConfig, Generator, check_targets, curve_table,  # noqa: E402
+                              degraded_table, editing_table, inversion_table, recipe_table, sampling_table,
+                              structure_table, table_markdown, vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.batch_invert import invert_batch  # noqa: E402
 from w2w.micro.tables import _pairwise, dreambooth_sets  # noqa: E402
@@ -184,6 +187,9 @@ def main() -> int:
                         "(default: the tables' 0.5 1 1.5 2)")
     p.add_argument("--factor", type=int, default=4,
                    help="degraded: how many times coarser the input photo is taken (must divide the photo size)")
+    p.add_argument("--degradation", choices=DEGRADATIONS, default="resolution",
+                   help="degraded: what the input photo loses (resolution: taken --factor times coarser; half-hidden: "
+                        "its left or right half behind an object)")
     p.add_argument("--latent", type=int, default=16, help="vae: latent size (and PCA components)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
@@ -269,8 +275,10 @@ def main() -> int:
         if args.factor < 2 or size % args.factor:
             p.error(f"--factor must be >= 2 and divide the photo size {size}, got {args.factor}")
         config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
-        rows = degraded_table(world, Generator(world, config), config, args.factor, tuple(args.steps))
-        title = (f"Single-photo inversion vs DreamBooth-LoRA from a clean and a 1/{args.factor}-resolution photo, "
+        rows = degraded_table(world, Generator(world, config), config, args.factor, tuple(args.steps),
+                              degradation=args.degradation)
+        lost = f"a 1/{args.factor}-resolution" if args.degradation == "resolution" else "a half-hidden"
+        title = (f"Single-photo inversion vs DreamBooth-LoRA from a clean and {lost} photo, "
                  f"{_people(world, args.people)} held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} "
                  "images per model (ID score against clean unseen photos)")
     elif args.what == "dreambooth":

@@ -624,10 +624,11 @@ def test_degraded_table_inverts_and_trains_on_clean_and_coarse_photos(toy_world)
     gen = Generator(world, cfg)
     rows = degraded_table(world, gen, cfg, factor=2, steps=(1, 3), log=lambda s: None)
     coarse = "photo at 1/2 resolution"
+    eight = f"{world.config.lora.images} clean photos"
     assert [(r["method"], r["input"], r["steps"]) for r in rows] == [
         (m, i, n) for i in ("clean photo", coarse) for m, n in
         (("the input photo itself (judge reference)", 0), ("w2w inversion", 2), ("DreamBooth LoRA", 1),
-         ("DreamBooth LoRA", 3))]
+         ("DreamBooth LoRA", 3))] + [("DreamBooth LoRA", eight, 1), ("DreamBooth LoRA", eight, 3)]
     people = list(world.heldout_seeds)
     refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
     photos = [low_resolution(world.photos_of(s, 1, 0), 2) for s in people]
@@ -638,8 +639,63 @@ def test_degraded_table_inverts_and_trains_on_clean_and_coarse_photos(toy_world)
     assert rows[7]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
     assert rows[7]["ID score"] != pytest.approx(rows[3]["ID score"], abs=1e-9)  # the coarse photo trains other LoRAs
     assert all(0 <= r["attributes right"] <= 1 for r in rows)
+    # the multi-photo baseline: the person's training photos, the world's recipe at each step count
+    many = [world.photos_of(s, world.config.lora.images, 0) for s in people]
+    weights = train_loras(world.unet, world.text, many, replace(world.config.lora, steps=1), seed=17)
+    emb, _ = gen.read_models(weights)
+    assert rows[8]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
     with pytest.raises(ValueError, match="steps"):
         degraded_table(world, gen, cfg, steps=())
+    with pytest.raises(ValueError, match="degradation"):
+        degraded_table(world, gen, cfg, degradation="blurred")
+
+
+def test_hide_side_covers_one_half_with_one_colour_and_leaves_its_input():
+    from w2w.micro.tables import hide_side
+
+    g = torch.Generator().manual_seed(0)
+    photos = torch.rand((40, 3, 8, 8), generator=g) * 2 - 1
+    before = photos.clone()
+    hidden = hide_side(photos, seed=3)
+    assert torch.equal(photos, before)  # the input is not touched
+    assert hidden.dtype == photos.dtype and hidden.shape == photos.shape
+    sides = []
+    for x, h in zip(photos, hidden):
+        left, right = h[:, :, :4], h[:, :, 4:]
+        covered, kept = (left, right) if torch.equal(right, x[:, :, 4:]) else (right, left)
+        assert torch.equal(kept, x[:, :, 4:] if covered is left else x[:, :, :4])  # the other half as it was
+        colour = covered[:, :1, :1]
+        assert torch.equal(covered, colour.expand_as(covered))  # one flat colour per channel
+        assert colour.abs().max() <= 0.9
+        sides.append(covered is left)
+    assert 5 < sum(sides) < 35  # both sides occur (a fair coin per photo)
+    assert torch.equal(hide_side(photos, seed=3), hidden)  # the seed decides
+    assert not torch.equal(hide_side(photos, seed=4), hidden)
+    assert torch.equal(hide_side(photos[:6], seed=3), hidden[:6])  # photo i's side and colour: seed and i alone
+    with pytest.raises(ValueError, match="photos"):
+        hide_side(photos[0])
+
+
+def test_degraded_table_half_hidden_inverts_the_hidden_photo(toy_world):
+    from w2w.micro.batch_invert import invert_batch
+    from w2w.micro.tables import REFERENCE_VIEW, EvalConfig, Generator, _pairwise, degraded_table, hide_side
+
+    _, world, _ = toy_world
+    cfg = EvalConfig(seeds=2, ddim_steps=2, references=2, invert_steps=2)
+    gen = Generator(world, cfg)
+    rows = degraded_table(world, gen, cfg, steps=(1,), log=lambda s: None, degradation="half-hidden")
+    assert [r["input"] for r in rows[3:6]] == ["photo half hidden"] * 3
+    people = list(world.heldout_seeds)
+    refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
+    hidden = hide_side(torch.cat([world.photos_of(s, 1, 0) for s in people]), cfg.seed)
+    emb, _ = gen.read(hidden[:, None])
+    assert rows[3]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    runs = invert_batch(world, hidden, [cfg.seed + i for i in range(len(people))], steps=2, lr=cfg.invert_lr)
+    emb, _ = gen.read_models(world.space.weights(runs[2]))
+    assert rows[4]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    clean = invert_batch(world, torch.cat([world.photos_of(s, 1, 0) for s in people]),
+                         [cfg.seed + i for i in range(len(people))], steps=2, lr=cfg.invert_lr)
+    assert not torch.allclose(clean[2], runs[2])  # the hidden photo inverts elsewhere
 
 def test_prompt_table_scores_dreambooth_under_scene_prompts(toy_world, tmp_path):
     """prompt_table: the base model and DreamBooth-LoRAs at each step count, each under the training prompt and the

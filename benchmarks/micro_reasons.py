@@ -12,6 +12,7 @@
     python benchmarks/micro_reasons.py inversion --image-seeds 16  # the inversion table, likewise
     python benchmarks/micro_reasons.py sampling --guidance 3  # the sampling table at the reference code's guidance
     python benchmarks/micro_reasons.py prior-space --workdir W --workers 2  # a space of LoRAs with prior preservation
+    python benchmarks/micro_reasons.py longer-space --workdir W --steps 240 --space-models 500 --workers 2  # longer
     python benchmarks/micro_reasons.py degraded              # inversion vs DreamBooth from a low-resolution photo (≈ 14 min)
     python benchmarks/micro_reasons.py degraded --degradation half-hidden  # ... from a photo half hidden by an object
 
@@ -51,6 +52,9 @@ verdict, with ``--image-seeds`` images per model (the tables use 4, the same 4 f
 identities get LoRAs with prior preservation (``--prior-weight``, default 1; resumable in ``--workdir``, ≈ 25 min on
 2 workers) and a space is built on them, beside the space of the same identities' shipped LoRAs; each inverts the
 held-out people's first photo, next to DreamBooth-LoRAs of them with and without the prior.
+``longer-space`` (target 1 with stronger models in the space): likewise, but the space's LoRAs train ``--steps`` (one
+value) steps of the world's recipe stretched (the shipped ones: 60); DreamBooth-LoRAs at both lengths stand beside,
+and the 8-photo ones are projected on the space of their length (what the space can reach of these people).
 ``degraded`` (target 1 where one photo shows less of a person): each held-out person's first photo, clean and taken
 ``--factor`` times coarser (blocks averaged, enlarged back; ``--degradation resolution``, the default) or with its left
 or right half behind a flat object of one colour (``--degradation half-hidden``), inverted into the space and given
@@ -105,39 +109,66 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
     return scene, {**accuracy, "reader": reader}
 
 
+def variant_space_table(world, workdir: str, models: int, workers: int, lora, label: str, cfg: EvalConfig,
+                        baselines: list[tuple[str, object]]) -> list[dict]:
+    """The space's models trained with another LoRA recipe: the first ``models`` training identities get LoRAs of
+    ``lora`` (resumable in ``workdir``) and a space of the world's PCs is built on them, beside the space of the same
+    identities' shipped LoRAs (the world's recipe). Each inverts the held-out people's first photo. DreamBooth-LoRAs
+    of them from 1 and 8 photos stand beside, one pair per ``baselines`` entry (kind, recipe); the 8-photo ones whose
+    recipe is a space's are also projected on that space (its reach for these people)."""
+    seeds = [MODEL_SEEDS + i for i in range(models)]
+    stamp = lora_stage_stamp("loras", lora, world.config.base, MODEL_SEEDS, models)
+    t0 = time.perf_counter()
+    weights, _ = _lora_stage(workdir, "loras", world.unet, world.text, seeds, lora, world.config.photos, stamp, print,
+                             workers)
+    print(f"  {models} LoRAs {label} in {time.perf_counter() - t0:.0f} s")
+    pcs, sample = world.config.pcs, world.config.sample_pcs
+    spaces = [("the world's recipe", world.config.lora, make_space(world.unet, world.weights[:models], seeds, pcs,
+                                                                     sample)),
+              (label, lora, make_space(world.unet, weights, seeds, pcs, sample))]
+    gen = Generator(world, cfg)
+    people, refs, sets = dreambooth_sets(world, gen, cfg, (lora.steps,))
+    rows = []
+    for name, _, space in spaces:
+        runs = invert_batch(world, torch.cat(sets[0][1]), [cfg.seed + i for i in range(len(people))],
+                            steps=cfg.invert_steps, lr=cfg.invert_lr, space=space)
+        emb, _ = gen.read_models(space.weights(runs[cfg.invert_steps]))
+        rows.append({"model": f"w2w inversion, 1 photo, space of {models:,} LoRAs trained {name}",
+                     "ID score": _pairwise(emb, refs)})
+    prior = class_images(world.unet, world.text, lora) if any(r.prior_weight for _, r in baselines) else None
+    for kind, recipe in baselines:
+        for photos, images, count in sets:
+            trained = train_loras(world.unet, world.text, images, replace(recipe, images=count), seed=17, prior=prior)
+            emb, _ = gen.read_models(trained)
+            rows.append({"model": f"DreamBooth LoRA{kind}, {photos}, {recipe.steps} steps",
+                         "ID score": _pairwise(emb, refs)})
+            for name, space_recipe, space in spaces:
+                if count > 1 and replace(recipe, images=space_recipe.images) == space_recipe:
+                    emb, _ = gen.read_models(space.weights(space.project(trained)))
+                    rows.append({"model": f"  its projection on the {space.pcs} PCs of the space trained {name} "
+                                          "(the space's reach)", "ID score": _pairwise(emb, refs)})
+    return rows
+
+
 def prior_space_table(world, workdir: str, models: int, workers: int, weight: float, cfg: EvalConfig) -> list[dict]:
     """The paper's DreamBooth (eq. 2, prior preservation) everywhere: the first ``models`` training identities get
     LoRAs with prior weight ``weight`` (resumable in ``workdir``) and a space of the world's PCs is built on them;
     beside it the space of the same identities' shipped LoRAs (the world's recipe). Each inverts the held-out
     people's first photo; DreamBooth-LoRAs of them from 1 and 8 photos with and without the prior stand beside."""
     lora = replace(world.config.lora, prior_weight=weight)
-    seeds = [MODEL_SEEDS + i for i in range(models)]
-    stamp = lora_stage_stamp("loras", lora, world.config.base, MODEL_SEEDS, models)
-    t0 = time.perf_counter()
-    weights, _ = _lora_stage(workdir, "loras", world.unet, world.text, seeds, lora, world.config.photos, stamp, print,
-                             workers)
-    print(f"  {models} LoRAs with prior preservation in {time.perf_counter() - t0:.0f} s")
-    pcs, sample = world.config.pcs, world.config.sample_pcs
-    spaces = {"the world's recipe": make_space(world.unet, world.weights[:models], seeds, pcs, sample),
-              f"with prior preservation (λ {weight:g})": make_space(world.unet, weights, seeds, pcs, sample)}
-    gen = Generator(world, cfg)
-    people, refs, sets = dreambooth_sets(world, gen, cfg, (lora.steps,))
-    rows = []
-    for label, space in spaces.items():
-        runs = invert_batch(world, torch.cat(sets[0][1]), [cfg.seed + i for i in range(len(people))],
-                            steps=cfg.invert_steps, lr=cfg.invert_lr, space=space)
-        emb, _ = gen.read_models(space.weights(runs[cfg.invert_steps]))
-        rows.append({"model": f"w2w inversion, 1 photo, space of {models:,} LoRAs trained {label}",
-                     "ID score": _pairwise(emb, refs)})
-    prior = class_images(world.unet, world.text, lora)
-    for w in (0.0, weight):
-        kind = f" + prior preservation (λ {w:g})" if w else ""
-        for label, images, count in sets:
-            trained = train_loras(world.unet, world.text, images, replace(lora, images=count, prior_weight=w),
-                                  seed=17, prior=prior)
-            emb, _ = gen.read_models(trained)
-            rows.append({"model": f"DreamBooth LoRA{kind}, {label}, {lora.steps} steps", "ID score": _pairwise(emb, refs)})
-    return rows
+    return variant_space_table(world, workdir, models, workers, lora, f"with prior preservation (λ {weight:g})", cfg,
+                               [("", world.config.lora), (f" + prior preservation (λ {weight:g})", lora)])
+
+
+def longer_space_table(world, workdir: str, models: int, workers: int, steps: int, cfg: EvalConfig) -> list[dict]:
+    """The space's models trained ``steps`` steps (the world's recipe stretched, as ``dreambooth`` stretches it; the
+    shipped ones train 60) instead of the world's recipe: the first ``models`` training identities get such LoRAs
+    (resumable in ``workdir``) and a space of the world's PCs is built on them, beside the space of the same
+    identities' shipped LoRAs. Each inverts the held-out people's first photo, next to DreamBooth-LoRAs of them from 1
+    and 8 photos at both lengths and the 8-photo ones' projections on the space of their length."""
+    lora = replace(world.config.lora, steps=steps)
+    return variant_space_table(world, workdir, models, workers, lora, f"{steps} steps", cfg,
+                               [("", world.config.lora), ("", lora)])
 
 
 def _people(world, asked: int) -> int:
@@ -152,7 +183,7 @@ def _verdict(target: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling", "degraded",
-                                    "prior-space"),
+                                    "prior-space", "longer-space"),
                    help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
@@ -161,7 +192,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="prompts: processes training the space's LoRAs")
     p.add_argument("--artifacts", default=DEFAULT_DIR, help="micro-world folder (default: the pack's models/micro)")
     p.add_argument("--steps", type=int, nargs="+", default=[60, 400],
-                   help="dreambooth, prompts, degraded: training steps to compare")
+                   help="dreambooth, prompts, degraded: training steps to compare; longer-space: the steps of the "
+                        "space's LoRAs (one value)")
     p.add_argument("--people", type=int, default=0,
                    help="dreambooth, prompts, degraded, fig10, inversion: held-out people (0 = all)")
     p.add_argument("--eval-seed", type=int, default=0,
@@ -196,7 +228,7 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.what in ("prompts", "prior-space") and not args.workdir:
+    if args.what in ("prompts", "prior-space", "longer-space") and not args.workdir:
         p.error(f"{args.what} needs --workdir (what it trains is kept there and resumes)")
     if min(args.steps) < 1:
         p.error("--steps must be positive")
@@ -264,6 +296,17 @@ def main() -> int:
         rows = prior_space_table(world, args.workdir, models, args.workers, weight, config)
         title = (f"The paper's DreamBooth (prior preservation) for the space's models too, {_people(world, args.people)} "
                  f"held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} images per model")
+    elif args.what == "longer-space":
+        models = args.space_models or 1000
+        if not 3 <= models <= world.weights.shape[0]:
+            p.error(f"--space-models must be 3..{world.weights.shape[0]} (the training LoRAs the world ships as weights)")
+        if len(args.steps) != 1 or args.steps[0] == world.config.lora.steps:
+            p.error(f"longer-space needs one --steps value other than the world's {world.config.lora.steps}")
+        config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
+        rows = longer_space_table(world, args.workdir, models, args.workers, args.steps[0], config)
+        title = (f"The space's models trained {args.steps[0]} steps instead of {world.config.lora.steps}, "
+                 f"{_people(world, args.people)} held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} "
+                 "images per model")
     elif args.what == "sampling":
         config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
         rows, _ = sampling_table(world, Generator(world, config), config, projected=True)

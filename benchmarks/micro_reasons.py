@@ -12,7 +12,7 @@
     python benchmarks/micro_reasons.py inversion --image-seeds 16  # the inversion table, likewise
     python benchmarks/micro_reasons.py sampling --guidance 3  # the sampling table at the reference code's guidance
     python benchmarks/micro_reasons.py prior-space --workdir W --workers 2  # a space of LoRAs with prior preservation
-    python benchmarks/micro_reasons.py longer-space --workdir W --steps 240 --space-models 500 --workers 2  # longer
+    python benchmarks/micro_reasons.py longer-space --workdir W --steps 240 --space-models 200 --workers 2  # longer
     python benchmarks/micro_reasons.py degraded              # inversion vs DreamBooth from a low-resolution photo (≈ 14 min)
     python benchmarks/micro_reasons.py degraded --degradation half-hidden  # ... from a photo half hidden by an object
 
@@ -188,8 +188,10 @@ def main() -> int:
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
                    help="prompts: also train this many identity LoRAs on the new base, build a space of them and "
-                        "add the w2w inversion (0 = DreamBooth only)")
-    p.add_argument("--workers", type=int, default=1, help="prompts: processes training the space's LoRAs")
+                        "add the w2w inversion (0 = DreamBooth only); prior-space, longer-space: the training "
+                        "identities retrained (default 1,000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="prompts, prior-space, longer-space: processes training the space's LoRAs")
     p.add_argument("--artifacts", default=DEFAULT_DIR, help="micro-world folder (default: the pack's models/micro)")
     p.add_argument("--steps", type=int, nargs="+", default=[60, 400],
                    help="dreambooth, prompts, degraded: training steps to compare; longer-space: the steps of the "
@@ -241,6 +243,9 @@ def main() -> int:
     if args.image_seeds < 1:
         p.error(f"--image-seeds must be >= 1, got {args.image_seeds}")
     world = load_world(args.artifacts)
+    models = args.space_models or 1000  # prior-space, longer-space: the training identities whose LoRAs are retrained
+    if args.what in ("prior-space", "longer-space") and not 3 <= models <= world.weights.shape[0]:
+        p.error(f"--space-models must be 3..{world.weights.shape[0]} (the training LoRAs the world ships as weights)")
     t0 = time.perf_counter()
     extra = ""
     if args.what == "prompts":
@@ -288,18 +293,12 @@ def main() -> int:
         title = (f"Single-photo inversion vs DreamBooth-LoRA, {people} held-out people, "
                  f"evaluation seed {args.eval_seed}, {args.image_seeds} images per model; {verdicts}")
     elif args.what == "prior-space":
-        models = args.space_models or 1000
-        if not 3 <= models <= world.weights.shape[0]:
-            p.error(f"--space-models must be 3..{world.weights.shape[0]} (the training LoRAs the world ships as weights)")
         weight = max(args.prior_weight) or 1.0
         config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
         rows = prior_space_table(world, args.workdir, models, args.workers, weight, config)
         title = (f"The paper's DreamBooth (prior preservation) for the space's models too, {_people(world, args.people)} "
                  f"held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} images per model")
     elif args.what == "longer-space":
-        models = args.space_models or 1000
-        if not 3 <= models <= world.weights.shape[0]:
-            p.error(f"--space-models must be 3..{world.weights.shape[0]} (the training LoRAs the world ships as weights)")
         if len(args.steps) != 1 or args.steps[0] == world.config.lora.steps:
             p.error(f"longer-space needs one --steps value other than the world's {world.config.lora.steps}")
         config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)

@@ -13,6 +13,7 @@
     python benchmarks/micro_reasons.py sampling --guidance 3  # the sampling table at the reference code's guidance
     python benchmarks/micro_reasons.py prior-space --workdir W --workers 2  # a space of LoRAs with prior preservation
     python benchmarks/micro_reasons.py longer-space --workdir W --steps 240 --space-models 200 --workers 2  # longer
+    python benchmarks/micro_reasons.py consistent-space --workdir W --space-models 1000 --workers 2  # the paper's data
     python benchmarks/micro_reasons.py degraded              # inversion vs DreamBooth from a low-resolution photo (≈ 14 min)
     python benchmarks/micro_reasons.py degraded --degradation half-hidden  # ... from a photo half hidden by an object
 
@@ -55,6 +56,11 @@ held-out people's first photo, next to DreamBooth-LoRAs of them with and without
 ``longer-space`` (target 1 with stronger models in the space): likewise, but the space's LoRAs train ``--steps`` (one
 value) steps of the world's recipe stretched (the shipped ones: 60); DreamBooth-LoRAs at both lengths stand beside,
 and the 8-photo ones are projected on the space of their length (what the space can reach of these people).
+``consistent-space`` (target 1 with the paper's data: its dataset models and multi-image baseline learn from
+consistent generated photos of each identity, its inversion input is a real photo): likewise, but the space's LoRAs
+are the world's recipe on each identity's training photos in ``--space-photos`` style (default plain: frontal,
+plain backdrop, even light); the held-out people's first hard photo is inverted into both spaces and given to
+single-photo DreamBooth, beside DreamBooth on their 8 hard and their 8 plain photos.
 ``degraded`` (target 1 where one photo shows less of a person): each held-out person's first photo, clean and taken
 ``--factor`` times coarser (blocks averaged, enlarged back; ``--degradation resolution``, the default) or with its left
 or right half behind a flat object of one colour (``--degradation half-hidden``), inverted into the space and given
@@ -84,7 +90,9 @@ from w2w.micro.tables import (DEGRADATIONS, EvalConfig, Generator, check_targets
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.batch_invert import invert_batch  # noqa: E402
 from w2w.micro.tables import _pairwise, dreambooth_sets  # noqa: E402
-from w2w.micro.train import MODEL_SEEDS, class_images, train_base, train_loras  # noqa: E402
+from w2w.micro.faces import STYLES  # noqa: E402
+from w2w.micro.train import (MODEL_SEEDS, class_images, identity_images, photo_version, stage_stamp,  # noqa: E402
+                            train_base, train_loras)
 from w2w.micro.world import (DEFAULT_DIR, World, _lora_stage, load_world, lora_stage_stamp, make_space,  # noqa: E402
                              with_directions)
 
@@ -110,40 +118,64 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
 
 
 def variant_space_table(world, workdir: str, models: int, workers: int, lora, label: str, cfg: EvalConfig,
-                        baselines: list[tuple[str, object]]) -> list[dict]:
-    """The space's models trained with another LoRA recipe: the first ``models`` training identities get LoRAs of
-    ``lora`` (resumable in ``workdir``) and a space of the world's PCs is built on them, beside the space of the same
-    identities' shipped LoRAs (the world's recipe). Each inverts the held-out people's first photo. DreamBooth-LoRAs
-    of them from 1 and 8 photos stand beside, one pair per ``baselines`` entry (kind, recipe); the 8-photo ones whose
-    recipe is a space's are also projected on that space (its reach for these people)."""
+                        baselines: list[tuple], photos: str = "", input_photos: str = "") -> list[dict]:
+    """The space's models trained with another LoRA recipe or on photos of another style: the first ``models``
+    training identities get LoRAs of ``lora`` on their photos of style ``photos`` (default: the world's; resumable in
+    ``workdir``) and a space of the world's PCs is built on them, beside the space of the same identities' shipped
+    LoRAs (the world's recipe and photos). Each inverts the held-out people's first photo (the world's style, as the
+    tables do). DreamBooth-LoRAs of them stand beside, one set per ``baselines`` entry (kind, recipe[, style]): from
+    their first photo and their training photos in the world's style, or from their training photos in another
+    style; the multi-photo ones whose recipe and style are a space's are also projected on that space (its reach
+    for these people). ``input_photos``: the one photo inverted and given to single-photo DreamBooth is the person's
+    first photo in that style instead."""
+    own = world.config.photos
+    photos = photos or own
     seeds = [MODEL_SEEDS + i for i in range(models)]
-    stamp = lora_stage_stamp("loras", lora, world.config.base, MODEL_SEEDS, models)
+    name = "loras" if photos == own else f"loras-{photos}"
+    stamp = lora_stage_stamp(name, lora, world.config.base, MODEL_SEEDS, models)
+    if photos != own:
+        stamp = stage_stamp(stamp, photo_version(photos))
     t0 = time.perf_counter()
-    weights, _ = _lora_stage(workdir, "loras", world.unet, world.text, seeds, lora, world.config.photos, stamp, print,
-                             workers)
+    weights, _ = _lora_stage(workdir, name, world.unet, world.text, seeds, lora, photos, stamp, print, workers)
     print(f"  {models} LoRAs {label} in {time.perf_counter() - t0:.0f} s")
     pcs, sample = world.config.pcs, world.config.sample_pcs
-    spaces = [("the world's recipe", world.config.lora, make_space(world.unet, world.weights[:models], seeds, pcs,
-                                                                     sample)),
-              (label, lora, make_space(world.unet, weights, seeds, pcs, sample))]
+    spaces = [("with the world's recipe" + (f" on {own} photos" if photos != own else ""), world.config.lora, own,
+               make_space(world.unet, world.weights[:models], seeds, pcs, sample)),
+              (label, lora, photos, make_space(world.unet, weights, seeds, pcs, sample))]
     gen = Generator(world, cfg)
     people, refs, sets = dreambooth_sets(world, gen, cfg, (lora.steps,))
     rows = []
-    for name, _, space in spaces:
+    size = world.unet.config.image
+    if input_photos and input_photos != own:
+        sets = ((f"1 {input_photos} photo", [identity_images(s, 1, 0, size, input_photos) for s in people], 1),
+                *sets[1:])
+    for style in sorted({b[2] for b in baselines if len(b) > 2 and b[2] != own}):
+        shots = torch.stack([identity_images(s, world.config.lora.images, 0, size, style) for s in people])
+        emb, _ = gen.read(shots)
+        rows.append({"model": f"{style} training photos themselves (judge reference)",
+                     "ID score": _pairwise(emb, refs)})
+    for name, _, _, space in spaces:
         runs = invert_batch(world, torch.cat(sets[0][1]), [cfg.seed + i for i in range(len(people))],
                             steps=cfg.invert_steps, lr=cfg.invert_lr, space=space)
         emb, _ = gen.read_models(space.weights(runs[cfg.invert_steps]))
         rows.append({"model": f"w2w inversion, 1 photo, space of {models:,} LoRAs trained {name}",
                      "ID score": _pairwise(emb, refs)})
-    prior = class_images(world.unet, world.text, lora) if any(r.prior_weight for _, r in baselines) else None
-    for kind, recipe in baselines:
-        for photos, images, count in sets:
+    prior = class_images(world.unet, world.text, lora) if any(b[1].prior_weight for b in baselines) else None
+    for kind, recipe, *rest in baselines:
+        style = rest[0] if rest else own
+        if style == own:
+            todo = [(text, images, count, own) for text, images, count in sets]
+        else:
+            count = recipe.images
+            todo = [(f"{count} {style} photos", [identity_images(s, count, 0, size, style) for s in people], count,
+                     style)]
+        for text, images, count, style in todo:
             trained = train_loras(world.unet, world.text, images, replace(recipe, images=count), seed=17, prior=prior)
             emb, _ = gen.read_models(trained)
-            rows.append({"model": f"DreamBooth LoRA{kind}, {photos}, {recipe.steps} steps",
+            rows.append({"model": f"DreamBooth LoRA{kind}, {text}, {recipe.steps} steps",
                          "ID score": _pairwise(emb, refs)})
-            for name, space_recipe, space in spaces:
-                if count > 1 and replace(recipe, images=space_recipe.images) == space_recipe:
+            for name, space_recipe, space_style, space in spaces:
+                if count > 1 and style == space_style and replace(recipe, images=space_recipe.images) == space_recipe:
                     emb, _ = gen.read_models(space.weights(space.project(trained)))
                     rows.append({"model": f"  its projection on the {space.pcs} PCs of the space trained {name} "
                                           "(the space's reach)", "ID score": _pairwise(emb, refs)})
@@ -171,6 +203,21 @@ def longer_space_table(world, workdir: str, models: int, workers: int, steps: in
                                [("", world.config.lora), ("", lora)])
 
 
+def consistent_space_table(world, workdir: str, models: int, workers: int, photos: str,
+                           cfg: EvalConfig, input_photos: str = "") -> list[dict]:
+    """The paper's data: its dataset models (and its multi-image DreamBooth baseline) are trained on consistent
+    generated photos of each identity (its Sec. 4.1 and appendix E), while the photo it inverts is a real one (FFHQ).
+    Here the first ``models`` training identities get LoRAs of the world's recipe on their training photos taken in
+    style ``photos`` (the first world's plain photos: frontal, plain backdrop, even light), a space is built on them
+    beside the space of their shipped (hard-photo) LoRAs, and each inverts the held-out people's first hard photo;
+    DreamBooth-LoRAs of them from that photo, from their 8 hard photos and from their 8 photos of style ``photos``
+    stand beside. ``input_photos``: the photo inverted (and given to single-photo DreamBooth) is the person's first
+    one in that style instead of the world's."""
+    lora = world.config.lora
+    return variant_space_table(world, workdir, models, workers, lora, f"with the world's recipe on {photos} photos", cfg,
+                               [("", lora), ("", lora, photos)], photos=photos, input_photos=input_photos)
+
+
 def _people(world, asked: int) -> int:
     """How many held-out people a measurement uses: ``asked``, at most the world's; 0 = all of them."""
     return min(asked, len(world.heldout_seeds)) if asked else len(world.heldout_seeds)
@@ -183,15 +230,21 @@ def _verdict(target: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling", "degraded",
-                                    "prior-space", "longer-space"),
+                                    "prior-space", "longer-space", "consistent-space"),
                    help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
                    help="prompts: also train this many identity LoRAs on the new base, build a space of them and "
-                        "add the w2w inversion (0 = DreamBooth only); prior-space, longer-space: the training "
-                        "identities retrained (default 1,000)")
+                        "add the w2w inversion (0 = DreamBooth only); prior-space, longer-space, consistent-space: the "
+                        "training identities retrained (default 1,000)")
     p.add_argument("--workers", type=int, default=1,
-                   help="prompts, prior-space, longer-space: processes training the space's LoRAs")
+                   help="prompts, prior-space, longer-space, consistent-space: processes training the space's LoRAs")
+    p.add_argument("--space-photos", choices=STYLES, default="plain",
+                   help="consistent-space: the photo style the space's LoRAs (and the multi-photo DreamBooth "
+                        "baseline) train on (default plain, the first world's; must differ from the world's)")
+    p.add_argument("--input-photos", choices=STYLES,
+                   help="consistent-space: the style of the one photo inverted and given to single-photo DreamBooth "
+                        "(default: the world's own, as in the tables)")
     p.add_argument("--artifacts", default=DEFAULT_DIR, help="micro-world folder (default: the pack's models/micro)")
     p.add_argument("--steps", type=int, nargs="+", default=[60, 400],
                    help="dreambooth, prompts, degraded: training steps to compare; longer-space: the steps of the "
@@ -230,7 +283,7 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.what in ("prompts", "prior-space", "longer-space") and not args.workdir:
+    if args.what in ("prompts", "prior-space", "longer-space", "consistent-space") and not args.workdir:
         p.error(f"{args.what} needs --workdir (what it trains is kept there and resumes)")
     if min(args.steps) < 1:
         p.error("--steps must be positive")
@@ -244,7 +297,7 @@ def main() -> int:
         p.error(f"--image-seeds must be >= 1, got {args.image_seeds}")
     world = load_world(args.artifacts)
     models = args.space_models or 1000  # prior-space, longer-space: the training identities whose LoRAs are retrained
-    if args.what in ("prior-space", "longer-space") and not 3 <= models <= world.weights.shape[0]:
+    if args.what in ("prior-space", "longer-space", "consistent-space") and not 3 <= models <= world.weights.shape[0]:
         p.error(f"--space-models must be 3..{world.weights.shape[0]} (the training LoRAs the world ships as weights)")
     t0 = time.perf_counter()
     extra = ""
@@ -306,6 +359,16 @@ def main() -> int:
         title = (f"The space's models trained {args.steps[0]} steps instead of {world.config.lora.steps}, "
                  f"{_people(world, args.people)} held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} "
                  "images per model")
+    elif args.what == "consistent-space":
+        if args.space_photos == world.config.photos:
+            p.error(f"--space-photos must differ from the world's own photo style ({world.config.photos})")
+        config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
+        given = args.input_photos or world.config.photos
+        rows = consistent_space_table(world, args.workdir, models, args.workers, args.space_photos, config, given)
+        title = (f"The paper's data: the space's models and the multi-photo baseline trained on {args.space_photos} "
+                 f"photos, the input one {given} photo; {_people(world, args.people)} held-out people, "
+                 f"evaluation seed {args.eval_seed}, {args.image_seeds} images per model (ID score against unseen "
+                 f"{world.config.photos} photos)")
     elif args.what == "sampling":
         config = EvalConfig(seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
         rows, _ = sampling_table(world, Generator(world, config), config, projected=True)

@@ -117,6 +117,30 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
     return scene, {**accuracy, "reader": reader}
 
 
+def photo_loss(world, weights: torch.Tensor, photos: torch.Tensor, draws: int = 128, seed: int = 0) -> float:
+    """The inversion's objective at given models: person i's diffusion loss on photo i under weights i (noise
+    prediction MSE, as :func:`invert_batch` computes it), averaged over ``draws`` fixed (timestep, noise) pairs — the
+    same pairs for every call — and over the people."""
+    from w2w.diffusion import ddpm_noise
+    from w2w.micro.model import MicroDenoiser, alphas_cumprod
+
+    denoiser = MicroDenoiser(world.unet, world.layout.scale)
+    abar = alphas_cumprod().double()
+    ctx = world.context(world.config.lora.prompt)
+    gen = torch.Generator().manual_seed(seed)
+    n = photos.shape[0]
+    t = torch.randint(0, abar.shape[0], (draws,), generator=gen)
+    noise = torch.randn((draws, *photos.shape[1:]), generator=gen)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            x_t = ddpm_noise(photos[i:i + 1].float().expand(draws, -1, -1, -1), t, noise, abar)
+            factors = world.layout.factors(weights[i:i + 1].float().expand(draws, -1))
+            pred, _ = denoiser.predict(x_t, t, ctx, factors)
+            total += float((pred.float() - noise).square().mean())
+    return total / n
+
+
 def variant_space_table(world, workdir: str, models: int, workers: int, lora, label: str, cfg: EvalConfig,
                         baselines: list[tuple], photos: str = "", input_photos: str = "") -> list[dict]:
     """The space's models trained with another LoRA recipe or on photos of another style: the first ``models``
@@ -153,13 +177,18 @@ def variant_space_table(world, workdir: str, models: int, workers: int, lora, la
         shots = torch.stack([identity_images(s, world.config.lora.images, 0, size, style) for s in people])
         emb, _ = gen.read(shots)
         rows.append({"model": f"{style} training photos themselves (judge reference)",
-                     "ID score": _pairwise(emb, refs)})
+                     "ID score": _pairwise(emb, refs), "loss on the one photo": float("nan")})
+    first = torch.cat(sets[0][1])  # the one photo of each person: inverted, and single-photo DreamBooth's
+    mean = world.space.mean[None].expand(len(people), -1).clone()
+    rows.append({"model": "mean model of the world's space (no inversion)", "ID score": _pairwise(gen.read_models(mean)[0], refs),
+                 "loss on the one photo": photo_loss(world, mean, first)})
     for name, _, _, space in spaces:
-        runs = invert_batch(world, torch.cat(sets[0][1]), [cfg.seed + i for i in range(len(people))],
+        runs = invert_batch(world, first, [cfg.seed + i for i in range(len(people))],
                             steps=cfg.invert_steps, lr=cfg.invert_lr, space=space)
-        emb, _ = gen.read_models(space.weights(runs[cfg.invert_steps]))
+        inverted = space.weights(runs[cfg.invert_steps])
+        emb, _ = gen.read_models(inverted)
         rows.append({"model": f"w2w inversion, 1 photo, space of {models:,} LoRAs trained {name}",
-                     "ID score": _pairwise(emb, refs)})
+                     "ID score": _pairwise(emb, refs), "loss on the one photo": photo_loss(world, inverted, first)})
     prior = class_images(world.unet, world.text, lora) if any(b[1].prior_weight for b in baselines) else None
     for kind, recipe, *rest in baselines:
         style = rest[0] if rest else own
@@ -173,12 +202,14 @@ def variant_space_table(world, workdir: str, models: int, workers: int, lora, la
             trained = train_loras(world.unet, world.text, images, replace(recipe, images=count), seed=17, prior=prior)
             emb, _ = gen.read_models(trained)
             rows.append({"model": f"DreamBooth LoRA{kind}, {text}, {recipe.steps} steps",
-                         "ID score": _pairwise(emb, refs)})
+                         "ID score": _pairwise(emb, refs), "loss on the one photo": photo_loss(world, trained, first)})
             for name, space_recipe, space_style, space in spaces:
                 if count > 1 and style == space_style and replace(recipe, images=space_recipe.images) == space_recipe:
-                    emb, _ = gen.read_models(space.weights(space.project(trained)))
+                    reach = space.weights(space.project(trained))
+                    emb, _ = gen.read_models(reach)
                     rows.append({"model": f"  its projection on the {space.pcs} PCs of the space trained {name} "
-                                          "(the space's reach)", "ID score": _pairwise(emb, refs)})
+                                          "(the space's reach)", "ID score": _pairwise(emb, refs),
+                                 "loss on the one photo": photo_loss(world, reach, first)})
     return rows
 
 

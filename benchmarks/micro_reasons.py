@@ -118,9 +118,9 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
 
 
 def photo_loss(world, weights: torch.Tensor, photos: torch.Tensor, draws: int = 128, seed: int = 0) -> float:
-    """The inversion's objective at given models: person i's diffusion loss on photo i under weights i (noise
-    prediction MSE, as :func:`invert_batch` computes it), averaged over ``draws`` fixed (timestep, noise) pairs — the
-    same pairs for every call — and over the people."""
+    """The inversion's objective at given models, × 1,000: person i's diffusion loss on photo i under weights i
+    (noise prediction MSE, as :func:`invert_batch` computes it), averaged over ``draws`` fixed (timestep, noise)
+    pairs — the same pairs for every call — and over the people."""
     from w2w.diffusion import ddpm_noise
     from w2w.micro.model import MicroDenoiser, alphas_cumprod
 
@@ -138,7 +138,7 @@ def photo_loss(world, weights: torch.Tensor, photos: torch.Tensor, draws: int = 
             factors = world.layout.factors(weights[i:i + 1].float().expand(draws, -1))
             pred, _ = denoiser.predict(x_t, t, ctx, factors)
             total += float((pred.float() - noise).square().mean())
-    return total / n
+    return 1000 * total / n
 
 
 def variant_space_table(world, workdir: str, models: int, workers: int, lora, label: str, cfg: EvalConfig,
@@ -177,18 +177,18 @@ def variant_space_table(world, workdir: str, models: int, workers: int, lora, la
         shots = torch.stack([identity_images(s, world.config.lora.images, 0, size, style) for s in people])
         emb, _ = gen.read(shots)
         rows.append({"model": f"{style} training photos themselves (judge reference)",
-                     "ID score": _pairwise(emb, refs), "loss on the one photo": float("nan")})
+                     "ID score": _pairwise(emb, refs), "loss on the one photo × 1,000": float("nan")})
     first = torch.cat(sets[0][1])  # the one photo of each person: inverted, and single-photo DreamBooth's
     mean = world.space.mean[None].expand(len(people), -1).clone()
     rows.append({"model": "mean model of the world's space (no inversion)", "ID score": _pairwise(gen.read_models(mean)[0], refs),
-                 "loss on the one photo": photo_loss(world, mean, first)})
+                 "loss on the one photo × 1,000": photo_loss(world, mean, first)})
     for name, _, _, space in spaces:
         runs = invert_batch(world, first, [cfg.seed + i for i in range(len(people))],
                             steps=cfg.invert_steps, lr=cfg.invert_lr, space=space)
         inverted = space.weights(runs[cfg.invert_steps])
         emb, _ = gen.read_models(inverted)
         rows.append({"model": f"w2w inversion, 1 photo, space of {models:,} LoRAs trained {name}",
-                     "ID score": _pairwise(emb, refs), "loss on the one photo": photo_loss(world, inverted, first)})
+                     "ID score": _pairwise(emb, refs), "loss on the one photo × 1,000": photo_loss(world, inverted, first)})
     prior = class_images(world.unet, world.text, lora) if any(b[1].prior_weight for b in baselines) else None
     for kind, recipe, *rest in baselines:
         style = rest[0] if rest else own
@@ -202,14 +202,14 @@ def variant_space_table(world, workdir: str, models: int, workers: int, lora, la
             trained = train_loras(world.unet, world.text, images, replace(recipe, images=count), seed=17, prior=prior)
             emb, _ = gen.read_models(trained)
             rows.append({"model": f"DreamBooth LoRA{kind}, {text}, {recipe.steps} steps",
-                         "ID score": _pairwise(emb, refs), "loss on the one photo": photo_loss(world, trained, first)})
+                         "ID score": _pairwise(emb, refs), "loss on the one photo × 1,000": photo_loss(world, trained, first)})
             for name, space_recipe, space_style, space in spaces:
                 if count > 1 and style == space_style and replace(recipe, images=space_recipe.images) == space_recipe:
                     reach = space.weights(space.project(trained))
                     emb, _ = gen.read_models(reach)
                     rows.append({"model": f"  its projection on the {space.pcs} PCs of the space trained {name} "
                                           "(the space's reach)", "ID score": _pairwise(emb, refs),
-                                 "loss on the one photo": photo_loss(world, reach, first)})
+                                 "loss on the one photo × 1,000": photo_loss(world, reach, first)})
     return rows
 
 

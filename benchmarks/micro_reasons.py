@@ -180,7 +180,8 @@ def variant_space_table(world, workdir: str, models: int, workers: int, lora, la
                      "ID score": _pairwise(emb, refs), "loss on the one photo × 1,000": float("nan")})
     first = torch.cat(sets[0][1])  # the one photo of each person: inverted, and single-photo DreamBooth's
     mean = world.space.mean[None].expand(len(people), -1).clone()
-    rows.append({"model": "mean model of the world's space (no inversion)", "ID score": _pairwise(gen.read_models(mean)[0], refs),
+    rows.append({"model": "mean model of the world's space (no inversion)",
+                 "ID score": _pairwise(gen.read_models(mean)[0], refs),
                  "loss on the one photo × 1,000": photo_loss(world, mean, first)})
     for name, _, _, space in spaces:
         runs = invert_batch(world, first, [cfg.seed + i for i in range(len(people))],
@@ -188,7 +189,8 @@ def variant_space_table(world, workdir: str, models: int, workers: int, lora, la
         inverted = space.weights(runs[cfg.invert_steps])
         emb, _ = gen.read_models(inverted)
         rows.append({"model": f"w2w inversion, 1 photo, space of {models:,} LoRAs trained {name}",
-                     "ID score": _pairwise(emb, refs), "loss on the one photo × 1,000": photo_loss(world, inverted, first)})
+                     "ID score": _pairwise(emb, refs),
+                     "loss on the one photo × 1,000": photo_loss(world, inverted, first)})
     prior = class_images(world.unet, world.text, lora) if any(b[1].prior_weight for b in baselines) else None
     for kind, recipe, *rest in baselines:
         style = rest[0] if rest else own
@@ -202,7 +204,8 @@ def variant_space_table(world, workdir: str, models: int, workers: int, lora, la
             trained = train_loras(world.unet, world.text, images, replace(recipe, images=count), seed=17, prior=prior)
             emb, _ = gen.read_models(trained)
             rows.append({"model": f"DreamBooth LoRA{kind}, {text}, {recipe.steps} steps",
-                         "ID score": _pairwise(emb, refs), "loss on the one photo × 1,000": photo_loss(world, trained, first)})
+                         "ID score": _pairwise(emb, refs),
+                         "loss on the one photo × 1,000": photo_loss(world, trained, first)})
             for name, space_recipe, space_style, space in spaces:
                 if count > 1 and style == space_style and replace(recipe, images=space_recipe.images) == space_recipe:
                     reach = space.weights(space.project(trained))
@@ -245,8 +248,8 @@ def consistent_space_table(world, workdir: str, models: int, workers: int, photo
     stand beside. ``input_photos``: the photo inverted (and given to single-photo DreamBooth) is the person's first
     one in that style instead of the world's."""
     lora = world.config.lora
-    return variant_space_table(world, workdir, models, workers, lora, f"with the world's recipe on {photos} photos", cfg,
-                               [("", lora), ("", lora, photos)], photos=photos, input_photos=input_photos)
+    return variant_space_table(world, workdir, models, workers, lora, f"with the world's recipe on {photos} photos",
+                               cfg, [("", lora), ("", lora, photos)], photos=photos, input_photos=input_photos)
 
 
 def _people(world, asked: int) -> int:
@@ -327,7 +330,7 @@ def main() -> int:
     if args.image_seeds < 1:
         p.error(f"--image-seeds must be >= 1, got {args.image_seeds}")
     world = load_world(args.artifacts)
-    models = args.space_models or 1000  # prior-space, longer-space: the training identities whose LoRAs are retrained
+    models = args.space_models or 1000  # the *-space measurements: the training identities whose LoRAs are retrained
     if args.what in ("prior-space", "longer-space", "consistent-space") and not 3 <= models <= world.weights.shape[0]:
         p.error(f"--space-models must be 3..{world.weights.shape[0]} (the training LoRAs the world ships as weights)")
     t0 = time.perf_counter()

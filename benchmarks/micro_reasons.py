@@ -89,6 +89,8 @@ from w2w.micro.tables import (DEGRADATIONS, EvalConfig, Generator, check_targets
                               structure_table, table_markdown, vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.batch_invert import invert_batch  # noqa: E402
+from w2w.diffusion import ddpm_noise  # noqa: E402
+from w2w.micro.model import MicroDenoiser, alphas_cumprod  # noqa: E402
 from w2w.micro.tables import _pairwise, dreambooth_sets  # noqa: E402
 from w2w.micro.faces import STYLES  # noqa: E402
 from w2w.micro.train import (MODEL_SEEDS, class_images, identity_images, photo_version, stage_stamp,  # noqa: E402
@@ -121,9 +123,6 @@ def photo_loss(world, weights: torch.Tensor, photos: torch.Tensor, draws: int = 
     """The inversion's objective at given models, × 1,000: person i's diffusion loss on photo i under weights i
     (noise prediction MSE, as :func:`invert_batch` computes it), averaged over ``draws`` fixed (timestep, noise)
     pairs — the same pairs for every call — and over the people."""
-    from w2w.diffusion import ddpm_noise
-    from w2w.micro.model import MicroDenoiser, alphas_cumprod
-
     denoiser = MicroDenoiser(world.unet, world.layout.scale)
     abar = alphas_cumprod().double()
     ctx = world.context(world.config.lora.prompt)
@@ -173,9 +172,11 @@ def variant_space_table(world, workdir: str, models: int, workers: int, lora, la
     if input_photos and input_photos != own:
         sets = ((f"1 {input_photos} photo", [identity_images(s, 1, 0, size, input_photos) for s in people], 1),
                 *sets[1:])
-    for style in sorted({b[2] for b in baselines if len(b) > 2 and b[2] != own}):
-        shots = torch.stack([identity_images(s, world.config.lora.images, 0, size, style) for s in people])
-        emb, _ = gen.read(shots)
+    # the training photos of each other style a baseline learns from: read by the judge here, trained on below
+    other = {b[2]: [identity_images(s, b[1].images, 0, size, b[2]) for s in people]
+             for b in baselines if len(b) > 2 and b[2] != own}
+    for style, shots in sorted(other.items()):
+        emb, _ = gen.read(torch.stack(shots))
         rows.append({"model": f"{style} training photos themselves (judge reference)",
                      "ID score": _pairwise(emb, refs), "loss on the one photo × 1,000": float("nan")})
     first = torch.cat(sets[0][1])  # the one photo of each person: inverted, and single-photo DreamBooth's
@@ -198,8 +199,7 @@ def variant_space_table(world, workdir: str, models: int, workers: int, lora, la
             todo = [(text, images, count, own) for text, images, count in sets]
         else:
             count = recipe.images
-            todo = [(f"{count} {style} photos", [identity_images(s, count, 0, size, style) for s in people], count,
-                     style)]
+            todo = [(f"{count} {style} photos", other[style], count, style)]
         for text, images, count, style in todo:
             trained = train_loras(world.unet, world.text, images, replace(recipe, images=count), seed=17, prior=prior)
             emb, _ = gen.read_models(trained)

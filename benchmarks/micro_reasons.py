@@ -16,6 +16,7 @@
     python benchmarks/micro_reasons.py consistent-space --workdir W --space-models 1000 --workers 2  # the paper's data
     python benchmarks/micro_reasons.py degraded              # inversion vs DreamBooth from a low-resolution photo (≈ 14 min)
     python benchmarks/micro_reasons.py degraded --degradation half-hidden  # ... from a photo half hidden by an object
+    python benchmarks/micro_reasons.py masked                # inversion vs DreamBooth with the loss on the head only
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of
@@ -67,6 +68,12 @@ or right half behind a flat object of one colour (``--degradation half-hidden``)
 to single-photo DreamBooth-LoRAs of the world's recipe at each ``--steps``, beside DreamBooth-LoRAs of the person's 8
 clean training photos; every model's images against clean unseen photos — the paper's out-of-distribution projection
 (§4.5) read with its Table 2 protocol.
+``masked`` (target 1 with the loss on the person alone): each held-out person's first photo, its diffusion loss
+taken over the whole photo (the tables') and over the head only (its head mask: face, hair, headwear — what a
+face-parsing segmenter gives, the reference inversion's optional mask), per loss the w2w inversion and single-photo
+DreamBooth-LoRAs of the world's recipe at each ``--steps``; beside DreamBooth-LoRAs of the 8 training photos (whole
+photo, the paper's multi-image baseline). The mask keeps the backdrop, clothes and light outside the head out of
+what one photo teaches.
 ``sampling`` (target 3): the tables' sampling table and target 3's verdict, with the training models projected on the
 space's PCs beside them (the consistency the space keeps of real identities). ``fig10`` takes ``--image-seeds`` too;
 ``--guidance`` (fig10, edits, inversion, sampling, dreambooth) renders every image with classifier-free guidance, as
@@ -85,7 +92,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from w2w.micro.tables import (DEGRADATIONS, EvalConfig, Generator, check_targets, curve_table,  # noqa: E402
-                              degraded_table, editing_table, inversion_table, recipe_table, sampling_table,
+                              degraded_table, editing_table, inversion_table, masked_table, recipe_table,
+                              sampling_table,
                               structure_table, table_markdown, vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.batch_invert import invert_batch  # noqa: E402
@@ -264,7 +272,7 @@ def _verdict(target: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling", "degraded",
-                                    "prior-space", "longer-space", "consistent-space"),
+                                    "prior-space", "longer-space", "consistent-space", "masked"),
                    help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
@@ -281,10 +289,10 @@ def main() -> int:
                         "(default: the world's own, as in the tables)")
     p.add_argument("--artifacts", default=DEFAULT_DIR, help="micro-world folder (default: the pack's models/micro)")
     p.add_argument("--steps", type=int, nargs="+", default=[60, 400],
-                   help="dreambooth, prompts, degraded: training steps to compare; longer-space: the steps of the "
+                   help="dreambooth, prompts, degraded, masked: training steps to compare; longer-space: the steps of the "
                         "space's LoRAs (one value)")
     p.add_argument("--people", type=int, default=0,
-                   help="dreambooth, prompts, degraded, fig10, inversion: held-out people (0 = all)")
+                   help="dreambooth, prompts, degraded, masked, fig10, inversion: held-out people (0 = all)")
     p.add_argument("--eval-seed", type=int, default=0,
                    help="fig10, edits, inversion: seed of the draws (default 0, the tables')")
     p.add_argument("--image-seeds", type=int, default=4,
@@ -420,6 +428,12 @@ def main() -> int:
         title = (f"Single-photo inversion vs DreamBooth-LoRA from a clean and {lost} photo, "
                  f"{_people(world, args.people)} held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} "
                  "images per model (ID score against clean unseen photos)")
+    elif args.what == "masked":
+        config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
+        rows = masked_table(world, Generator(world, config), config, tuple(args.steps))
+        title = (f"Single-photo inversion vs DreamBooth-LoRA with the loss over the whole photo and over the head only, "
+                 f"{_people(world, args.people)} held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} "
+                 "images per model (ID score against unseen photos)")
     elif args.what == "dreambooth":
         config = EvalConfig(people=args.people, cfg=args.guidance)
         rows = recipe_table(world, Generator(world, config), config, tuple(args.steps),

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["ATTRIBUTES", "WORDS", "FaceParams", "identity_params", "attributes", "render", "render_batch",
-           "caption_words", "scene_words", "STYLES", "STYLE_VERSIONS", "Pose", "hard_pose"]
+           "caption_words", "scene_words", "STYLES", "STYLE_VERSIONS", "Pose", "hard_pose", "head_mask", "mask_batch"]
 
 ATTRIBUTES = ("Male", "Beard", "Eyeglasses", "Blond_Hair", "Chubby", "Young")
 # the prompt word of each attribute (prompting baseline: "photo sks person <word>")
@@ -197,8 +197,35 @@ def _draw_head(d: ImageDraw.ImageDraw, box, p: FaceParams, light: float, pose: P
 
 def render(p: FaceParams, view_seed: int, size: int = 32, style: str = "plain") -> np.ndarray:
     """One photo of ``p`` (uint8 (size, size, 3)); ``view_seed`` picks what the photo varies (see :data:`STYLES`)."""
+    return _render(p, view_seed, size, style)[0]
+
+
+def head_mask(p: FaceParams, view_seed: int, size: int = 32, style: str = "plain") -> np.ndarray:
+    """Where the head is in photo ``view_seed`` of ``p`` (float32 (size, size), 1 on the head, 0 elsewhere): what a
+    face-parsing segmenter gives — face, hair, beard and headwear; not the neck, clothes, backdrop or an object in
+    front of the face. Drawn with the photo's own geometry (head turn, roll, scale, place), at the canvas's
+    resolution, reduced as the photo is and set to 1 where at least half of a pixel is head."""
+    return _render(p, view_seed, size, style, mask=True)[1]
+
+
+def _head_alpha(box, p: FaceParams, pose: Pose | None = None) -> Image.Image:
+    """The head drawn alone on a transparent canvas: its alpha channel is the head's silhouette (mode "L")."""
+    layer = Image.new("RGBA", (_CANVAS, _CANVAS), (0, 0, 0, 0))
+    _draw_head(ImageDraw.Draw(layer), box, p, 1.0, Pose() if pose is None else pose)
+    return layer.getchannel("A")
+
+
+def _reduce_mask(alpha: Image.Image, size: int) -> np.ndarray:
+    if size != _CANVAS:
+        alpha = alpha.resize((size, size), Image.BOX)
+    return (np.asarray(alpha, dtype=np.float32) >= 127.5).astype(np.float32)
+
+
+def _render(p: FaceParams, view_seed: int, size: int, style: str, mask: bool = False):
+    """(photo, head mask or None). The mask is drawn without touching the photo's random draws, so a photo is the
+    same pixels whether its mask is asked for or not."""
     if style == "hard":
-        return _render_hard(p, view_seed, size)
+        return _render_hard(p, view_seed, size, mask)
     if style != "plain":
         raise ValueError(f"unknown photo style {style!r}; choose one of {STYLES}")
     r = np.random.default_rng([int(view_seed) & 0xFFFF_FFFF, 0xFACE])
@@ -221,7 +248,7 @@ def render(p: FaceParams, view_seed: int, size: int = 32, style: str = "plain") 
     arr = np.clip(arr, 0, 255).astype(np.uint8)
     if size != s:
         arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BOX))
-    return arr
+    return arr, (_reduce_mask(_head_alpha(box, p), size) if mask else None)
 
 
 def _random_rgb(r: np.random.Generator, low: int = 0, high: int = 256) -> tuple[int, int, int]:
@@ -283,9 +310,10 @@ def scene_words(view_seed: int, style: str = "hard") -> list[str]:
     return words
 
 
-def _render_hard(p: FaceParams, view_seed: int, size: int) -> np.ndarray:
+def _render_hard(p: FaceParams, view_seed: int, size: int, mask: bool = False):
     """A hard photo: the head turned, tilted, with an expression, sometimes a cap, at any scale and place, on a
-    cluttered backdrop, in a coloured light from one direction, sometimes blurred; plus clothes and sensor noise."""
+    cluttered backdrop, in a coloured light from one direction, sometimes blurred; plus clothes and sensor noise.
+    -> (photo, head mask if ``mask`` else None)."""
     r = _hard_rng(view_seed)
     s = _CANVAS
     pose = hard_pose(r)
@@ -305,11 +333,14 @@ def _render_hard(p: FaceParams, view_seed: int, size: int) -> np.ndarray:
     _draw_head(d, box, p, 1.0, pose)
     layer = layer.rotate(roll, resample=Image.BILINEAR, center=(cx, cy))
     img.paste(layer, (0, 0), layer)
+    head = _head_alpha(box, p, pose).rotate(roll, resample=Image.BILINEAR, center=(cx, cy)) if mask else None
     if r.random() < 0.12:  # something in front of the lower face
         d = ImageDraw.Draw(img)
         x0 = cx + r.choice([-1, 1]) * r.uniform(0.1, 0.3) * scale
         y0 = cy + r.uniform(0.12, 0.3) * scale
         d.rectangle([x0 - 0.08 * scale, y0, x0 + 0.08 * scale, s], fill=_random_rgb(r))
+        if head is not None:  # the object hides that part of the head
+            ImageDraw.Draw(head).rectangle([x0 - 0.08 * scale, y0, x0 + 0.08 * scale, s], fill=0)
     if r.random() < 0.25:
         img = img.filter(ImageFilter.GaussianBlur(float(r.uniform(0.6, 1.3))))
     arr = np.asarray(img, dtype=np.float32)
@@ -324,10 +355,15 @@ def _render_hard(p: FaceParams, view_seed: int, size: int) -> np.ndarray:
     arr = np.clip(arr, 0, 255).astype(np.uint8)
     if size != s:
         arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BOX))
-    return arr
+    return arr, (None if head is None else _reduce_mask(head, size))
 
 
 def render_batch(params: list[FaceParams], view_seeds: list[int], size: int = 32, style: str = "plain") -> np.ndarray:
     """Images as float32 (N, 3, size, size) in [-1, 1] (the diffusion model's pixel space)."""
     out = np.stack([render(p, v, size, style) for p, v in zip(params, view_seeds)])
     return out.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+
+
+def mask_batch(params: list[FaceParams], view_seeds: list[int], size: int = 32, style: str = "plain") -> np.ndarray:
+    """The head masks (:func:`head_mask`) of the photos :func:`render_batch` draws, float32 (N, 1, size, size)."""
+    return np.stack([head_mask(p, v, size, style) for p, v in zip(params, view_seeds)])[:, None]

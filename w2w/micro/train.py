@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .faces import STYLE_VERSIONS, caption_words, identity_params, render_batch, scene_words
+from .faces import STYLE_VERSIONS, caption_words, identity_params, mask_batch, render_batch, scene_words
 from .model import (BASE_VOCAB, TOKENS, VOCAB, MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, ddim_sample,
                     micro_layout, tokenize, v_target)
 
@@ -41,6 +41,21 @@ def identity_images(identity_seed: int, count: int, start: int = 0, size: int = 
     """``count`` photos (count, 3, size, size) of an identity, from its view index ``start`` on, in style ``photos``."""
     p = identity_params(identity_seed)
     return torch.from_numpy(render_batch([p] * count, view_seeds(identity_seed, count, start), size, photos))
+
+
+def identity_masks(identity_seed: int, count: int, start: int = 0, size: int = 32, photos: str = "hard") -> torch.Tensor:
+    """The head masks (count, 1, size, size) of the photos :func:`identity_images` draws (faces.head_mask)."""
+    p = identity_params(identity_seed)
+    return torch.from_numpy(mask_batch([p] * count, view_seeds(identity_seed, count, start), size, photos))
+
+
+def masked_mean(err: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per item: the mean of ``err`` (N, C, H, W) over its values, or with ``mask`` (N, 1, H, W) its mask-weighted
+    mean over pixels (the pack's diffusion loss with a mask, w2w.invert.diffusion_loss, item by item)."""
+    if mask is None:
+        return err.flatten(1).mean(1)
+    m = mask.to(err.dtype)
+    return (err * m).flatten(1).sum(1) / (m.flatten(1).sum(1) * err.shape[1])
 
 
 def atomic_save(obj, path: str) -> None:
@@ -250,7 +265,7 @@ def class_images(unet: MicroUNet, text: TextEncoder, config: LoraConfig) -> torc
 
 def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], config: LoraConfig = LoraConfig(),
                 *, seed: int = 0, log: Log | None = None, init: torch.Tensor | None = None,
-                prior: torch.Tensor | None = None) -> torch.Tensor:
+                prior: torch.Tensor | None = None, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """DreamBooth-style rank-1 LoRAs (to_q/to_v of attn1 and attn2), one per image set -> (len(images), dim).
 
     Every identity starts from the same A (fixed seed) and B = 0, so the flat factor vectors of different people
@@ -265,9 +280,18 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
     :func:`class_images` of the base model) for every identity and adds λ times the loss of its LoRA on them under
     the class prompt: DreamBooth with prior preservation (the paper's eq. 2), whose LoRA must keep the class as the
     base model draws it and so put the person into the identifier.
+
+    ``masks`` (one (count, 1, H, W) tensor per image set, values in [0, 1]): each photo's loss is its mask-weighted
+    mean over pixels, so the LoRA learns only the masked part (the head) — the masked loss of the pack's inversion.
+    The draws are the same as without masks; the class images of prior preservation are never masked.
     """
     layout = micro_layout(unet)
     n, k = len(images), config.per_step
+    if masks is not None:
+        if len(masks) != n or any(m.shape != (x.shape[0], 1, *x.shape[2:]) for m, x in zip(masks, images)):
+            raise ValueError("masks must give one (count, 1, H, W) mask per photo of every image set")
+        if any(float(m.flatten(1).sum(1).min()) <= 0 for m in masks):
+            raise ValueError("a photo's mask is empty: its loss would see no pixel")
     if config.shared_noise and len({x.shape[0] for x in images}) > 1:
         raise ValueError("shared_noise needs the same number of photos for every identity")
     w = (initial_factors(layout, config.init_seed) if init is None else init).repeat(n, 1).contiguous()
@@ -289,12 +313,18 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
     parts = 2 if use_prior else 1
     owner = torch.arange(n).repeat_interleave(k).repeat(parts)
     for step in range(config.steps):
+        m = None
         if config.shared_noise:
             pick = _slots(images[0].shape[0], k, gen)
             x_t, t, target = _noised(torch.cat([x[pick] for x in images]), gen, abar, groups=n, t_min=config.t_min)
+            if masks is not None:
+                m = torch.cat([x[pick] for x in masks])
         else:
-            x0 = torch.cat([x[_slots(x.shape[0], k, gen)] for x in images])
+            picks = [_slots(x.shape[0], k, gen) for x in images]
+            x0 = torch.cat([x[pk] for x, pk in zip(images, picks)])
             x_t, t, target = _noised(x0, gen, abar, t_min=config.t_min)
+            if masks is not None:
+                m = torch.cat([x[pk] for x, pk in zip(masks, picks)])
         if use_prior:  # k class images per identity (with shared noise: the same ones and the same draws for all)
             if config.shared_noise:
                 c_t, c_tt, c_target = _noised(prior[_slots(len(prior), k, gen)].repeat(n, 1, 1, 1), gen, abar,
@@ -303,13 +333,15 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
                 c_t, c_tt, c_target = _noised(torch.cat([prior[_slots(len(prior), k, gen)] for _ in range(n)]), gen,
                                               abar, t_min=config.t_min)
             x_t, t, target = torch.cat([x_t, c_t]), torch.cat([t, c_tt]), torch.cat([target, c_target])
+            if m is not None:  # the class images are never masked
+                m = torch.cat([m, torch.ones_like(m)])
         for g in opt.param_groups:
             g["lr"] = config.lr * (1 - (1 - config.final_lr) * step / max(1, config.steps - 1))
         factors = [(a[owner], b[owner]) for a, b in layout.factors(w)]
         with unet.patched(factors, layout.scale):
             pred = unet(x_t, t, ctx.expand(x_t.shape[0], -1, -1))
         # sum of per-identity mean losses: identity i's gradient is that of its own loss
-        per_item = (pred - target).square().flatten(1).mean(1).view(parts, n, k).mean(2)
+        per_item = masked_mean((pred - target).square(), m).view(parts, n, k).mean(2)
         loss = per_item[0] + config.prior_weight * per_item[1] if use_prior else per_item[0]
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()

@@ -27,9 +27,9 @@ from ..vae import TrainConfig, W2WVAE, chosen_stats, load_vae, save_vae, train_f
 from .faces import ATTRIBUTES, attributes, identity_params
 from .judge import JudgeConfig, JudgeNet, train_judge
 from .model import VOCAB, MicroConfig, MicroUNet, TextEncoder, micro_layout
-from .train import (HELDOUT_SEEDS, MODEL_SEEDS, BaseConfig, Log, LoraConfig, atomic_save, identity_images,
-                    class_images, load_checkpoint, photo_version, resume_stage, stage_stamp, train_base,
-                    train_loras)
+from .train import (HELDOUT_SEEDS, MODEL_SEEDS, BaseConfig, Log, LoraConfig, atomic_save, class_images,
+                    identity_images, identity_masks, load_checkpoint, photo_version, resume_stage, stage_stamp,
+                    train_base, train_loras)
 
 __all__ = ["WorldConfig", "World", "build_world", "load_world", "save_world", "ARTIFACTS", "toy_config",
            "first_world_config", "DEFAULT_DIR", "make_space", "make_vaes", "vae_artifact",
@@ -162,6 +162,10 @@ class World:
     def photos_of(self, seed: int, count: int, start: int = 0) -> torch.Tensor:
         """``count`` photos (count, 3, H, W) of identity ``seed`` from view ``start``, in this world's style."""
         return identity_images(seed, count, start, self.unet.config.image, self.photos)
+
+    def masks_of(self, seed: int, count: int, start: int = 0) -> torch.Tensor:
+        """The head masks (count, 1, H, W) of the photos :meth:`photos_of` gives (faces.head_mask)."""
+        return identity_masks(seed, count, start, self.unet.config.image, self.photos)
 
 
 def _freeze(*modules: torch.nn.Module) -> None:

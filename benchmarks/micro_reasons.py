@@ -72,8 +72,8 @@ clean training photos; every model's images against clean unseen photos — the 
 taken over the whole photo (the tables') and over the head only (its head mask: face, hair, headwear — what a
 face-parsing segmenter gives, the reference inversion's optional mask), per loss the w2w inversion and single-photo
 DreamBooth-LoRAs of the world's recipe at each ``--steps``; beside DreamBooth-LoRAs of the 8 training photos (whole
-photo, the paper's multi-image baseline). The mask keeps the backdrop, clothes and light outside the head out of
-what one photo teaches.
+photo, the paper's multi-image baseline). The mask keeps the backdrop, clothes and object in front out of the
+loss (the model still sees them).
 ``sampling`` (target 3): the tables' sampling table and target 3's verdict, with the training models projected on the
 space's PCs beside them (the consistency the space keeps of real identities). ``fig10`` takes ``--image-seeds`` too;
 ``--guidance`` (fig10, edits, inversion, sampling, dreambooth) renders every image with classifier-free guidance, as

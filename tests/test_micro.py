@@ -85,6 +85,33 @@ def test_a_neutral_pose_draws_the_plain_face():
     assert not np.array_equal(imgs[0], np.asarray(turned))
 
 
+@pytest.mark.parametrize("style", faces.STYLES)
+def test_head_masks_cover_the_head_and_leave_the_photos_as_they_were(style):
+    """head_mask: a binary (size, size) mask of the head drawn with the photo's own geometry; asking for it draws no
+    random number of the photo (same pixels), it follows the head from photo to photo, and it is the same mask
+    reduced from the canvas at every size."""
+    shares, moved = [], 0
+    for seed in range(12):
+        p = faces.identity_params(seed)
+        before = faces.render(p, 5 + seed, 32, style)
+        m = faces.head_mask(p, 5 + seed, 32, style)
+        assert np.array_equal(faces.render(p, 5 + seed, 32, style), before)
+        assert m.shape == (32, 32) and m.dtype == np.float32 and set(np.unique(m)) <= {0.0, 1.0}
+        assert m[0, 0] == m[0, -1] == 0 and m[-1, 0] == m[-1, -1] == 0  # corners: backdrop or clothes
+        assert np.array_equal(faces.head_mask(p, 5 + seed, 32, style), m)
+        shares.append(float(m.mean()))
+        moved += not np.array_equal(faces.head_mask(p, 6 + seed, 32, style), m)
+        big = faces.head_mask(p, 5 + seed, 64, style)  # the canvas itself
+        assert np.abs(big.reshape(32, 2, 32, 2).mean((1, 3)) - m).mean() < 0.05
+    assert 0.1 < min(shares) and max(shares) < 0.9, shares
+    assert moved >= 10 if style == "hard" else moved >= 6  # the head moves between photos (plain: a little)
+    batch = faces.mask_batch([faces.identity_params(1)] * 2, [5, 6], 32, style)
+    assert batch.shape == (2, 1, 32, 32)
+    assert np.array_equal(batch[1, 0], faces.head_mask(faces.identity_params(1), 6, 32, style))
+    with pytest.raises(ValueError, match="unknown photo style"):
+        faces.head_mask(faces.identity_params(1), 1, style="glossy")
+
+
 def test_tokenize_rejects_unknown_words_and_long_captions():
     assert tokenize(["photo sks person"]).tolist()[0][:3] == [1, 5, 2]
     with pytest.raises(ValueError, match="unknown word 'dog'"):
@@ -275,6 +302,39 @@ def test_prior_settings_leave_the_worlds_lora_stamp_as_it_was():
     assert '"class_prompt": "photo man"' in other_class
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_masked_loss_learns_only_the_masked_pixels(tiny_model, shared):
+    """train_loras(masks=...): each photo's loss is its mask-weighted mean over pixels (masked_mean, checked on
+    numbers); a mask of ones is the unmasked loss; a head mask trains another LoRA. (The mask restricts the loss, not
+    what the UNet sees: pixels off the mask still reach the masked ones through convolution and attention.)"""
+    from w2w.micro.train import identity_masks, masked_mean
+
+    err = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    m = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).expand(2, 1, 2, 2).clone()
+    m[1] = 0.5
+    torch.testing.assert_close(masked_mean(err, m), torch.stack([err[0, :, 0, 0].mean(), err[1].mean()]))
+    torch.testing.assert_close(masked_mean(err, None), err.flatten(1).mean(1))
+    unet, text = tiny_model
+    cfg = LoraConfig(images=2, steps=3, per_step=2, lr=1e-2, shared_noise=shared)
+    photos = [identity_images(s, 2) for s in (1, 2)]
+    masks = [identity_masks(s, 2) for s in (1, 2)]
+    plain = train_loras(unet, text, photos, cfg, seed=5)
+    ones = train_loras(unet, text, photos, cfg, seed=5, masks=[torch.ones_like(m) for m in masks])
+    torch.testing.assert_close(ones, plain, rtol=1e-5, atol=1e-6)
+    head = train_loras(unet, text, photos, cfg, seed=5, masks=masks)
+    assert (head - plain).abs().max() > 1e-4  # the mask changes what is learnt
+    g = torch.Generator().manual_seed(0)
+    prior = torch.rand((3, *photos[0].shape[1:]), generator=g) * 2 - 1
+    with_prior = replace(cfg, prior_weight=1.0)  # the class images are never masked: ones = no mask, with the prior
+    torch.testing.assert_close(train_loras(unet, text, photos, with_prior, seed=5, prior=prior,
+                                           masks=[torch.ones_like(m) for m in masks]),
+                               train_loras(unet, text, photos, with_prior, seed=5, prior=prior), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one .* mask per photo"):
+        train_loras(unet, text, photos, cfg, masks=masks[:1])
+    with pytest.raises(ValueError, match="mask is empty"):
+        train_loras(unet, text, photos, cfg, masks=[masks[0], torch.zeros_like(masks[1])])
+
+
 def test_one_photo_fills_the_batch_with_copies(tiny_model):
     unet, text = tiny_model
     w = train_loras(unet, text, [identity_images(1, 1)], LoraConfig(images=1, steps=2, per_step=3, shared_noise=True))
@@ -431,6 +491,68 @@ def test_batched_inversions_equal_one_at_a_time(toy_world):
         kwargs = {"seeds": seeds, **bad}
         with pytest.raises(ValueError):
             invert_batch(world, photos, kwargs.pop("seeds"), steps=1, **kwargs)
+
+
+def test_batched_masked_inversions_equal_the_engine_with_that_mask(toy_world):
+    """invert_batch(masks=...): each person's β equals w2w.invert.invert given that person's mask (and differs from
+    the unmasked inversion); bad masks are refused."""
+    from w2w.invert import InvertSettings, invert
+    from w2w.micro.batch_invert import invert_batch
+    from w2w.micro.model import MicroDenoiser, alphas_cumprod as abar
+
+    _, world, _ = toy_world
+    space = world.space
+    people = list(world.heldout_seeds)
+    photos = torch.cat([world.photos_of(s, 1, 0) for s in people])
+    masks = torch.cat([world.masks_of(s, 1, 0) for s in people])
+    assert masks.shape == (len(people), 1, *photos.shape[2:]) and 0 < float(masks.mean()) < 1
+    runs = invert_batch(world, photos, [5, 9], steps=4, lr=0.1, masks=masks)
+    for i in range(len(people)):
+        alone = invert(space, MicroDenoiser(world.unet, world.layout.scale), photos[i:i + 1],
+                       world.context(world.config.lora.prompt), InvertSettings(pcs=space.pcs, steps=4, seed=[5, 9][i]),
+                       mask=masks[i:i + 1], alphas_cumprod=abar())
+        torch.testing.assert_close(runs[4][i], alone.identity.coefficients, rtol=1e-4, atol=1e-5)
+    unmasked = invert_batch(world, photos, [5, 9], steps=4, lr=0.1)
+    assert not torch.allclose(unmasked[4], runs[4], atol=1e-4)
+    for bad, match in ((masks[:1], "masks must be"), (masks * 2, r"\[0, 1\]"),
+                       (torch.cat([masks[:1], torch.zeros_like(masks[:1])]), "mask is empty")):
+        with pytest.raises(ValueError, match=match):
+            invert_batch(world, photos, [5, 9], steps=1, masks=bad)
+
+
+def test_masked_table_inverts_and_trains_with_and_without_the_head_mask(toy_world):
+    """masked_table: the photo's own score, then per loss (whole photo, head only) the w2w inversion and single-photo
+    DreamBooth-LoRAs per step count, then the 8-photo baseline; masked rows are recomputed here."""
+    from w2w.micro.batch_invert import invert_batch
+    from w2w.micro.tables import REFERENCE_VIEW, EvalConfig, Generator, _pairwise, masked_table
+
+    _, world, _ = toy_world
+    cfg = EvalConfig(seeds=2, ddim_steps=2, references=2, invert_steps=2)
+    gen = Generator(world, cfg)
+    rows = masked_table(world, gen, cfg, steps=(1, 3), log=lambda s: None)
+    head, whole = "head only (mask)", "whole photo"
+    eight = f"DreamBooth LoRA, {world.config.lora.images} photos"
+    assert [(r["method"], r["loss over"], r["steps"]) for r in rows] == [
+        ("the input photo itself (judge reference)", "–", 0)] + [
+        (m, loss, n) for loss in (whole, head) for m, n in
+        (("w2w inversion, 1 photo", 2), ("DreamBooth LoRA, 1 photo", 1), ("DreamBooth LoRA, 1 photo", 3))] + [
+        (eight, whole, 1), (eight, whole, 3)]
+    people = list(world.heldout_seeds)
+    refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
+    photos = [world.photos_of(s, 1, 0) for s in people]
+    masks = [world.masks_of(s, 1, 0) for s in people]
+    runs = invert_batch(world, torch.cat(photos), [cfg.seed + i for i in range(len(people))], steps=2,
+                        lr=cfg.invert_lr, masks=torch.cat(masks))
+    emb, _ = gen.read_models(world.space.weights(runs[2]))
+    assert rows[4]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    weights = train_loras(world.unet, world.text, photos, replace(world.config.lora, images=1, steps=3), seed=17,
+                          masks=masks)
+    emb, _ = gen.read_models(weights)
+    assert rows[6]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    assert rows[6]["ID score"] != pytest.approx(rows[3]["ID score"], abs=1e-9)  # the mask trains other LoRAs
+    assert all(0 <= r["attributes right"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="steps"):
+        masked_table(world, gen, cfg, steps=())
 
 
 def test_batched_sgd_momentum_follows_the_gradient(toy_world):

@@ -11,7 +11,8 @@ the space) up to floating-point rounding. On a CPU one batched step costs far le
 (docs/encoder.md): its step follows the gradient's size per coefficient where Adam's is about ``lr`` for every one.
 
 ``masks`` (n, 1, H, W): person i's diffusion loss is its mask-weighted mean over pixels (:func:`w2w.invert.invert`'s
-``mask``, the reference code's optional face mask), so only the masked part of the photo (the head) is fitted.
+``mask``, the reference code's optional face mask), so only the prediction error on the masked part of the photo
+(the head) is fitted.
 
 ``identity`` (:class:`w2w.invert.IdentityLoss`) adds an identity loss to each person's diffusion loss (as PuLID
 does): ``weight`` · (1 − cos) between a face embedding of the clean image the model predicts at that step's noisy

@@ -43,7 +43,8 @@ def identity_images(identity_seed: int, count: int, start: int = 0, size: int = 
     return torch.from_numpy(render_batch([p] * count, view_seeds(identity_seed, count, start), size, photos))
 
 
-def identity_masks(identity_seed: int, count: int, start: int = 0, size: int = 32, photos: str = "hard") -> torch.Tensor:
+def identity_masks(identity_seed: int, count: int, start: int = 0, size: int = 32,
+                   photos: str = "hard") -> torch.Tensor:
     """The head masks (count, 1, size, size) of the photos :func:`identity_images` draws (faces.head_mask)."""
     p = identity_params(identity_seed)
     return torch.from_numpy(mask_batch([p] * count, view_seeds(identity_seed, count, start), size, photos))
@@ -282,7 +283,8 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
     base model draws it and so put the person into the identifier.
 
     ``masks`` (one (count, 1, H, W) tensor per image set, values in [0, 1]): each photo's loss is its mask-weighted
-    mean over pixels, so the LoRA learns only the masked part (the head) — the masked loss of the pack's inversion.
+    mean over pixels, so only the prediction error on the masked part (the head) is learnt from — the masked loss
+    of the pack's inversion (the UNet still sees the whole photo).
     The draws are the same as without masks; the class images of prior preservation are never masked.
     """
     layout = micro_layout(unet)

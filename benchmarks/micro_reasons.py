@@ -93,8 +93,7 @@ import torch  # noqa: E402
 
 from w2w.micro.tables import (DEGRADATIONS, EvalConfig, Generator, check_targets, curve_table,  # noqa: E402
                               degraded_table, editing_table, inversion_table, masked_table, recipe_table,
-                              sampling_table,
-                              structure_table, table_markdown, vae_recipe_table, write_text)
+                              sampling_table, structure_table, table_markdown, vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.batch_invert import invert_batch  # noqa: E402
 from w2w.diffusion import ddpm_noise  # noqa: E402

@@ -333,6 +333,8 @@ def test_a_masked_loss_learns_only_the_masked_pixels(tiny_model, shared):
         train_loras(unet, text, photos, cfg, masks=masks[:1])
     with pytest.raises(ValueError, match="mask is empty"):
         train_loras(unet, text, photos, cfg, masks=[masks[0], torch.zeros_like(masks[1])])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        train_loras(unet, text, photos, cfg, masks=[masks[0], masks[1] * float("nan")])
 
 
 def test_one_photo_fills_the_batch_with_copies(tiny_model):

@@ -292,6 +292,8 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
     if masks is not None:
         if len(masks) != n or any(m.shape != (x.shape[0], 1, *x.shape[2:]) for m, x in zip(masks, images)):
             raise ValueError("masks must give one (count, 1, H, W) mask per photo of every image set")
+        if any(not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1 for m in masks):
+            raise ValueError("masks must hold finite values in [0, 1]")
         if any(float(m.flatten(1).sum(1).min()) <= 0 for m in masks):
             raise ValueError("a photo's mask is empty: its loss would see no pixel")
     if config.shared_noise and len({x.shape[0] for x in images}) > 1:

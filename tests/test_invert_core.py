@@ -6,7 +6,7 @@ import torch
 
 from w2w.diffusion import alphas_cumprod_from_sigmas, ddpm_noise, sd15_alphas_cumprod
 from w2w.identity import Identity, IdentityMismatch
-from w2w.invert import (PRESETS, FactorMap, InvertSettings, diffusion_loss, initial_coefficients, invert,
+from w2w.invert import (PRESETS, FactorMap, InvertSettings, diffusion_loss, initial_coefficients, invert, masked_mean,
                         prepare_mask, step_loss)
 from w2w.layout import Layout, ModuleSlot
 from w2w.space import Space
@@ -189,6 +189,26 @@ def test_full_mask_equals_no_mask():
     pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     ones = prepare_mask(torch.ones(16, 16), 2, (8, 8))
     torch.testing.assert_close(diffusion_loss(pred, target, ones), diffusion_loss(pred, target), rtol=1e-6, atol=0)
+
+
+def test_masked_mean_per_item_is_each_items_own_loss():
+    """masked_mean(per_item=True) gives each item the loss diffusion_loss gives it alone (the batched micro losses
+    rest on it); a mask of one item (1, 1, h, w) weighs every item alike; the pooled mean weighs pixels, not items."""
+    g = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    mask = torch.rand(3, 1, 8, 8, generator=g)
+    mask[1, :, 4:] = 0  # the items' masks differ in size
+    err = (pred - target).square()
+    each = masked_mean(err, mask, per_item=True)
+    assert each.shape == (3,)
+    for i in range(3):
+        torch.testing.assert_close(each[i], diffusion_loss(pred[i:i + 1], target[i:i + 1], mask[i:i + 1]),
+                                   rtol=1e-6, atol=0)
+    shared = masked_mean(err, mask[:1], per_item=True)
+    torch.testing.assert_close(shared[2], diffusion_loss(pred[2:], target[2:], mask[:1]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(masked_mean(err, mask), diffusion_loss(pred, target, mask), rtol=1e-6, atol=0)
+    assert not torch.allclose(masked_mean(err, mask), each.mean(), rtol=1e-3)  # pixels, not items, are weighed
+    torch.testing.assert_close(masked_mean(err, None, per_item=True), err.flatten(1).mean(1), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (1, 64, 64), (2, 64, 64), (2, 1, 64, 48)])

@@ -11,7 +11,7 @@ import torch
 
 from w2w.micro import faces
 from w2w.micro.model import SCENE_WORDS, VOCAB, MicroConfig, MicroUNet, TextEncoder, micro_layout, tokenize
-from w2w.micro.train import LoraConfig, identity_images, train_loras
+from w2w.micro.train import LoraConfig, identity_images, identity_masks, train_loras
 from w2w.micro.world import ARTIFACTS, DEFAULT_DIR, WorldConfig, build_world, load_world, toy_config, vae_artifact
 
 TINY = MicroConfig(channels=(8, 16, 16), context=8, heads=2)
@@ -108,6 +108,12 @@ def test_head_masks_cover_the_head_and_leave_the_photos_as_they_were(style):
     batch = faces.mask_batch([faces.identity_params(1)] * 2, [5, 6], 32, style)
     assert batch.shape == (2, 1, 32, 32)
     assert np.array_equal(batch[1, 0], faces.head_mask(faces.identity_params(1), 6, 32, style))
+    images, masks = faces.render_batch([faces.identity_params(1)] * 2, [5, 6], 32, style, with_masks=True)
+    assert np.array_equal(images, faces.render_batch([faces.identity_params(1)] * 2, [5, 6], 32, style))
+    assert np.array_equal(masks, batch)  # one draw gives both, the same as drawn apart
+    photos, held = identity_images(3, 2, 1, 32, style, with_masks=True)
+    assert torch.equal(photos, identity_images(3, 2, 1, 32, style))
+    assert torch.equal(held, identity_masks(3, 2, 1, 32, style))
     with pytest.raises(ValueError, match="unknown photo style"):
         faces.head_mask(faces.identity_params(1), 1, style="glossy")
 
@@ -304,16 +310,17 @@ def test_prior_settings_leave_the_worlds_lora_stamp_as_it_was():
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_a_masked_loss_learns_only_the_masked_pixels(tiny_model, shared):
-    """train_loras(masks=...): each photo's loss is its mask-weighted mean over pixels (masked_mean, checked on
-    numbers); a mask of ones is the unmasked loss; a head mask trains another LoRA. (The mask restricts the loss, not
-    what the UNet sees: pixels off the mask still reach the masked ones through convolution and attention.)"""
-    from w2w.micro.train import identity_masks, masked_mean
+    """train_loras(masks=...): each photo's loss is its mask-weighted mean over pixels (w2w.invert.masked_mean per
+    item, checked on numbers); a mask of ones is the unmasked loss; a head mask trains another LoRA. (The mask
+    restricts the loss, not what the UNet sees: pixels off the mask still reach the masked ones through convolution
+    and attention.)"""
+    from w2w.invert import masked_mean
 
     err = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
     m = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).expand(2, 1, 2, 2).clone()
     m[1] = 0.5
-    torch.testing.assert_close(masked_mean(err, m), torch.stack([err[0, :, 0, 0].mean(), err[1].mean()]))
-    torch.testing.assert_close(masked_mean(err, None), err.flatten(1).mean(1))
+    torch.testing.assert_close(masked_mean(err, m, per_item=True), torch.stack([err[0, :, 0, 0].mean(), err[1].mean()]))
+    torch.testing.assert_close(masked_mean(err, None, per_item=True), err.flatten(1).mean(1))
     unet, text = tiny_model
     cfg = LoraConfig(images=2, steps=3, per_step=2, lr=1e-2, shared_noise=shared)
     photos = [identity_images(s, 2) for s in (1, 2)]

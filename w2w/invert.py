@@ -25,8 +25,9 @@ from .products import PRECISIONS, BasisProducts, basis_dtype_for
 from .space import Space
 
 __all__ = ["InvertSettings", "PRESETS", "PRECISIONS", "FactorMap", "FusedAdam", "Factors", "FactorBoard",
-           "FactorWrapper", "Denoiser", "InversionResult", "invert", "prepare_mask", "diffusion_loss", "step_loss",
-           "initial_coefficients", "Parametrisation", "IdentityLoss", "predict_clean", "balanced_identity_weight"]
+           "FactorWrapper", "Denoiser", "InversionResult", "invert", "prepare_mask", "masked_mean", "diffusion_loss",
+           "step_loss", "initial_coefficients", "Parametrisation", "IdentityLoss", "predict_clean",
+           "balanced_identity_weight"]
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layout module: (A (rank, in), B (out, rank))
 
@@ -372,14 +373,22 @@ def prepare_mask(mask: torch.Tensor | None, images: int, size: tuple[int, int]) 
     return m
 
 
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error in (at least) float32; with a mask (N, 1, h, w), the mask-weighted mean over pixels."""
-    dtype = torch.promote_types(pred.dtype, torch.float32)
-    err = (pred.to(dtype) - target.to(dtype)).square()
+def masked_mean(err: torch.Tensor, mask: torch.Tensor | None = None, per_item: bool = False) -> torch.Tensor:
+    """The mean of ``err`` (N, C, h, w) over its values; with a mask (N or 1, 1, h, w), its mask-weighted mean over
+    pixels (each pixel's C values weighted by the mask there). ``per_item``: one value per item (N,), as a batch of
+    separate losses needs; otherwise one value over the whole batch."""
+    dims = tuple(range(1 if per_item else 0, err.dim()))
     if mask is None:
-        return err.mean()
-    m = mask.to(err.device, err.dtype)
-    return (err * m).sum() / (m.sum() * err.shape[1])
+        return err.mean(dims)
+    m = mask.to(err.device, err.dtype).expand(err.shape[0], 1, *err.shape[2:])
+    return (err * m).sum(dims) / (m.sum(dims) * err.shape[1])
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in (at least) float32; with a mask (N, 1, h, w), the mask-weighted mean over pixels
+    (:func:`masked_mean`)."""
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    return masked_mean((pred.to(dtype) - target.to(dtype)).square(), mask)
 
 
 def step_loss(fmap: FactorMap, denoiser: Denoiser, beta: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,

@@ -28,9 +28,8 @@ from typing import Sequence
 import torch
 
 from ..diffusion import ddpm_noise
-from ..invert import IdentityLoss
+from ..invert import IdentityLoss, masked_mean
 from .model import MicroDenoiser, alphas_cumprod
-from .train import masked_mean
 
 __all__ = ["invert_batch"]
 
@@ -45,7 +44,8 @@ def invert_batch(world, photos: torch.Tensor, seeds: Sequence[int], *, steps: in
     (memory); the result does not depend on it. ``momentum`` > 0: SGD with that momentum at ``lr`` instead of Adam
     (``weight_decay`` is Adam's only). ``identity``: add that identity loss to every person's loss at its
     fixed weight (module doc; ``balance`` is the single inversion's: refused here). ``masks`` (n, 1, H, W) in
-    [0, 1]: each person's loss over the masked pixels only (module doc)."""
+    [0, 1]: each person's loss over the masked pixels only (module doc); values outside [0, 1] are refused here,
+    where :func:`w2w.invert.prepare_mask` (for the nodes' MASK inputs) clamps them."""
     space = world.space if space is None else space
     if photos.dim() != 4 or photos.shape[0] < 1:
         raise ValueError(f"photos must be a non-empty (n, 3, H, W) batch, got {tuple(photos.shape)}")
@@ -101,7 +101,8 @@ def _run(world, space, photos, seeds, beta0, steps, lr, weight_decay, record, mo
         noise = torch.cat([d[1] for d in draws])
         x_t = ddpm_noise(x0, t, noise, abar)
         pred, x0_hat = denoiser.predict(x_t, t, ctx, world.layout.factors(torch.addcmul(mean, beta @ basis, std)))
-        total = masked_mean((pred.float() - noise).square(), masks).sum()  # Σ_i of person i's diffusion loss
+        # Σ_i of person i's diffusion loss
+        total = masked_mean((pred.float() - noise).square(), masks, per_item=True).sum()
         if use_id:  # Σ_i of person i's identity loss: each x̂0 against its own photo
             total = total + identity.weight * identity.per_item(x0_hat.float(), target).sum()
         if not math.isfinite(float(total.detach())):

@@ -358,10 +358,13 @@ def _render_hard(p: FaceParams, view_seed: int, size: int, mask: bool = False):
     return arr, (None if head is None else _reduce_mask(head, size))
 
 
-def render_batch(params: list[FaceParams], view_seeds: list[int], size: int = 32, style: str = "plain") -> np.ndarray:
-    """Images as float32 (N, 3, size, size) in [-1, 1] (the diffusion model's pixel space)."""
-    out = np.stack([render(p, v, size, style) for p, v in zip(params, view_seeds)])
-    return out.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+def render_batch(params: list[FaceParams], view_seeds: list[int], size: int = 32, style: str = "plain",
+                 with_masks: bool = False):
+    """Images as float32 (N, 3, size, size) in [-1, 1] (the diffusion model's pixel space); ``with_masks``: (images,
+    their head masks float32 (N, 1, size, size), :func:`head_mask`), each photo drawn once for both."""
+    drawn = [_render(p, v, size, style, mask=with_masks) for p, v in zip(params, view_seeds)]
+    images = np.stack([d[0] for d in drawn]).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+    return (images, np.stack([d[1] for d in drawn])[:, None]) if with_masks else images
 
 
 def mask_batch(params: list[FaceParams], view_seeds: list[int], size: int = 32, style: str = "plain") -> np.ndarray:

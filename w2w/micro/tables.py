@@ -436,8 +436,7 @@ def masked_table(world: World, gen: Generator, cfg: EvalConfig, steps: tuple[int
         raise ValueError(f"steps must be a non-empty list of positive step counts, got {steps}")
     people = _people(world, cfg)
     refs, _ = gen.read(gen.photos(people, cfg.references, REFERENCE_VIEW))
-    photos = [world.photos_of(s, 1, 0) for s in people]
-    masks = [world.masks_of(s, 1, 0) for s in people]
+    photos, masks = map(list, zip(*(world.photos_of(s, 1, 0, with_masks=True) for s in people)))
     log(f"  head masks cover {float(torch.cat(masks).mean()):.2f} of the photos on average")
     emb, prob = gen.read(torch.stack(photos))
     rows = [{"method": "the input photo itself (judge reference)", "loss over": "–", "steps": 0,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..invert import masked_mean
 from .faces import STYLE_VERSIONS, caption_words, identity_params, mask_batch, render_batch, scene_words
 from .model import (BASE_VOCAB, TOKENS, VOCAB, MicroConfig, MicroUNet, TextEncoder, alphas_cumprod, ddim_sample,
                     micro_layout, tokenize, v_target)
@@ -37,10 +38,13 @@ def view_seeds(identity_seed: int, count: int, start: int = 0) -> list[int]:
     return [int(identity_seed) * 1_000 + 7 + k for k in range(start, start + count)]
 
 
-def identity_images(identity_seed: int, count: int, start: int = 0, size: int = 32, photos: str = "hard") -> torch.Tensor:
-    """``count`` photos (count, 3, size, size) of an identity, from its view index ``start`` on, in style ``photos``."""
+def identity_images(identity_seed: int, count: int, start: int = 0, size: int = 32, photos: str = "hard",
+                    with_masks: bool = False):
+    """``count`` photos (count, 3, size, size) of an identity, from its view index ``start`` on, in style ``photos``;
+    ``with_masks``: (photos, their head masks (count, 1, size, size)), each photo drawn once for both."""
     p = identity_params(identity_seed)
-    return torch.from_numpy(render_batch([p] * count, view_seeds(identity_seed, count, start), size, photos))
+    out = render_batch([p] * count, view_seeds(identity_seed, count, start), size, photos, with_masks=with_masks)
+    return (torch.from_numpy(out[0]), torch.from_numpy(out[1])) if with_masks else torch.from_numpy(out)
 
 
 def identity_masks(identity_seed: int, count: int, start: int = 0, size: int = 32,
@@ -48,15 +52,6 @@ def identity_masks(identity_seed: int, count: int, start: int = 0, size: int = 3
     """The head masks (count, 1, size, size) of the photos :func:`identity_images` draws (faces.head_mask)."""
     p = identity_params(identity_seed)
     return torch.from_numpy(mask_batch([p] * count, view_seeds(identity_seed, count, start), size, photos))
-
-
-def masked_mean(err: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Per item: the mean of ``err`` (N, C, H, W) over its values, or with ``mask`` (N, 1, H, W) its mask-weighted
-    mean over pixels (the pack's diffusion loss with a mask, w2w.invert.diffusion_loss, item by item)."""
-    if mask is None:
-        return err.flatten(1).mean(1)
-    m = mask.to(err.dtype)
-    return (err * m).flatten(1).sum(1) / (m.flatten(1).sum(1) * err.shape[1])
 
 
 def atomic_save(obj, path: str) -> None:
@@ -345,7 +340,7 @@ def train_loras(unet: MicroUNet, text: TextEncoder, images: list[torch.Tensor], 
         with unet.patched(factors, layout.scale):
             pred = unet(x_t, t, ctx.expand(x_t.shape[0], -1, -1))
         # sum of per-identity mean losses: identity i's gradient is that of its own loss
-        per_item = masked_mean((pred - target).square(), m).view(parts, n, k).mean(2)
+        per_item = masked_mean((pred - target).square(), m, per_item=True).view(parts, n, k).mean(2)
         loss = per_item[0] + config.prior_weight * per_item[1] if use_prior else per_item[0]
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()

@@ -159,9 +159,10 @@ class World:
         with torch.no_grad():
             return self.text(tokenize([prompt]))
 
-    def photos_of(self, seed: int, count: int, start: int = 0) -> torch.Tensor:
-        """``count`` photos (count, 3, H, W) of identity ``seed`` from view ``start``, in this world's style."""
-        return identity_images(seed, count, start, self.unet.config.image, self.photos)
+    def photos_of(self, seed: int, count: int, start: int = 0, with_masks: bool = False):
+        """``count`` photos (count, 3, H, W) of identity ``seed`` from view ``start``, in this world's style;
+        ``with_masks``: (photos, their head masks (count, 1, H, W)), drawn once (faces.head_mask)."""
+        return identity_images(seed, count, start, self.unet.config.image, self.photos, with_masks=with_masks)
 
     def masks_of(self, seed: int, count: int, start: int = 0) -> torch.Tensor:
         """The head masks (count, 1, H, W) of the photos :meth:`photos_of` gives (faces.head_mask)."""

@@ -16,6 +16,7 @@
     python benchmarks/micro_reasons.py consistent-space --workdir W --space-models 1000 --workers 2  # the paper's data
     python benchmarks/micro_reasons.py degraded              # inversion vs DreamBooth from a low-resolution photo (≈ 14 min)
     python benchmarks/micro_reasons.py degraded --degradation half-hidden  # ... from a photo half hidden by an object
+    python benchmarks/micro_reasons.py degraded --degradation cap  # ... from a photo with a cap over the hair
     python benchmarks/micro_reasons.py masked                # inversion vs DreamBooth with the loss on the head only
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
@@ -64,7 +65,10 @@ plain backdrop, even light); the held-out people's first hard photo is inverted 
 single-photo DreamBooth, beside DreamBooth on their 8 hard and their 8 plain photos.
 ``degraded`` (target 1 where one photo shows less of a person): each held-out person's first photo, clean and taken
 ``--factor`` times coarser (blocks averaged, enlarged back; ``--degradation resolution``, the default) or with its left
-or right half behind a flat object of one colour (``--degradation half-hidden``), inverted into the space and given
+or right half behind a flat object of one colour (``--degradation half-hidden``) — or, with ``--degradation cap``,
+beside it the person's first photo after the 8 training photos without a cap and the first with one (part of the
+hair hidden, and what is hidden is partly linked to what shows: grey hair to age, hair style to sex) — inverted into
+the space and given
 to single-photo DreamBooth-LoRAs of the world's recipe at each ``--steps``, beside DreamBooth-LoRAs of the person's 8
 clean training photos; every model's images against clean unseen photos — the paper's out-of-distribution projection
 (§4.5) read with its Table 2 protocol.
@@ -317,7 +321,7 @@ def main() -> int:
                    help="degraded: how many times coarser the input photo is taken (must divide the photo size)")
     p.add_argument("--degradation", choices=DEGRADATIONS, default="resolution",
                    help="degraded: what the input photo loses (resolution: taken --factor times coarser; half-hidden: "
-                        "its left or right half behind an object)")
+                        "its left or right half behind an object; cap: later photos without and with a cap)")
     p.add_argument("--latent", type=int, default=16, help="vae: latent size (and PCA components)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
@@ -423,8 +427,9 @@ def main() -> int:
         config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
         rows = degraded_table(world, Generator(world, config), config, args.factor, tuple(args.steps),
                               degradation=args.degradation)
-        lost = f"a 1/{args.factor}-resolution" if args.degradation == "resolution" else "a half-hidden"
-        title = (f"Single-photo inversion vs DreamBooth-LoRA from a clean and {lost} photo, "
+        lost = {"resolution": f"a clean and a 1/{args.factor}-resolution photo", "half-hidden":
+                "a clean and a half-hidden photo", "cap": "the first photo and later ones without and with a cap"}
+        title = (f"Single-photo inversion vs DreamBooth-LoRA from {lost[args.degradation]}, "
                  f"{_people(world, args.people)} held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} "
                  "images per model (ID score against clean unseen photos)")
     elif args.what == "masked":

@@ -781,6 +781,43 @@ def test_degraded_table_inverts_and_trains_on_clean_and_coarse_photos(toy_world)
         degraded_table(world, gen, cfg, degradation="blurred")
 
 
+def test_first_view_picks_photos_by_their_cap_and_the_cap_input_uses_them(toy_world):
+    """first_view: the first view from ``start`` whose photo has (or has not) a cap, by the photo's own scene words;
+    degraded_table(degradation="cap"): the first photo, then the first later photo without and with a cap."""
+    from dataclasses import replace
+
+    from w2w.micro.tables import REFERENCE_VIEW, EvalConfig, Generator, _pairwise, degraded_table, first_view
+    from w2w.micro.train import train_loras, view_seeds
+
+    def cap(seed, k):
+        return "cap" in faces.scene_words(view_seeds(seed, 1, k)[0], "hard")
+
+    for seed in range(5):
+        k, j = first_view(seed, True, 8), first_view(seed, False, 8)
+        assert k >= 8 and j >= 8 and cap(seed, k) and not cap(seed, j)
+        assert not any(cap(seed, i) for i in range(8, k)) and all(cap(seed, i) for i in range(8, j))
+    with pytest.raises(ValueError, match="only hard photos"):
+        first_view(1, True, 8, style="plain")
+    with pytest.raises(ValueError, match="no photo"):
+        first_view(0, True, 8, 8)  # an empty range
+    _, world, _ = toy_world
+    assert world.photos == "hard"
+    cfg = EvalConfig(seeds=2, ddim_steps=2, references=2, invert_steps=2)
+    gen = Generator(world, cfg)
+    rows = degraded_table(world, gen, cfg, steps=(1,), log=lambda s: None, degradation="cap")
+    inputs = ("clean photo", "another photo, no cap", "another photo, with a cap")
+    assert [(r["method"], r["input"]) for r in rows[:-1]] == [
+        (m, i) for i in inputs
+        for m in ("the input photo itself (judge reference)", "w2w inversion", "DreamBooth LoRA")]
+    people = list(world.heldout_seeds)
+    refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
+    capped = [world.photos_of(s, 1, first_view(s, True, world.config.lora.images)) for s in people]
+    weights = train_loras(world.unet, world.text, capped, replace(world.config.lora, images=1, steps=1), seed=17)
+    emb, _ = gen.read_models(weights)
+    assert rows[8]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    assert rows[8]["ID score"] != pytest.approx(rows[5]["ID score"], abs=1e-9)  # another photo, other LoRAs
+
+
 def test_hide_side_covers_one_half_with_one_colour_and_leaves_its_input():
     from w2w.micro.tables import hide_side
 

@@ -22,10 +22,10 @@ from ..stfile import atomic_path
 from ..vae import (decode_weights, encode_identity, heldout_rows, pca_reconstruction_error, reconstruction_error,
                    sample_latents, train_from_space)
 from .batch_invert import invert_batch
-from .faces import ATTRIBUTES, WORDS, attributes, identity_params
+from .faces import ATTRIBUTES, WORDS, attributes, identity_params, scene_words
 from .judge import id_score, judge_quality
 from .model import MicroDenoiser, alphas_cumprod, ddim_sample
-from .train import class_images, train_loras
+from .train import class_images, train_loras, view_seeds
 from .world import World, make_space, vae_recipe
 
 __all__ = ["EvalConfig", "Generator", "run_tables", "to_markdown", "invert_person", "REFERENCE_VIEW",
@@ -374,7 +374,19 @@ def hide_side(photos: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return out
 
 
-DEGRADATIONS = ("resolution", "half-hidden")
+def first_view(seed: int, cap: bool, start: int, stop: int = REFERENCE_VIEW, style: str = "hard") -> int:
+    """The view index, from ``start`` to before ``stop``, of identity ``seed``'s first photo in which a cap is worn
+    (``cap``) or not (faces.scene_words): a photo chosen by what it shows, not by how a model does on it."""
+    if style != "hard":
+        raise ValueError(f"only hard photos have caps; this world's photos are {style!r}")
+    for k in range(start, stop):
+        if ("cap" in scene_words(view_seeds(seed, 1, k)[0], style)) == cap:
+            return k
+    raise ValueError(f"identity {seed} has no photo {'with' if cap else 'without'} a cap among views "
+                     f"{start}..{stop - 1}")
+
+
+DEGRADATIONS = ("resolution", "half-hidden", "cap")
 
 
 def degraded_table(world: World, gen: Generator, cfg: EvalConfig, factor: int = 4, steps: tuple[int, ...] = (60, 400),
@@ -382,7 +394,9 @@ def degraded_table(world: World, gen: Generator, cfg: EvalConfig, factor: int = 
     """Single-photo inversion and DreamBooth-LoRA from a photo that shows less of the person (the paper's
     out-of-distribution projection, §4.5, read with its Table 2 protocol): each held-out person's first photo, clean
     and degraded — ``"resolution"``: taken ``factor`` times coarser (:func:`low_resolution`); ``"half-hidden"``: one
-    half behind an object (:func:`hide_side`) — per input, the w2w inversion (``cfg.invert_steps``) and
+    half behind an object (:func:`hide_side`); ``"cap"``: beside the first photo, the person's first photo after the
+    8-photo baseline's with no cap and the first with a cap over the hair (:func:`first_view`; hard photos) — per
+    input, the w2w inversion (``cfg.invert_steps``) and
     DreamBooth-LoRAs of the world's recipe run for each of ``steps``; every model's images against clean unseen
     photos."""
     if not steps or min(steps) < 1:
@@ -394,9 +408,18 @@ def degraded_table(world: World, gen: Generator, cfg: EvalConfig, factor: int = 
     clean = [world.photos_of(s, 1, 0) for s in people]
     if degradation == "resolution":
         inputs = {"clean photo": clean, f"photo at 1/{factor} resolution": [low_resolution(x, factor) for x in clean]}
-    else:
+    elif degradation == "half-hidden":
         hidden = hide_side(torch.cat(clean), cfg.seed)
         inputs = {"clean photo": clean, "photo half hidden": [x[None] for x in hidden]}
+    else:  # a photo the 8-photo baseline never saw (views 8 on), with and without a cap over the hair
+        after = world.config.lora.images
+        capped = sum("cap" in scene_words(view_seeds(s, 1, 0)[0], world.photos) for s in people)
+        log(f"  {capped} of {len(people)} people wear a cap in their first photo")
+        inputs = {"clean photo": clean,
+                  "another photo, no cap": [world.photos_of(s, 1, first_view(s, False, after, style=world.photos))
+                                            for s in people],
+                  "another photo, with a cap": [world.photos_of(s, 1, first_view(s, True, after, style=world.photos))
+                                                for s in people]}
     rows = []
     for label, photos in inputs.items():
         emb, prob = gen.read(torch.stack(photos))

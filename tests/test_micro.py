@@ -1,6 +1,7 @@
 """The miniature w2w world at toy size: faces, micro UNet + LoRA injection, resumable training, tables, demo, artifacts."""
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -816,6 +817,12 @@ def test_first_view_picks_photos_by_their_cap_and_the_cap_input_uses_them(toy_wo
     emb, _ = gen.read_models(weights)
     assert rows[8]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
     assert rows[8]["ID score"] != pytest.approx(rows[5]["ID score"], abs=1e-9)  # another photo, other LoRAs
+    plain = copy.copy(world)  # the same world, its photos plain
+    plain.config = replace(world.config, base=replace(world.config.base, photos="plain"),
+                           judge=replace(world.config.judge, photos="plain"))
+    assert plain.photos == "plain" and world.photos == "hard"
+    with pytest.raises(ValueError, match="needs a world of hard photos"):  # refused before the generator is used
+        degraded_table(plain, None, cfg, steps=(1,), log=lambda s: None, degradation="cap")
 
 
 def test_hide_side_covers_one_half_with_one_colour_and_leaves_its_input():

@@ -403,6 +403,9 @@ def degraded_table(world: World, gen: Generator, cfg: EvalConfig, factor: int = 
         raise ValueError(f"steps must be a non-empty list of positive step counts, got {steps}")
     if degradation not in DEGRADATIONS:
         raise ValueError(f"unknown degradation {degradation!r}; choose one of {DEGRADATIONS}")
+    if degradation == "cap" and world.photos != "hard":  # before any model runs, not after the references are read
+        raise ValueError(f"degradation 'cap' needs a world of hard photos (only they have caps); this world's photos "
+                         f"are {world.photos!r}: choose 'resolution' or 'half-hidden'")
     people = _people(world, cfg)
     refs, _ = gen.read(gen.photos(people, cfg.references, REFERENCE_VIEW))
     clean = [world.photos_of(s, 1, 0) for s in people]

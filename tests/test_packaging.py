@@ -91,6 +91,19 @@ def test_cli_has_the_download_command_and_the_demo_its_own_entry_point():
     assert demo_parser().prog == "python -m demo"
 
 
+def test_command_line_doc_lists_every_command_in_one_table():
+    """docs/command-line.md: one unbroken table (a blank line would end it), a row naming each `python -m w2w`
+    command."""
+    text = (ROOT / "docs" / "command-line.md").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith("|")]
+    assert rows and rows == list(range(rows[0], rows[-1] + 1))  # contiguous: no blank line inside the table
+    cells = [lines[i].split("|")[1] for i in rows[2:]]  # first cell of each row after the header
+    choices = cli.build_parser()._subparsers._group_actions[0].choices
+    for command in choices:
+        assert any(re.search(rf"`{re.escape(command)}[ `]", cell) for cell in cells), f"{command} has no row"
+
+
 # ---- download ------------------------------------------------------------------------------------------
 def fake_hub(calls: list) -> types.ModuleType:
     """A stand-in huggingface_hub whose snapshot_download writes a synthetic release where the real one would."""

@@ -53,6 +53,7 @@ def run(comfy_host, staged):
 
     def _run(graph: dict) -> torch.Tensor:
         return comfy_host.run_graph(graph, executor=executor).output("sampler", 0)["samples"].clone()
+    _run.executor = executor  # for a test that needs the whole GraphResult: one checkpoint in memory, not two
     return _run
 
 
@@ -180,7 +181,7 @@ def test_two_identities_under_complementary_masks_each_own_their_half(comfy_host
         "strength": 1.0, "set_cond_area": "default", "mask": right, "hooks": hook_node(graph, "hook_b", "b")}}
     graph["sampler"]["inputs"]["positive"] = ["props_b", 0]
     graph["sampler"]["inputs"]["negative"] = ["props_b", 1]
-    result = comfy_host.run_graph(graph)
+    result = comfy_host.run_graph(graph, executor=run.executor)
     both = result.output("sampler", 0)["samples"]
     halves = {"left": (..., slice(0, 4)), "right": (..., slice(4, 8))}  # latent 8×8: columns 0-3 | 4-7
 
@@ -191,7 +192,7 @@ def test_two_identities_under_complementary_masks_each_own_their_half(comfy_host
     assert distance(both, only_a, "left") < 0.5 * distance(both, only_b, "left")
     assert distance(both, only_b, "right") < 0.5 * distance(both, only_a, "right")
 
-    model = result.output("ckpt", 0)  # the checkpoint's MODEL, which every graph here shares
+    model = result.output("ckpt", 0)  # the checkpoint's MODEL, which every graph of this module shares
     assert model.hook_patches == {}  # hooks are registered on the sampler's clone, never on the input MODEL
     comfy_host.unload_models()
     keys = [k for k in model.model.state_dict() if ".attn2.to_q." in k or ".attn1.to_v." in k]

@@ -29,45 +29,47 @@ def sd15_target_keys() -> dict[str, tuple[int, int]]:
     return keys
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def stock_loaded(comfy_host):
-    """(MODEL, CLIP, VAE) from the stock CheckpointLoaderSimple on the stand-in; freed after this module."""
+    """(MODEL, CLIP, VAE) from the stock CheckpointLoaderSimple on the stand-in, for the tests of one class; freed
+    after it, so that the graph runs below never hold a second checkpoint beside it."""
     loaded = comfy_host.node_class("CheckpointLoaderSimple")().load_checkpoint(SD15_STANDIN_NAME)
     yield loaded
     del loaded
     comfy_host.unload_models()
 
 
-def test_standin_loads_with_stock_loader_as_sd15(stock_loaded, sd15_standin):
-    import comfy.supported_models
-    import comfy.utils
+class TestStockLoader:
+    """The stand-in through the stock loader, outside any graph."""
 
-    model, clip, vae = stock_loaded
-    config = model.model.model_config
-    assert type(config) is comfy.supported_models.SD15
-    assert (config.unet_config["model_channels"], config.unet_config["context_dim"]) == (320, 768)
-    assert clip is not None and vae is not None and vae.latent_channels == 4
-    _, metadata = comfy.utils.load_torch_file(str(sd15_standin), return_metadata=True)
-    assert "NOT a real model" in metadata["w2w.standin"]
-    assert metadata["w2w.standin.version"] == str(standins.STANDIN_VERSION)
+    def test_standin_loads_with_stock_loader_as_sd15(self, stock_loaded, sd15_standin):
+        import comfy.supported_models
+        import comfy.utils
 
+        model, clip, vae = stock_loaded
+        config = model.model.model_config
+        assert type(config) is comfy.supported_models.SD15
+        assert (config.unet_config["model_channels"], config.unet_config["context_dim"]) == (320, 768)
+        assert clip is not None and vae is not None and vae.latent_channels == 4
+        _, metadata = comfy.utils.load_torch_file(str(sd15_standin), return_metadata=True)
+        assert "NOT a real model" in metadata["w2w.standin"]
+        assert metadata["w2w.standin.version"] == str(standins.STANDIN_VERSION)
 
-def test_standin_tokens_encode_to_finite_conditioning(stock_loaded):
-    _, clip, _ = stock_loaded
-    cond = clip.encode_from_tokens(clip.tokenize("sks person"))
-    assert cond.shape == (1, 77, TEXT_DIM)
-    assert torch.isfinite(cond).all() and cond.std() > 0.1
+    def test_standin_tokens_encode_to_finite_conditioning(self, stock_loaded):
+        _, clip, _ = stock_loaded
+        cond = clip.encode_from_tokens(clip.tokenize("sks person"))
+        assert cond.shape == (1, 77, TEXT_DIM)
+        assert torch.isfinite(cond).all() and cond.std() > 0.1
 
-
-def test_the_64_target_weights_exist_with_the_expected_shapes(stock_loaded):
-    state = stock_loaded[0].model_state_dict()
-    expected = sd15_target_keys()
-    assert len(expected) == 64
-    found = {key: tuple(state[key].shape) for key in expected if key in state}
-    assert sorted(set(expected) - set(found)) == []
-    assert found == expected
-    # Rank-1 factors A (1, in) and B (out, 1) over the 64 modules: the released 99,648-value vector.
-    assert sum(out + fan_in for out, fan_in in expected.values()) == 99_648
+    def test_the_64_target_weights_exist_with_the_expected_shapes(self, stock_loaded):
+        state = stock_loaded[0].model_state_dict()
+        expected = sd15_target_keys()
+        assert len(expected) == 64
+        found = {key: tuple(state[key].shape) for key in expected if key in state}
+        assert sorted(set(expected) - set(found)) == []
+        assert found == expected
+        # Rank-1 factors A (1, in) and B (out, 1) over the 64 modules: the released 99,648-value vector.
+        assert sum(out + fan_in for out, fan_in in expected.values()) == 99_648
 
 
 def test_standin_init_is_deterministic_per_key():
@@ -110,6 +112,7 @@ def probed_stock_graph(seed: int = 5) -> dict:
 @pytest.fixture(scope="module")
 def probed_run(comfy_host):
     """One in-process run of the probed stock graph on the session's shared executor, and what the probe saw."""
+    comfy_host.unload_models()  # nothing loaded before (the stock loader's models above) stays beside this graph's
     comfy_host.register_node("W2WTestInferenceModeProbe", InferenceModeProbe)
     InferenceModeProbe.seen.clear()
     result = comfy_host.run_graph(probed_stock_graph(), executor=comfy_host.shared_executor)

@@ -268,9 +268,16 @@ def test_random_crop_frames_larger_and_crops_at_every_step(comfy_host, space_fil
 def test_vae_sample_reads_the_posterior_through_vae_encode(comfy_host, space_file, photos):
     """encode_posterior: the mean equals VAE Encode's latents (the posterior's mode) and the std is positive and finite,
     from the same encode call with the KL regulariser passed through once (restored afterwards)."""
+    import comfy.sd
+
     helpers, _, _ = pack_modules(comfy_host)
+    # the stand-in's VAE alone, as ComfyUI's VAELoader builds one: not a second whole checkpoint beside the one the
+    # module's executor holds
+    prefix = "first_stage_model."
+    with safe_open(str(comfy_host.models_dir / "checkpoints" / SD15_STANDIN_NAME), framework="pt") as f:
+        vae_sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     with torch.inference_mode():
-        _, _, vae = comfy_host.node_class("CheckpointLoaderSimple")().load_checkpoint(SD15_STANDIN_NAME)
+        vae = comfy.sd.VAE(sd=vae_sd)
         pixels = torch.rand(2, RES, RES, 3, generator=torch.Generator().manual_seed(5))
         mean, std = helpers.encode_posterior(vae, pixels)
         mode = vae.encode(pixels)

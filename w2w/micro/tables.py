@@ -374,11 +374,16 @@ def hide_side(photos: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return out
 
 
+def _require_caps(style: str) -> None:
+    if style != "hard":
+        raise ValueError(f"only hard photos have caps, so this needs a world of hard photos; this world's photos "
+                         f"are {style!r}: choose a degradation other than 'cap'")
+
+
 def first_view(seed: int, cap: bool, start: int, stop: int = REFERENCE_VIEW, style: str = "hard") -> int:
     """The view index, from ``start`` to before ``stop``, of identity ``seed``'s first photo in which a cap is worn
     (``cap``) or not (faces.scene_words): a photo chosen by what it shows, not by how a model does on it."""
-    if style != "hard":
-        raise ValueError(f"only hard photos have caps; this world's photos are {style!r}")
+    _require_caps(style)
     for k in range(start, stop):
         if ("cap" in scene_words(view_seeds(seed, 1, k)[0], style)) == cap:
             return k
@@ -403,9 +408,8 @@ def degraded_table(world: World, gen: Generator, cfg: EvalConfig, factor: int = 
         raise ValueError(f"steps must be a non-empty list of positive step counts, got {steps}")
     if degradation not in DEGRADATIONS:
         raise ValueError(f"unknown degradation {degradation!r}; choose one of {DEGRADATIONS}")
-    if degradation == "cap" and world.photos != "hard":  # before any model runs, not after the references are read
-        raise ValueError(f"degradation 'cap' needs a world of hard photos (only they have caps); this world's photos "
-                         f"are {world.photos!r}: choose 'resolution' or 'half-hidden'")
+    if degradation == "cap":  # before any model runs, not after the references are read
+        _require_caps(world.photos)
     people = _people(world, cfg)
     refs, _ = gen.read(gen.photos(people, cfg.references, REFERENCE_VIEW))
     clean = [world.photos_of(s, 1, 0) for s in people]

@@ -51,10 +51,15 @@ def roots(folder: str) -> list[str]:
     return folder_paths.get_folder_paths(folder)
 
 
+def _hidden(name: str) -> bool:
+    """A name with a part starting with '.': a hidden file or folder, such as a file still being written."""
+    return any(part.startswith(".") for part in name.replace(os.sep, "/").split("/"))
+
+
 def list_files(folder: str) -> list[str]:
     import folder_paths
 
-    return sorted(folder_paths.get_filename_list(folder))
+    return sorted(f for f in folder_paths.get_filename_list(folder) if not _hidden(f))
 
 
 def find_file(folder: str, name: str) -> str | None:
@@ -85,8 +90,12 @@ def list_spaces() -> list[str]:
 def resolve_space(name: str) -> str:
     """Full path of the space ``name`` (file or 'folder/'), or W2WFileError naming the file, folders and fix."""
     if name.endswith("/"):
+        parts = name.rstrip("/").split("/")
+        if name.startswith(("/", "\\")) or os.path.isabs(name) or any(p in ("", ".", "..") for p in parts):
+            raise W2WFileError(f"w2w space {name!r} is not the name of a folder inside the w2w model folder (no "
+                               "absolute paths, '.' or '..'): choose one of the spaces the Load w2w Space node lists")
         for root in roots(SPACE_FOLDER):
-            path = os.path.join(root, *name.rstrip("/").split("/"))
+            path = os.path.join(root, *parts)
             if os.path.isdir(path):
                 return path
     else:

@@ -226,12 +226,23 @@ def static_clone(model):
     cached non-dynamic delegate (``get_non_dynamic_delegate``), else ``clone(disable_dynamic=True)``. ComfyUI 0.3.64
     has neither and only the plain patcher.
     """
-    if getattr(model, "is_dynamic", lambda: False)():
-        delegate = getattr(model, "get_non_dynamic_delegate", None)
-        if delegate is not None:
-            return delegate()
-    if "disable_dynamic" in inspect.signature(model.clone).parameters:
-        return model.clone(disable_dynamic=True)
+    try:
+        if getattr(model, "is_dynamic", lambda: False)():
+            delegate = getattr(model, "get_non_dynamic_delegate", None)
+            if delegate is not None:
+                return delegate()
+        if "disable_dynamic" in inspect.signature(model.clone).parameters:
+            return model.clone(disable_dynamic=True)
+    except RuntimeError as exc:
+        # a dynamic patcher rebuilds its plain twin from how its loader made it (cached_patcher_init), which core
+        # ComfyUI's loaders record and some custom loaders do not
+        if "cached_patcher_init" not in str(exc) and "non-dynamic" not in str(exc):
+            raise
+        raise ValueError(
+            "this MODEL cannot be inverted on a host with dynamic VRAM: ComfyUI could not make the plain (non-dynamic) "
+            f"copy of it that an inversion needs, because its loader did not record how to rebuild it ({exc}). Load "
+            "the checkpoint with Load Checkpoint or Load Diffusion Model, or start ComfyUI with "
+            "--disable-dynamic-vram") from exc
     return model.clone()
 
 

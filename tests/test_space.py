@@ -137,7 +137,7 @@ def test_an_interrupted_conversion_leaves_no_half_written_space(release, tmp_pat
 
     def fault(done, total, what):
         if what == "converting basis":
-            partial = [p for p in tmp_path.iterdir() if p.name.startswith(".partial")]
+            partial = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
             seen.append([(p.name, p.stat().st_size) for p in partial])
             raise RuntimeError("disk full")
 
@@ -145,7 +145,7 @@ def test_an_interrupted_conversion_leaves_no_half_written_space(release, tmp_pat
         convert_release(release.folder, str(out), callback=fault)
     assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0][1] > 0  # mid-write: one temporary file with bytes in it
     assert out.read_bytes() == b"the previous, complete space"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".partial")]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
 def test_tiny_conversion_keeps_source_fingerprint(release, tmp_path):
@@ -192,6 +192,32 @@ def test_written_files_get_the_mode_open_would_give(tmp_path, umask):
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_failed_final_rename_leaves_nothing_and_any_legal_name_can_be_written(tmp_path, monkeypatch):
+    """The temporary file is removed when the rename onto the target fails (not only when the block fails), it never
+    carries the target's extension (a folder listing would offer it), and a 240-character name can still be written."""
+    from w2w.stfile import atomic_path, write_safetensors
+
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match="choose another name"):
+        write_safetensors(str(tmp_path / "dir.safetensors"), {"x": torch.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors"]
+
+    def no_rename(src, dst):
+        raise PermissionError("read-only target")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", no_rename)
+        with pytest.raises(PermissionError, match="read-only"):
+            write_safetensors(str(tmp_path / "a.safetensors"), {"x": torch.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors"]
+    with atomic_path(str(tmp_path / "b.safetensors")) as tmp:
+        assert os.path.basename(tmp).startswith(".") and not tmp.endswith(".safetensors")
+    long = tmp_path / ("n" * 240 + ".safetensors")
+    write_safetensors(str(long), {"x": torch.ones(2)})
+    with safe_open(str(long), "pt") as f:
+        assert f.get_tensor("x").tolist() == [1.0, 1.0]
 
 
 def test_a_resaved_space_records_no_folder_in_its_source(release, converted, tmp_path):

@@ -57,7 +57,11 @@ def _umask() -> int:
 
 
 class atomic_path:
-    """Context manager giving a temporary path beside ``path``; renamed onto it only if the block succeeds."""
+    """Context manager giving a temporary path beside ``path``; renamed onto it only if the block succeeds.
+
+    The temporary file is hidden and does not end in the destination's extension (``.NAME.XXXX.partial``, NAME cut to
+    40 characters so any legal file name works), so folder listings never offer a file being written; it is removed
+    whatever fails, the block or the final rename."""
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
@@ -65,18 +69,23 @@ class atomic_path:
     def __enter__(self) -> str:
         directory = os.path.dirname(self.path)
         os.makedirs(directory, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=".partial-", suffix=os.path.basename(self.path), dir=directory)
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(f"cannot write {self.path}: a folder of that name is there; choose another name")
+        fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path)[:40] + ".", suffix=".partial",
+                                        dir=directory)
         os.close(fd)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            # mkstemp creates the file readable by its owner only; give it the mode open() would have (0666 less the
-            # umask), so other users and services of a shared install can read what the pack writes
-            os.chmod(self.tmp, 0o666 & ~_umask())
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        try:
+            if exc_type is None:
+                # mkstemp creates the file readable by its owner only; give it the mode open() would have (0666 less
+                # the umask), so other users and services of a shared install can read what the pack writes
+                os.chmod(self.tmp, 0o666 & ~_umask())
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.lexists(self.tmp):
+                os.remove(self.tmp)
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor | TensorSource], metadata: dict[str, str] | None = None) -> None:

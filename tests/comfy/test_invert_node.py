@@ -493,6 +493,20 @@ def test_inversion_clones_ask_newer_hosts_for_the_plain_patcher(comfy_host):
     assert helpers.static_clone(NewPlain()) == "plain"
     assert helpers.static_clone(Old()) == "plain"
 
+    class CustomLoaded(Dynamic):  # a dynamic MODEL whose loader did not record cached_patcher_init (0.38.1's message)
+        def get_non_dynamic_delegate(self):
+            raise RuntimeError("Cannot create non-dynamic delegate: cached_patcher_init is not initialized.")
+
+    with pytest.raises(ValueError, match="Load Checkpoint.*--disable-dynamic-vram"):
+        helpers.static_clone(CustomLoaded())
+
+    class Broken(Dynamic):  # any other failure is not ours to reword
+        def get_non_dynamic_delegate(self):
+            raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        helpers.static_clone(Broken())
+
 
 # ---------------------------------------------------------------------------------------------- identity loss
 def identity_loss_module(comfy_host):

@@ -7,6 +7,7 @@ one in the released layout (all 64 modules, 16 PCs), with weights large enough t
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -149,6 +150,37 @@ def test_model_folders_list_the_converted_space_and_the_released_folder(comfy_ho
     assert str(comfy_host.models_dir / "w2w" / "identities") in folder_paths.get_folder_paths("w2w_identities")
     choices = combo_options(comfy_host, "W2WLoadSpace", "space")
     assert SPACE_FILE in choices and SPACE_DIR + "/" in choices
+
+
+def test_space_names_cannot_leave_the_model_folder_and_files_being_written_are_not_offered(comfy_host, space_files,
+                                                                                          tmp_path):
+    """The folder branch of a space name is joined by the pack itself (ComfyUI cleans only file names), and the
+    Load node skips ComfyUI's list check (it validates its own input): '..', '.', empty parts and absolute paths are
+    refused before any disk access, even where the folder exists. A hidden file (a write in progress) is never a
+    choice."""
+    import folder_paths
+
+    load = comfy_host.node_class("W2WLoadSpace")
+    outside = tmp_path / "outside"
+    write_release(str(outside), pcs=PCS, models=40, seed=5)
+    w2w_root = folder_paths.get_folder_paths("w2w")[0]
+    sneaky = os.path.relpath(outside, w2w_root).replace(os.sep, "/") + "/"
+    assert sneaky.startswith("../") and os.path.isdir(os.path.join(w2w_root, sneaky))
+    for name in (sneaky, str(outside) + "/", SPACE_DIR + "/../" + SPACE_DIR + "/", "./" + SPACE_DIR + "/",
+                 SPACE_DIR + "//x/"):
+        with pytest.raises(Exception, match="not the name of a folder inside the w2w model folder"):
+            load.execute(name, PCS)
+    hidden = os.path.join(w2w_root, ".w2w-test-space.safetensors.k3j2.partial")
+    visible = os.path.join(w2w_root, ".being-written.safetensors")
+    for path in (hidden, visible):
+        with open(path, "wb") as f:
+            f.write(b"half")
+    try:
+        choices = combo_options(comfy_host, "W2WLoadSpace", "space")
+        assert SPACE_FILE in choices and not [c for c in choices if c.startswith(".")]
+    finally:
+        for path in (hidden, visible):
+            os.remove(path)
 
 
 def test_released_folder_and_converted_file_load_as_the_same_space(comfy_host, space_files):

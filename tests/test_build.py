@@ -170,6 +170,31 @@ def test_truncated_matrix_file_is_reported(tmp_path):
         open_source(str(tmp_path / "w.npy"), layout=tiny_layout())
 
 
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [2, 4], "data_offsets": [-32, 0]},  # would read the header as weights
+    {"dtype": "F32", "shape": [2, 4]},  # no offsets
+    {"dtype": "F32", "shape": [2, 4], "data_offsets": [32, 0]},  # backwards
+    {"dtype": "F32", "shape": [2, 4], "data_offsets": [0.0, 32.0]},  # not integers
+    {"dtype": "F32", "shape": [-2, -4], "data_offsets": [0, 32]},  # negative sizes, same byte count
+    {"dtype": "F32", "shape": [True, 8], "data_offsets": [0, 32]},
+    {"dtype": "F32", "shape": 8, "data_offsets": [0, 32]},
+])
+def test_a_hostile_safetensors_header_is_refused_before_any_read(tmp_path, entry):
+    """The raw reader parses the header itself (to find the data without a memory map), so it checks what the
+    safetensors library would: integer offsets in order, non-negative integer shapes."""
+    import json
+    import struct
+
+    from w2w.build import open_source
+
+    header = json.dumps({"weights": entry}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(32))
+    with pytest.raises(W2WFileError, match="malformed header entry|lacks a 2-D tensor|holds 0 2-D tensors"):
+        open_source(str(path), layout=tiny_layout())
+
+
 # ---- LoRA folders ----------------------------------------------------------------------------------------
 def generating_space(layout: Layout, k: int = 5, seed: int = 0) -> Space:
     g = torch.Generator().manual_seed(seed)

@@ -90,19 +90,28 @@ def safetensors_span(path: str, name: str | None = None) -> MatrixSpan:
         raise W2WFileError(f"{path}: unreadable safetensors header (not a JSON object)")
     if name is None:
         matrices = [k for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
-                    and len(v.get("shape", ())) == 2]
+                    and isinstance(v.get("shape"), list) and len(v["shape"]) == 2]
         if len(matrices) != 1 and "weights" not in matrices:
             raise W2WFileError(f"{path} holds {len(matrices)} 2-D tensors ({', '.join(matrices[:5])}); a weight "
                                "matrix file holds one, or names it 'weights'")
         name = matrices[0] if len(matrices) == 1 else "weights"
     entry = header.get(name)
-    if not isinstance(entry, dict) or len(entry.get("shape", ())) != 2:
+    if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or len(entry["shape"]) != 2:
         raise W2WFileError(f"{path} lacks a 2-D tensor {name!r}")
     if entry.get("dtype") not in _ST_DTYPES:
         raise W2WFileError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')}; it must be F32, F16, BF16 or F64")
-    start, stop = (int(x) for x in entry["data_offsets"])
+    offsets, shape = entry.get("data_offsets"), entry["shape"]
+
+    def counts(values, n):  # JSON integers >= 0 (not bools, floats or strings)
+        return isinstance(values, list) and len(values) == n and all(
+            type(v) is int and v >= 0 for v in values)
+
+    if not counts(offsets, 2) or offsets[0] > offsets[1] or not counts(shape, 2):
+        raise W2WFileError(f"{path}: tensor {name!r} has a malformed header entry (data_offsets {offsets!r}, shape "
+                           f"{shape!r}); the file is corrupt or not a .safetensors file: write it again")
+    start, stop = offsets
     dtype = _ST_DTYPES[entry["dtype"]]
-    shape = tuple(int(s) for s in entry["shape"])
+    shape = tuple(shape)
     if stop - start != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
         raise W2WFileError(f"{path}: tensor {name!r} has inconsistent offsets")
     offset = 8 + size + start

@@ -130,3 +130,30 @@ def test_our_format_damage_is_detected(release, tmp_path):
         load_space(str(tmp_path / "lora.safetensors"))
     with pytest.raises(W2WFileError, match="space not found"):
         load_space(str(tmp_path / "nope.safetensors"))
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "is empty"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 3990000000\n", "Git LFS pointer.*git lfs pull"),
+    (b"<!DOCTYPE html><html><body>Rate limited</body></html>", "HTML or XML page"),
+    (b"hello world", "not a torch file"),
+])
+@pytest.mark.parametrize("name", ["V.pt", "identity_df.pt"])
+def test_a_failed_download_is_named_for_what_it_is(copy, content, says, name):
+    """What a failed or incomplete download leaves (an empty file, an LFS pointer of a clone without LFS, an error
+    page) is named as such and the fix given, instead of being called an unsafe pickle or a torch error."""
+    (copy / name).write_bytes(content)
+    with pytest.raises(W2WFileError, match=says) as caught:
+        load_space(str(copy))
+    assert name in str(caught.value) and "refused" not in str(caught.value)
+
+
+def test_garbage_after_a_pickle_opcode_is_a_clear_file_error(tmp_path):
+    """A damaged torch file whose first byte looks like a pickle: torch raises whatever the damage gives (KeyError,
+    EOFError, ...); the loader reports a file error naming the file and the fix."""
+    from w2w.safeload import load_object
+
+    path = tmp_path / "x.pt"
+    path.write_bytes(b"\x80\x02hello world")
+    with pytest.raises(W2WFileError, match="x.pt.*Download it again"):
+        load_object(str(path))

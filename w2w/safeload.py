@@ -30,10 +30,29 @@ def _describe(path: str) -> str:
     return f"{path} ({size:,} bytes)"
 
 
+def _sniff(path: str) -> None:
+    """Refuse, by its first bytes, a file that is neither a torch zip nor a pickle: what a failed or incomplete
+    download leaves (an empty file, a Git LFS pointer, an HTML page), named as such."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise W2WFileError(f"{path} is empty (an interrupted download?). Download it again.")
+    if head.startswith(b"version https://git-lfs"):
+        raise W2WFileError(f"{_describe(path)} is a Git LFS pointer, not the file itself (the repository was cloned "
+                           "without LFS): fetch the real file with `git lfs pull` or `python -m w2w download`.")
+    if head.lstrip()[:1] == b"<":
+        raise W2WFileError(f"{_describe(path)} is an HTML or XML page, not a torch file (a failed download: an error "
+                           "or login page). Download it again.")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise W2WFileError(f"{_describe(path)} is not a torch file (neither a torch zip nor a pickle; first bytes "
+                           f"{head[:8]!r}). Download it again.")
+
+
 def load_object(path: str, *, mmap: bool = True, map_location: str = "cpu"):
     """``torch.load`` restricted to tensors and plain containers; clear errors for unsafe or broken files."""
     if not os.path.isfile(path):
         raise W2WFileError(f"file not found: {path}")
+    _sniff(path)
     errors = []
     for use_mmap in ((True, False) if mmap else (False,)):
         try:
@@ -43,7 +62,7 @@ def load_object(path: str, *, mmap: bool = True, map_location: str = "cpu"):
                 f"{_describe(path)} holds pickled objects other than tensors and plain containers; it was refused "
                 f"without running any of it ({_unsafe_reason(exc)}). Use the released file as downloaded, or convert "
                 "it to .safetensors with `python -m w2w convert`.") from None
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        except Exception as exc:  # a damaged file raises many kinds of errors (RuntimeError, EOFError, KeyError...)
             errors.append(exc)
             if use_mmap and "mmap" in str(exc).lower():
                 continue  # legacy (non-zip) torch file: retry without memory-mapping
@@ -128,6 +147,7 @@ def load_dataframe(path: str):
         raise ImportError("reading identity_df.pt needs pandas: pip install pandas") from exc
     if not os.path.isfile(path):
         raise W2WFileError(f"file not found: {path}")
+    _sniff(path)
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"PK":

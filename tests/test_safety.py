@@ -157,3 +157,51 @@ def test_garbage_after_a_pickle_opcode_is_a_clear_file_error(tmp_path):
     path.write_bytes(b"\x80\x02hello world")
     with pytest.raises(W2WFileError, match="x.pt.*Download it again"):
         load_object(str(path))
+
+
+def _resaved(release, tmp_path, tensors=None, metadata=None):
+    """A converted space re-written with some tensors or metadata entries replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    if not good.exists():
+        convert_release(release.folder, str(good))
+    with safe_open(str(good), "pt") as f:
+        data, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    out = tmp_path / "edited.safetensors"
+    save_file({**data, **(tensors or {})}, str(out), metadata={**meta, **(metadata or {})})
+    return str(out), data
+
+
+@pytest.mark.parametrize("what", ["labels 1-D", "labels NaN", "train_coefs Inf", "directions a list",
+                                  "format_version text", "layout empty"])
+def test_a_damaged_space_file_is_a_file_error_naming_the_file_and_the_fix(release, tmp_path, what):
+    """Metadata or tensors of the wrong kind in our own format: never a bare IndexError/AttributeError from deep
+    inside, and never loaded with NaN labels (which would fail later in least squares)."""
+    _, data = _resaved(release, tmp_path)
+    labels, train = data["labels"].clone(), data["train_coefs"].clone()
+    labels[0, 0], train[1, 1] = float("nan"), float("inf")
+    edits = {"labels 1-D": ({"labels": data["labels"][:, 0].contiguous()}, None),
+             "labels NaN": ({"labels": labels}, None), "train_coefs Inf": ({"train_coefs": train}, None),
+             "directions a list": (None, {"directions": "[]"}), "format_version text": (None, {"format_version": "abc"}),
+             "layout empty": (None, {"layout": "{}"})}[what]
+    path, _ = _resaved(release, tmp_path, *edits)
+    with pytest.raises(W2WFileError, match="python -m w2w convert") as caught:
+        load_space(path)
+    assert path in str(caught.value)
+
+
+@pytest.mark.parametrize("config", ["[]", '"x"', '{"r": 1e400}', '{"lora_alpha": -1}', '{"lora_alpha": NaN}'])
+def test_a_bad_adapter_config_is_a_file_error(copy, config):
+    (copy / "adapter_config.json").write_text(config)
+    with pytest.raises(W2WFileError, match="not a valid PEFT adapter config.*as downloaded"):
+        load_space(str(copy))
+
+
+def test_a_non_finite_released_pseudo_inverse_is_refused_at_load(copy):
+    pinv = torch.load(copy / "pinverse_1000pc.pt", weights_only=True)
+    pinv[0, 0] = float("nan")
+    torch.save(pinv, copy / "pinverse_1000pc.pt")
+    with pytest.raises(W2WFileError, match="pseudo-inverse contains NaN"):
+        load_space(str(copy))

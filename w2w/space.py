@@ -126,11 +126,18 @@ class Space:
         if self.train_coefs is not None:
             if self.train_coefs.dim() != 2:
                 raise W2WFileError(f"training coefficients must be (N, k), got {tuple(self.train_coefs.shape)}")
+            if not torch.isfinite(self.train_coefs).all():
+                raise W2WFileError("training coefficients contain NaN or Inf")
             if self.labels is not None and self.labels.shape[0] != self.train_coefs.shape[0]:
                 raise W2WFileError(f"{self.labels.shape[0]} label rows for {self.train_coefs.shape[0]} training models")
         if self.coef_cov is not None and (self.coef_cov.dim() != 2 or self.coef_cov.shape[0] != self.coef_cov.shape[1]
                                           or not torch.isfinite(self.coef_cov).all()):
             raise W2WFileError(f"coefficient covariance must be a finite square matrix, got {tuple(self.coef_cov.shape)}")
+        if self.labels is not None and (self.labels.dim() != 2 or not torch.isfinite(self.labels).all()):
+            raise W2WFileError(f"attribute labels must be a finite (N, A) matrix, got shape {tuple(self.labels.shape)}"
+                               + ("" if self.labels.dim() != 2 else " with NaN or Inf"))
+        if self.pinverse is not None and not torch.isfinite(self.pinverse).all():
+            raise W2WFileError("the training coefficients' pseudo-inverse contains NaN or Inf")
         if self.labels is not None and self.labels.shape[1] != len(self.attribute_names):
             raise W2WFileError(f"{self.labels.shape[1]} label columns for {len(self.attribute_names)} attribute names")
         if not self.fingerprint:
@@ -304,9 +311,15 @@ def _release_alpha(config_path: str) -> tuple[float, int | None]:
     try:
         with open(config_path) as f:
             cfg = json.load(f)
-        return float(cfg.get("lora_alpha", 27.0)), (int(cfg["r"]) if "r" in cfg else None)
-    except (ValueError, TypeError, OSError) as exc:
-        raise W2WFileError(f"{config_path} is not a valid PEFT adapter config: {exc}") from None
+        if not isinstance(cfg, dict):
+            raise TypeError(f"a JSON object is needed, it holds a {type(cfg).__name__}")
+        alpha, rank = float(cfg.get("lora_alpha", 27.0)), (int(cfg["r"]) if "r" in cfg else None)
+        if not math.isfinite(alpha) or alpha <= 0 or (rank is not None and rank < 1):
+            raise ValueError(f"lora_alpha {alpha} and r {rank} must be positive and finite")
+        return alpha, rank
+    except (ValueError, TypeError, OSError, OverflowError) as exc:
+        raise W2WFileError(f"{config_path} is not a valid PEFT adapter config ({exc}): use the released "
+                           "adapter_config.json as downloaded, or remove it (the released values, alpha 27, apply)") from None
 
 
 def release_training_data(folder: str, m: int) -> dict:
@@ -415,8 +428,11 @@ def _load_ours(path: str, pcs: int | None, training: bool, progress=None) -> Spa
         raise W2WFileError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {exc}") from None
     except OSError as exc:
         raise W2WFileError(f"{path} could not be read: {exc}") from None
-    except (KeyError, TypeError) as exc:
-        raise W2WFileError(f"{path}: malformed w2w metadata ({exc})") from None
+    except W2WFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # metadata or tensors of a wrong kind
+        raise W2WFileError(f"{path}: malformed w2w space file ({type(exc).__name__}: {exc}); it was not written by "
+                           "this pack or was edited: convert the space again with `python -m w2w convert`") from None
     fingerprint = space_fingerprint(layout, kw["mean"], kw["std"], head)
     stored = meta.get("fingerprint")
     if stored and total < FINGERPRINT_PCS:
@@ -426,8 +442,8 @@ def _load_ours(path: str, pcs: int | None, training: bool, progress=None) -> Spa
     try:
         return Space(components, layout=layout, directions=dirs, base_model=meta.get("base_model", "SD1.5"),
                      source=f"w2w space file: {path}", total_pcs=total, fingerprint=fingerprint, **kw)
-    except W2WFileError as exc:
-        raise W2WFileError(f"{path}: {exc}") from None
+    except (ValueError, IndexError, TypeError) as exc:  # W2WFileError and LayoutError are ValueErrors
+        raise W2WFileError(f"{path}: {exc}; convert the space again with `python -m w2w convert`") from None
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

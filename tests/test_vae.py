@@ -1,11 +1,13 @@
 """VAE-w2w: training against collapse, the planted-manifold check against PCA, save/load, determinism, streaming,
 use (decode/encode/sample/interpolate) and inversion through the decoder with a tiny stand-in denoiser."""
 import dataclasses
+import json
 import math
 import os
 import time
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -213,6 +215,39 @@ def test_load_refuses_other_files(tmp_path):
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(W2WFileError):
         load_vae(str(broken))
+
+
+@pytest.mark.parametrize("damage", ["scale 0", "shift NaN", "weight Inf", "train_config unknown key",
+                                    "train_config zero epochs", "input_dim not whole", "config asks for 400 TB"])
+def test_a_damaged_vae_file_is_a_file_error_before_anything_is_allocated(tmp_path, damage):
+    """What load_state_dict skips (the constructor's value checks) is checked after loading; metadata of the wrong
+    kind is a file error; the config's shapes are compared with the stored tensors on the meta device, so a small
+    file whose config asks for a huge network allocates nothing."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from w2w.vae import VAEConfig, W2WVAE, save_vae
+
+    good = str(tmp_path / "good.safetensors")
+    save_vae(W2WVAE(VAEConfig("coefs", 12, 4, (16,), "0123456789abcdef")), good)
+    with safe_open(good, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    cfg = json.loads(meta["config"])
+    weight = next(k for k in tensors if k.endswith("weight"))
+    t, m = {
+        "scale 0": ({"scale": torch.zeros(12)}, {}),
+        "shift NaN": ({"shift": torch.full((12,), float("nan"))}, {}),
+        "weight Inf": ({weight: torch.full_like(tensors[weight], float("inf"))}, {}),
+        "train_config unknown key": ({}, {"train_config": '{"bogus": 1}'}),
+        "train_config zero epochs": ({}, {"train_config": '{"epochs": 0}'}),
+        "input_dim not whole": ({}, {"config": json.dumps({**cfg, "input_dim": 12.5})}),
+        "config asks for 400 TB": ({}, {"config": json.dumps({**cfg, "input_dim": 10 ** 9, "hidden": [100000]})}),
+    }[damage]
+    bad = str(tmp_path / "bad.safetensors")
+    save_file({**tensors, **t}, bad, metadata={**meta, **m})
+    with pytest.raises(W2WFileError, match="vae-train") as caught:
+        load_vae(bad)
+    assert bad in str(caught.value)
 
 
 # ---- use -----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -62,6 +63,12 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if self.input not in INPUTS:
             raise ValueError(f"input must be one of {INPUTS}, got {self.input!r}")
+        sizes = (self.input_dim, self.latent, *(self.hidden if isinstance(self.hidden, (tuple, list)) else (None,)))
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in sizes):
+            raise ValueError(f"input_dim, latent and hidden must be whole numbers, got {self.input_dim!r}, "
+                             f"{self.latent!r} and {self.hidden!r}")
+        object.__setattr__(self, "input_dim", int(self.input_dim))
+        object.__setattr__(self, "latent", int(self.latent))
         if self.input_dim < 1 or self.latent < 1:
             raise ValueError(f"input_dim and latent must be positive, got {self.input_dim} and {self.latent}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -197,8 +204,16 @@ class W2WVAE(nn.Module):
         self.register_buffer("scale", torch.ones(d) if scale is None else scale.detach().float().clone())
         if self.shift.shape != (d,) or self.scale.shape != (d,):
             raise ValueError(f"shift and scale must have shape ({d},)")
+        if self.shift.device.type != "meta":  # a model built on the meta device (shapes only) has no values
+            self.check_values()
+
+    def check_values(self) -> None:
+        """ValueError unless the normalisation is finite with a positive scale and every weight is finite."""
         if not (torch.isfinite(self.shift).all() and torch.isfinite(self.scale).all() and (self.scale > 0).all()):
             raise ValueError("normalisation must be finite with a positive scale")
+        bad = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise ValueError(f"weights {', '.join(bad[:3])} contain NaN or Inf")
 
     @property
     def latent(self) -> int:
@@ -574,22 +589,34 @@ def load_vae(path: str) -> W2WVAE:
         config = VAEConfig(**{**cfg, "hidden": tuple(cfg["hidden"])})
         history = tuple(EpochStats(**h) for h in json.loads(meta.get("history", "[]")))
         train = json.loads(meta.get("train_config", "null"))
+        train = TrainConfig(**train) if train else None
         chosen = int(meta.get("chosen_epoch", len(history)))
         if history and not 1 <= chosen <= len(history):
             raise ValueError(f"chosen epoch {chosen} of {len(history)}")
     except SafetensorError as exc:
         raise W2WFileError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-        raise W2WFileError(f"{path}: malformed VAE metadata ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise W2WFileError(f"{path}: malformed VAE metadata ({exc}); train the VAE again with "
+                           "`python -m w2w vae-train`") from None
+    with torch.device("meta"):  # the shapes the config implies, before allocating anything it asks for
+        expected = {k: tuple(v.shape) for k, v in W2WVAE(config).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if found != expected:
+        diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        raise W2WFileError(f"{path}: tensors do not match the stored config ({', '.join(diff[:3])}: expected "
+                           f"{[expected.get(k) for k in diff[:3]]}, found {[found.get(k) for k in diff[:3]]}); the "
+                           "file is damaged or edited: train the VAE again with `python -m w2w vae-train`")
     vae = W2WVAE(config)
     try:
         vae.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise W2WFileError(f"{path}: tensors do not match the stored config ({str(exc).splitlines()[0]})") from None
+        vae.check_values()
+    except (RuntimeError, ValueError) as exc:
+        raise W2WFileError(f"{path}: {str(exc).splitlines()[0]}; the file is damaged or edited: train the VAE "
+                           "again with `python -m w2w vae-train`") from None
     vae.eval()
     vae.requires_grad_(False)
     vae.history = history
-    vae.train_config = TrainConfig(**train) if train else None
+    vae.train_config = train
     vae.chosen_epoch = chosen
     return vae
 

@@ -149,11 +149,10 @@ def frame_photos(image: torch.Tensor, mask: torch.Tensor | None, size: int, face
                 f"{len(frames)}: use a photo where the face is visible (at least ~20 px), or set face to off to "
                 "invert the centre crop")
         pixels = torch.stack([facecrop.crop_square(rgb[i], frames[i].square, size) for i in kept])
-        if painted is not None:
-            per_photo = painted if painted.shape[0] == 1 else painted[kept]
-            squares = [frames[i].square for i in kept] if painted.shape[0] > 1 else [frames[kept[0]].square]
-            masks = torch.stack([facecrop.crop_square(m[..., None], sq, size)[..., 0]
-                                 for m, sq in zip(per_photo, squares)])
+        if painted is not None:  # one mask for the batch is cropped with each photo's own square, as its photo
+            per_photo = [painted[0] if painted.shape[0] == 1 else painted[i] for i in kept]
+            masks = torch.stack([facecrop.crop_square(m[..., None], frames[i].square, size)[..., 0]
+                                 for m, i in zip(per_photo, kept)])
         elif face_mask:
             masks = torch.stack([facecrop.face_mask(frames[i], size) for i in kept])
         else:

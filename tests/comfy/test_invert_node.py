@@ -428,6 +428,22 @@ def test_face_auto_frames_the_face_and_reports_photos_without_one(comfy_host):
         helpers.frame_photos(torch.full_like(photo, 0.5), None, 64, "auto")
 
 
+def test_one_mask_for_a_batch_is_cropped_with_each_photos_own_face_square(comfy_host):
+    """face: auto frames every photo around its own face; a single MASK given for the whole batch is cropped with
+    each photo's square, as the photo is, not with the first photo's."""
+    pytest.importorskip("facenet_pytorch", reason="pip install --no-deps -r requirements-idscore.txt")
+    helpers, _, _ = pack_modules(comfy_host)
+    photo = astronaut_canvas()
+    photos = torch.cat([photo, photo.flip(2)])  # the face right, then left
+    mask = torch.zeros(photo.shape[1:3])
+    mask[:, : photo.shape[2] // 2] = 1.0  # the left half of every photo
+    framed = helpers.frame_photos(photos, mask, 64, "auto")
+    assert len(framed.frames) == 2 and framed.masks.shape == (2, 64, 64)
+    for frame, got in zip(framed.frames, framed.masks):
+        torch.testing.assert_close(got, helpers.facecrop.crop_square(mask[..., None], frame.square, 64)[..., 0])
+    assert float(framed.masks[0].mean()) < 0.1 and float(framed.masks[1].mean()) > 0.9  # face right: unmasked
+
+
 def test_face_auto_without_the_detector_falls_back_to_the_centre_crop_and_says_how_to_install_it(comfy_host,
                                                                                                   monkeypatch):
     helpers, _, _ = pack_modules(comfy_host)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .patching import delayed_injection, patched_clone
-from .sockets import CATEGORY_IDENTITY, IdentitySocket, SpaceSocket, schema
+from .sockets import CATEGORY_IDENTITY, IdentitySocket, SpaceSocket, check_numbers, schema
 
 
 class W2WApplyLoRA(io.ComfyNode):
@@ -43,6 +43,7 @@ class W2WApplyLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model: io.Model.Type, space: SpaceSocket.Type, identity: IdentitySocket.Type, strength: float,
                 edited_identity: IdentitySocket.Type | None = None, edit_start: float = 0.3) -> io.NodeOutput:
+        check_numbers(cls, strength=strength, edit_start=edit_start)
         patched = patched_clone(model, space, identity, strength)
         if edited_identity is not None:
             delayed_injection(patched, space, identity, edited_identity, strength, edit_start)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .patching import identity_hooks
-from .sockets import CATEGORY_IDENTITY, IdentitySocket, SpaceSocket, advanced, schema
+from .sockets import CATEGORY_IDENTITY, IdentitySocket, SpaceSocket, advanced, check_numbers, schema
 
 
 class W2WIdentityHook(io.ComfyNode):
@@ -52,6 +52,7 @@ class W2WIdentityHook(io.ComfyNode):
     def execute(cls, space: SpaceSocket.Type, identity: IdentitySocket.Type, strength: float,
                 prev_hooks: io.Hooks.Type | None = None, edited_identity: IdentitySocket.Type | None = None,
                 edit_start: float = 0.3) -> io.NodeOutput:
+        check_numbers(cls, strength=strength, edit_start=edit_start)
         identity.check_space(space)
         if edited_identity is not None:
             edited_identity.check_space(space)

@@ -9,6 +9,8 @@ where the running host knows them, so one schema works from 0.3.64 to today's re
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 from comfy_api.latest import io
 
@@ -75,3 +77,24 @@ def comfyui_version() -> str:
     except ImportError:
         return "(unknown version)"
     return str(getattr(version, "__version__", "(unknown version)"))
+
+
+@functools.lru_cache(maxsize=None)
+def _number_ranges(cls) -> dict[str, tuple]:
+    return {i.id: (getattr(i, "min", None), getattr(i, "max", None)) for i in cls.define_schema().inputs
+            if isinstance(i, (io.Float.Input, io.Int.Input))}
+
+
+def check_numbers(cls, **values) -> None:
+    """ValueError naming the input when a number input of node ``cls`` is NaN, infinite or outside the range its
+    schema declares. ComfyUI checks the range when a prompt is queued, but NaN passes that check (it compares False
+    both ways) and an API client can send it; it would surface later as NaN images or a bare sampler error."""
+    ranges = _number_ranges(cls)
+    for name, value in values.items():
+        if value is None:
+            continue
+        low, high = ranges.get(name, (None, None))
+        where = f" (from {low} to {high})" if low is not None and high is not None else ""
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            raise ValueError(f"{name} must be a finite number{where}, got {value!r}: set {name} on the "
+                             f"{cls.__name__} node to a value in its range")

@@ -13,7 +13,8 @@ from ..w2w.sampling import sample_identity
 from ..w2w.space import RELEASED_ATTRIBUTES, load_space
 from .folders import (IDENTITY_FOLDER, file_fingerprint, list_files, list_spaces, resolve_identity, resolve_space,
                       save_target)
-from .sockets import CATEGORY_IDENTITY, CATEGORY_SPACE, SEED_MAX, IdentitySocket, SpaceSocket, advanced, schema
+from .sockets import (CATEGORY_IDENTITY, CATEGORY_SPACE, SEED_MAX, IdentitySocket, SpaceSocket, advanced, check_numbers,
+                      schema)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class W2WSampleIdentity(io.ComfyNode):
 
     @classmethod
     def execute(cls, space: SpaceSocket.Type, seed: int, pcs: int, factor: float) -> io.NodeOutput:
+        check_numbers(cls, factor=factor)
         return io.NodeOutput(sample_identity(space, seed, pcs, factor))
 
 
@@ -135,12 +137,17 @@ class W2WApplyEditDirection(io.ComfyNode):
     @classmethod
     def execute(cls, space: SpaceSocket.Type, identity: IdentitySocket.Type, attribute: str, strength: float,
                 debias: str = "", attribute_override: str = "") -> io.NodeOutput:
+        check_numbers(cls, strength=strength)
         name = attribute_override.strip() or attribute
         if name not in space.attributes:
             known = ", ".join(space.attributes) or "none"
             raise ValueError(f"attribute {name!r} is not available in this space (it has: {known}); pick one of "
                              "these or load a space with training labels")
         others = [d.strip() for d in debias.split(",") if d.strip()]
+        unknown = [d for d in others if d not in space.attributes]
+        if unknown:
+            raise ValueError(f"debias names {', '.join(map(repr, unknown))}, not attribute(s) of this space (it has: "
+                             f"{', '.join(space.attributes) or 'none'}): correct the spelling or remove it from debias")
         return io.NodeOutput(apply_edit(space, identity, name, strength, others))
 
 
@@ -166,6 +173,7 @@ class W2WBlendIdentities(io.ComfyNode):
     @classmethod
     def execute(cls, space: SpaceSocket.Type, identity_a: IdentitySocket.Type, identity_b: IdentitySocket.Type,
                 t: float) -> io.NodeOutput:
+        check_numbers(cls, t=t)
         return io.NodeOutput(blend(space, identity_a, identity_b, t))
 
 

@@ -11,7 +11,8 @@ from comfy_api.latest import io
 from ..w2w.safeload import W2WFileError
 from ..w2w.vae import VAELatent, decode_identity, encode_identity, interpolate, load_vae, sample_latents
 from .folders import VAE_FOLDER, file_fingerprint, list_files, resolve_vae
-from .sockets import CATEGORY_VAE, SEED_MAX, IdentitySocket, LatentSocket, SpaceSocket, VAESocket, schema
+from .sockets import (CATEGORY_VAE, SEED_MAX, IdentitySocket, LatentSocket, SpaceSocket, VAESocket, check_numbers,
+                      schema)
 
 SPACE_TIP = "The w2w space the VAE was trained on (Load w2w Space, with at least as many PCs as the VAE decodes)."
 VAE_TIP = "A trained VAE-w2w (Load VAE-w2w)."
@@ -82,6 +83,7 @@ class W2WVAEDecode(io.ComfyNode):
     @classmethod
     def execute(cls, space: SpaceSocket.Type, w2w_vae: VAESocket.Type, seed: int, temperature: float,
                 latent: LatentSocket.Type | None = None) -> io.NodeOutput:
+        check_numbers(cls, temperature=temperature)
         name = "vae"
         if latent is None:
             z = sample_latents(w2w_vae.latent, 1, seed, temperature)[0]
@@ -141,6 +143,7 @@ class W2WVAEInterpolate(io.ComfyNode):
     @classmethod
     def execute(cls, w2w_vae: VAESocket.Type, latent_a: LatentSocket.Type, latent_b: LatentSocket.Type, t: float,
                 mode: str) -> io.NodeOutput:
+        check_numbers(cls, t=t)
         latent_a.check_vae(w2w_vae)
         latent_b.check_vae(w2w_vae)
         z = interpolate(latent_a.values, latent_b.values, t, mode)

@@ -334,6 +334,35 @@ def test_unknown_attribute_lists_the_space_attributes(comfy_host, e2e):
         node.execute(e2e.output("2"), e2e.output("3"), "Wavy_Hair", 1.0)
 
 
+def test_a_misspelled_debias_name_is_named_as_such(comfy_host, e2e):
+    node = comfy_host.node_class("W2WApplyEditDirection")
+    with pytest.raises(ValueError, match=r"debias names 'Yung', not attribute.*Young.*correct the spelling"):
+        node.execute(e2e.output("2"), e2e.output("3"), "Male", 1.0, debias="Yung, Eyeglasses")
+
+
+@pytest.mark.parametrize("node_id, values", [
+    ("W2WApplyLoRA", {"strength": float("nan")}), ("W2WApplyLoRA", {"edit_start": float("nan")}),
+    ("W2WIdentityHook", {"strength": float("nan")}), ("W2WIdentityHook", {"edit_start": float("inf")}),
+    ("W2WApplyEditDirection", {"strength": float("nan")}), ("W2WBlendIdentities", {"t": float("nan")}),
+    ("W2WSampleIdentity", {"factor": float("nan")}), ("W2WApplyLoRA", {"strength": 6.0}),
+])
+def test_a_non_finite_or_out_of_range_number_is_refused_naming_the_input(comfy_host, e2e, node_id, values):
+    """NaN passes ComfyUI's range check when a prompt is queued (it compares False both ways) and an API client can
+    send it: the node names the input and its range instead of drawing NaN latents or failing in the sampler."""
+    model, space, identity = e2e.output("1"), e2e.output("2"), e2e.output("4")
+    args = {"W2WApplyLoRA": dict(model=model, space=space, identity=identity, strength=1.0, edited_identity=identity),
+            "W2WIdentityHook": dict(space=space, identity=identity, strength=1.0, edited_identity=identity),
+            "W2WApplyEditDirection": dict(space=space, identity=identity, attribute="Male", strength=1.0),
+            "W2WBlendIdentities": dict(space=space, identity_a=identity, identity_b=identity, t=0.5),
+            "W2WSampleIdentity": dict(space=space, seed=0, pcs=PCS, factor=1.0)}[node_id]
+    (name, value), = values.items()
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number \(from .* to .*\), got {value}"):
+        comfy_host.node_class(node_id).execute(**{**args, **values})
+    patches = dict(model.patches)
+    comfy_host.node_class(node_id).execute(**args)  # the same inputs with a good number run
+    assert model.patches == patches
+
+
 # ---------------------------------------------------------------------------------------------- identities
 def test_save_and_load_identity_round_trip(comfy_host, e2e):
     import folder_paths

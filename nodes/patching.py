@@ -165,6 +165,15 @@ def identity_weight_hook(space: Space, identity: Identity, strength: float):
     hook.weights = lora_patches(space, identity)  # ComfyUI keys -> LoRA adapters, as add_patches takes them
     hook.weights_clip = {}  # model-only: nothing to patch on a text encoder
     hook.need_weight_init = False  # already keyed for the UNet (no LoRA key mapping to do)
+    previous = hook.custom_should_register  # the host's extension point, kept by the hook's clones
+
+    def should_register(self, model, model_options, target_dict, registered):
+        # add_hook_patches drops keys the MODEL lacks without a word: an SDXL or other UNet would sample unchanged
+        if target_dict.get("target") != getattr(getattr(comfy.hooks, "EnumWeightTarget", None), "Clip", "clip"):
+            check_targets(model, space)
+        return previous(self, model, model_options, target_dict, registered)
+
+    hook.custom_should_register = should_register
     return hook
 
 

@@ -262,3 +262,31 @@ def test_hook_works_downstream_of_a_stock_lora_and_next_to_a_controlnet(run, sav
     hooked_with_cn = run(graph)
     assert relative(applied_with_cn, run(with_apply(base_graph(), "a"))) > 10 * TOLERANCE  # the ControlNet counts
     assert relative(hooked_with_cn, applied_with_cn) < TOLERANCE
+
+
+def test_a_hook_on_a_unet_the_space_does_not_fit_stops_the_sampler_with_applys_message(comfy_host, staged):
+    """The host's hook registration drops the keys a MODEL lacks and ignores wrong shapes with a log line: without a
+    check the identity would silently not be applied. The hook checks the targets when a sampler registers it and
+    stops with the message Apply w2w LoRA gives; an SD1.5 MODEL registers as before (the graphs above)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import nodes
+    from comfy_extras import nodes_hooks
+
+    space = comfy_host.node_class("W2WLoadSpace").execute(SPACE_FILE, PCS).result[0]
+    identity = comfy_host.node_class("W2WSampleIdentity").execute(space, 0, PCS, 1.0).result[0]
+    config = dict(standins.SD15_UNET_CONFIG, model_channels=32, num_heads=4)  # SD-like, not SD1.5's shapes
+    unet = comfy.supported_models.SD15(config).get_model({}, "")
+    small = comfy.model_patcher.ModelPatcher(unet, mm.get_torch_device(), mm.unet_offload_device())
+    with pytest.raises(ValueError, match="w2w spaces are for SD1.5 UNets") as applied:
+        comfy_host.node_class("W2WApplyLoRA").execute(small, space, identity, 1.0)
+    hooks = comfy_host.node_class("W2WIdentityHook").execute(space, identity, 1.0).result[0]
+    cond = [[torch.zeros(1, 77, 768), {}]]
+    positive, negative = nodes_hooks.PairConditioningSetProperties().set_properties(cond, cond, 1.0, "default",
+                                                                                     hooks=hooks)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with torch.inference_mode(), pytest.raises(ValueError, match="w2w spaces are for SD1.5 UNets") as hooked:
+        nodes.KSampler().sample(small, 5, 1, 2.0, "euler", "normal", positive, negative, latent, 1.0)
+    assert str(hooked.value) == str(applied.value)
+    assert small.patches == {} and not small.hook_patches

@@ -403,7 +403,7 @@ def test_invert_in_low_precision_notes_it_and_lands_near_float32(space, precisio
         invert(space, denoiser, make_latents(), make_cond(), settings, precision="fp8")
 
 
-def test_random_crop_per_step_moves_over_the_latents_and_takes_the_mask_along(space):
+def test_random_crop_per_step_moves_over_the_latents_and_takes_the_mask_along(space, monkeypatch):
     """crop=k: every step optimises on a k × k window of the latents at a seeded random place (reported to the
     callback); the windows differ between steps and stay inside; the mask is cut the same way (a mask that is zero
     in a whole window is refused); crop=0 sees the whole latents every step."""
@@ -432,6 +432,22 @@ def test_random_crop_per_step_moves_over_the_latents_and_takes_the_mask_along(sp
     mask[:, :5] = 1.0  # every 8-wide window of 12 overlaps columns 0..4
     masked = invert(space, Recorder(space.layout.scale), latents, make_cond(), settings, mask=mask)
     assert not torch.equal(masked.identity.coefficients, cropped.identity.coefficients)
+    # a mask near the border: windows without any of it are drawn again (their loss would be 0/0), seeded
+    windows.clear()
+    strip = torch.zeros(12, 12)
+    strip[:2] = 1.0  # only windows starting in rows 0..1 hold some of it
+    top_only = invert(space, Recorder(space.layout.scale), latents, make_cond(), settings, mask=strip,
+                      callback=lambda step, total, info: windows.append(info["window"]))
+    assert len(windows) == 8 and all(top <= 1 for top, _ in windows) and len(set(windows)) > 1
+    assert torch.isfinite(top_only.identity.coefficients).all()
+    again = invert(space, Recorder(space.layout.scale), latents, make_cond(), settings, mask=strip)
+    assert torch.equal(again.identity.coefficients, top_only.identity.coefficients)
+    corner = torch.zeros(12, 12)
+    corner[0, 0] = 1.0  # held by one window of 25: with a single draw per step it is missed at some step
+    import w2w.invert as invert_module
+    monkeypatch.setattr(invert_module, "CROP_DRAWS", 1)
+    with pytest.raises(ValueError, match="holds any of the mask: paint a larger mask, or turn random_crop off"):
+        invert(space, Recorder(space.layout.scale), latents, make_cond(), settings, mask=corner)
     with pytest.raises(ValueError, match="larger than the latents"):
         invert(space, Recorder(space.layout.scale), latents, make_cond(), InvertSettings(pcs=space.pcs, steps=1,
                                                                                           crop=13))

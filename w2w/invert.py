@@ -373,6 +373,9 @@ def prepare_mask(mask: torch.Tensor | None, images: int, size: tuple[int, int]) 
     return m
 
 
+CROP_DRAWS = 64  # random crop windows drawn at most per step to find one holding some of the mask
+
+
 def masked_mean(err: torch.Tensor, mask: torch.Tensor | None = None, per_item: bool = False) -> torch.Tensor:
     """The mean of ``err`` (N, C, h, w) over its values; with a mask (N or 1, 1, h, w), its mask-weighted mean over
     pixels (each pixel's C values weighted by the mask there). ``per_item``: one value per item (N,), as a batch of
@@ -481,9 +484,16 @@ def invert(space: Space, denoiser: Denoiser, latents: torch.Tensor, cond: Any,
             x0 = x0 + latent_std[index.to(device)] * torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
         info: dict = {}
         if settings.crop and (settings.crop < height or settings.crop < width):  # a new random crop every step
-            top = int(torch.randint(0, height - settings.crop + 1, (1,), generator=gen))
-            left = int(torch.randint(0, width - settings.crop + 1, (1,), generator=gen))
-            window = (..., slice(top, top + settings.crop), slice(left, left + settings.crop))
+            for _ in range(CROP_DRAWS):  # with a mask: a window with some of it (else the loss would be 0/0)
+                top = int(torch.randint(0, height - settings.crop + 1, (1,), generator=gen))
+                left = int(torch.randint(0, width - settings.crop + 1, (1,), generator=gen))
+                window = (..., slice(top, top + settings.crop), slice(left, left + settings.crop))
+                if step_masks is None or bool(step_masks[window].sum() > 0):
+                    break
+            else:
+                raise ValueError(f"random crop: none of {CROP_DRAWS} random {settings.crop}x{settings.crop} windows "
+                                 f"(latent pixels) at step {step + 1} holds any of the mask: paint a larger mask, "
+                                 "or turn random_crop off")
             x0 = x0[window]
             step_masks = None if step_masks is None else step_masks[window]
             info["window"] = (top, left)

@@ -129,6 +129,34 @@ def test_export_refuses_foreign_identity(space):
 
 
 # ---- the exports read by the libraries that consume them -----------------------------------------------------
+def test_a_failed_peft_export_leaves_no_folder_and_a_new_one_has_both_files(space, tmp_path, monkeypatch):
+    """A peft adapter is a folder of two files: a new one appears whole (written in a hidden folder, then renamed)
+    or not at all; writing over an earlier adapter folder replaces each file whole."""
+    import json
+    import os
+    import stat
+
+    import w2w.export as export
+
+    ident = sample_identity(space, seed=3, pcs=16)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(export.json, "dump", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            export_lora(space, ident, str(tmp_path / "adapter"), "peft")
+    assert os.listdir(tmp_path) == []
+    out = export_lora(space, ident, str(tmp_path / "adapter"), "peft")
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~export._umask()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == space.layout.rank
+    again = export_lora(space, sample_identity(space, seed=4, pcs=16), out, "peft")  # over the earlier one
+    assert again == out and sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert os.listdir(tmp_path) == ["adapter"]
+
+
 def test_peft_export_matches_peft_own_naming_on_diffusers_unet(space, tmp_path):
     """PEFT itself reads our adapter_config.json and, injected into diffusers' own SD1.5 UNet (on the meta device:
     names and shapes only), names every LoRA tensor exactly as our file does, with the same shapes."""

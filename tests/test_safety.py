@@ -205,3 +205,24 @@ def test_a_non_finite_released_pseudo_inverse_is_refused_at_load(copy):
     torch.save(pinv, copy / "pinverse_1000pc.pt")
     with pytest.raises(W2WFileError, match="pseudo-inverse contains NaN"):
         load_space(str(copy))
+
+
+@pytest.mark.parametrize("history", ["5", "null", '{"a": 1}', "not json"])
+def test_an_identity_file_with_a_malformed_history_is_a_file_error(tmp_path, history):
+    from safetensors.torch import save_file
+
+    from w2w.identity import load_identity
+
+    path = str(tmp_path / "i.safetensors")
+    save_file({"coefficients": torch.ones(3)}, path,
+              metadata={"format": "w2w-identity", "space_fingerprint": "0123456789abcdef", "history": history})
+    with pytest.raises(W2WFileError, match="malformed identity metadata"):
+        load_identity(path)
+
+
+@pytest.mark.parametrize("pcs", [0, -3, 2.5, True])
+def test_conversion_refuses_a_bad_number_of_pcs_before_writing(release, tmp_path, pcs):
+    out = tmp_path / "s.safetensors"
+    with pytest.raises(ValueError, match="pcs must be a positive whole number"):
+        convert_release(release.folder, str(out), pcs=pcs)
+    assert list(tmp_path.iterdir()) == []

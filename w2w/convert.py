@@ -22,6 +22,8 @@ def convert_release(folder: str, out: str, *, pcs: int | None = None, dtype: tor
                     training: bool = True, directions: bool = True,
                     callback: Callable[[int, int, str], None] | None = None) -> Space:
     """Convert a released-files folder to our format (atomically); returns the written space with ≤ 1000 PCs."""
+    if pcs is not None and (isinstance(pcs, bool) or not isinstance(pcs, int) or pcs < 1):
+        raise ValueError(f"pcs must be a positive whole number of PCs to keep (or None for all), got {pcs!r}")
     check_release_folder(folder)
     v_path = os.path.join(folder, "V.pt")
     span = torch_file_span(v_path, "V")  # (d, M)

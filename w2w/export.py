@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import torch
 
 from .identity import Identity
 from .layout import ModuleSlot
 from .space import Space
-from .stfile import atomic_path, write_safetensors
+from .stfile import _umask, atomic_path, write_safetensors
 
 __all__ = ["identity_factors", "lora_state_dict", "export_lora", "FORMATS"]
 
@@ -68,11 +70,27 @@ def export_lora(space: Space, identity: Identity, out: str, fmt: str = "kohya", 
             raise ValueError(f"{out}: a {fmt} LoRA is written as a .safetensors file")
         write_safetensors(out, sd, meta)
         return out
-    os.makedirs(out, exist_ok=True)
     targets = sorted({m.name.rsplit(".", 1)[-1] for m in space.layout.modules})
     config = {"peft_type": "LORA", "r": space.layout.rank, "lora_alpha": space.layout.alpha, "target_modules": targets,
               "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True}
-    write_safetensors(os.path.join(out, "adapter_model.safetensors"), sd, meta)
-    with atomic_path(os.path.join(out, "adapter_config.json")) as tmp, open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
+
+    def write(folder: str) -> None:
+        write_safetensors(os.path.join(folder, "adapter_model.safetensors"), sd, meta)
+        with atomic_path(os.path.join(folder, "adapter_config.json")) as tmp, open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+
+    out = os.path.abspath(out)
+    if os.path.isdir(out):  # an adapter folder written before: each file is replaced whole
+        write(out)
+        return out
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out)[:40] + ".", suffix=".partial", dir=parent)
+    try:  # a new folder appears whole, with both files, or not at all
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; give it the mode makedirs would
+        os.rename(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -76,7 +76,10 @@ def load_identity(path: str) -> Identity:
             if "coefficients" not in f.keys():
                 raise W2WFileError(f"{path} lacks the tensor 'coefficients'")
             coefs = f.get_tensor("coefficients")
-        history = tuple(str(h) for h in json.loads(meta.get("history", "[]")))
+        history = json.loads(meta.get("history", "[]"))
+        if not isinstance(history, list):
+            raise ValueError(f"history must be a JSON list of steps, got {type(history).__name__}")
+        history = tuple(str(h) for h in history)
     except SafetensorError as exc:
         raise W2WFileError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {exc}") from None
     except ValueError as exc:

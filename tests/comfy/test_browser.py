@@ -479,6 +479,45 @@ def test_edit_workflow_in_browser(browser_api, ui_server, frontend, tmp_path):
     assert len(outputs) >= 2, f"history lists {len(outputs)} image outputs"
 
 
+JS_INTO_SUBGRAPH = """async ([loadId, editIds, space]) => {
+  const app = window.comfyAPI.app.app;
+  const items = new Set([loadId, ...editIds].map((id) => app.graph.getNodeById(id)));
+  const { node } = app.graph.convertToSubgraph(items);
+  const inner = node.subgraph.nodes;
+  const load = inner.find((n) => n.type === "W2WLoadSpace");
+  const edits = inner.filter((n) => n.type === "W2WApplyEditDirection");
+  const choose = async (name) => {
+    const widget = load.widgets.find((x) => x.name === "space");
+    widget.value = name;
+    await window.w2w.refreshAll();
+    return edits.map((e) => [...e.widgets.find((x) => x.name === "attribute").options.values].sort());
+  };
+  const first = await choose(space[0]);
+  const second = await choose(space[1]);
+  return {
+    rootIds: app.graph.nodes.map((n) => n.id), outer: node.id, edits: edits.length, first, second,
+    inAll: edits.every((e) => window.w2w.allNodes().includes(e)),
+    found: edits.every((e) => window.w2w.findNode(`${node.id}:${e.id}`) === e),
+  };
+}"""
+
+
+def test_nodes_inside_a_subgraph_follow_their_space(browser_api, ui_server, frontend, tmp_path):
+    """A user who groups Load w2w Space and Apply Edit Direction into a subgraph keeps the attribute lists that follow
+    the chosen space (the nodes live in the subgraph's own graph, not the root graph), and progress events addressed
+    'outer:inner' reach the inner node."""
+    workflow = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+    with ui_page(browser_api, ui_server, frontend, tmp_path, "subgraph") as (page, errors):
+        load_workflow(page, frontend, workflow)
+        check_errors(errors, "on load")
+        got = page.evaluate(JS_INTO_SUBGRAPH, [LOAD_SPACE_ID, list(EDIT_IDS), [SPACE_A, SPACE_B]])
+        assert got["edits"] == len(EDIT_IDS) and LOAD_SPACE_ID not in got["rootIds"], got
+        assert got["first"] == [sorted(SPACES[SPACE_A])] * len(EDIT_IDS), got
+        assert got["second"] == [sorted(SPACES[SPACE_B])] * len(EDIT_IDS), got
+        assert got["inAll"] and got["found"], got
+        check_errors(errors, "with the nodes in a subgraph")
+
+
 INVERT_WORKFLOW = REPO / "example_workflows" / "invert_image.json"
 INVERT_ID, INVERT_STEPS = 4, 20
 JS_WATCH_PREVIEWS = """() => {

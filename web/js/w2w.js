@@ -70,11 +70,13 @@ export function summaryLines(summary) {
 
 // The Load w2w Space node feeding `node`'s space input (through legacy Reroute nodes), or null.
 function spaceSource(node) {
+  // a node being configured outside any graph (e.g. while the frontend copies it into a new subgraph) has no links
+  if (!node.graph) return null;
   const slot = node.inputs?.findIndex((input) => input.name === "space") ?? -1;
   if (slot < 0) return null;
   let source = node.getInputNode(slot);
   for (let hops = 0; source && source.type === "Reroute" && hops < 32; hops += 1) {
-    source = source.getInputNode(0);
+    source = source.graph ? source.getInputNode(0) : null;
   }
   return source && source.type === LOAD_SPACE ? source : null;
 }
@@ -187,10 +189,27 @@ async function refreshEdit(node) {
   node.setDirtyCanvas(true, true);
 }
 
+// Every node of the workflow: the root graph's and those inside subgraphs (frontends with subgraphs keep each
+// subgraph's nodes in its own graph, reached through the subgraph node's `subgraph`).
+function allNodes() {
+  const found = [];
+  const seen = new Set();
+  const visit = (graph) => {
+    if (!graph || seen.has(graph)) return;
+    seen.add(graph);
+    for (const node of graph.nodes ?? graph._nodes ?? []) {
+      found.push(node);
+      if (node.subgraph) visit(node.subgraph);
+    }
+  };
+  visit(app.graph);
+  for (const graph of app.graph?.subgraphs?.values?.() ?? []) visit(graph); // definitions not placed anywhere
+  return found;
+}
+
 function refreshAll() {
-  const nodes = app.graph?.nodes ?? app.graph?._nodes ?? [];
   return Promise.all(
-    nodes.map((node) =>
+    allNodes().map((node) =>
       node.type === LOAD_SPACE ? refreshLoadSpace(node) : node.type === EDIT ? refreshEdit(node) : null
     )
   );
@@ -209,9 +228,17 @@ function followWidget(node, name, onChange) {
   };
 }
 
+// A node by the id the server reports: "12" on the root graph, "7:12" for node 12 inside subgraph node 7.
 function findNode(id) {
-  const graph = app.graph;
-  return graph?.getNodeById(id) ?? graph?.getNodeById(Number(String(id).split(":").pop()));
+  const direct = app.graph?.getNodeById(id);
+  if (direct) return direct;
+  const path = String(id).split(":");
+  let graph = app.graph;
+  for (const part of path.slice(0, -1)) {
+    graph = (graph?.getNodeById(part) ?? graph?.getNodeById(Number(part)))?.subgraph;
+  }
+  const last = path[path.length - 1];
+  return graph?.getNodeById(last) ?? graph?.getNodeById(Number(last)) ?? null;
 }
 
 app.registerExtension({
@@ -261,10 +288,10 @@ app.registerExtension({
       if (node && INVERT_NODES.has(node.type)) node.w2wProgress = detail;
     });
     api.addEventListener("execution_start", () => {
-      for (const node of app.graph?.nodes ?? []) if (INVERT_NODES.has(node.type)) node.w2wProgress = null;
+      for (const node of allNodes()) if (INVERT_NODES.has(node.type)) node.w2wProgress = null;
     });
   },
 });
 
 // For tests and other extensions: refresh every w2w node now (resolves when the route answered).
-window.w2w = { refreshAll, summaryLines, fetchSummary };
+window.w2w = { refreshAll, summaryLines, fetchSummary, allNodes, findNode };

@@ -431,3 +431,17 @@ def test_cli_matrix_with_layout_names_and_labels(tmp_path, capsys):
 def test_config_is_validated(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         BuildConfig(**kw)
+
+
+def test_a_krylov_basis_wider_than_the_weights_is_refused_not_built_wrong():
+    """(power_iters + 1) · (pcs + oversample) directions cannot be orthonormal in fewer weights: such a build used to
+    write components that are not orthonormal (explained variance above 1) and exit 0; it is refused naming the fix,
+    and the suggested setting builds an orthonormal basis."""
+    x = torch.randn(300, 40, generator=torch.Generator().manual_seed(0))
+    source = ArraySource(x, layout=flat_layout(40))
+    cfg = BuildConfig(pcs=20, power_iters=1)
+    with pytest.raises(BuildError, match=r"need 60 directions but a model has 40 weights: use power_iters 0"):
+        build_space(source, cfg)
+    res = build_space(source, BuildConfig(pcs=20, power_iters=0))
+    c = res.space.components
+    torch.testing.assert_close(c @ c.T, torch.eye(20), atol=1e-4, rtol=0)

@@ -661,6 +661,13 @@ def check_build_shape(source: RowSource, config: BuildConfig) -> None:
     if config.pcs > min(n - 1, d):
         raise BuildError(f"asked for {config.pcs:,} PCs but {n:,} models of {d:,} weights give at most "
                          f"{min(n - 1, d):,}: lower pcs")
+    width = min(config.columns, d)
+    if config.power_iters and (config.power_iters + 1) * width > d:
+        # the Krylov basis [G_1 .. G_{q+1}] cannot have more orthonormal columns than the weights it spans
+        most = max(0, d // width - 1)
+        raise BuildError(f"{config.power_iters} Krylov iteration(s) of {width:,} columns (pcs + oversample) need "
+                         f"{(config.power_iters + 1) * width:,} directions but a model has {d:,} weights: use "
+                         f"power_iters {most} (--power-iters {most}) or fewer pcs/oversample")
 
 
 def standardisation(mean: torch.Tensor, std: torch.Tensor):

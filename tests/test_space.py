@@ -9,7 +9,7 @@ from safetensors import safe_open
 from w2w.identity import Identity, IdentityMismatch, load_identity, save_identity
 from w2w.sampling import sample_identity
 from w2w.convert import convert_release
-from w2w.space import load_space
+from w2w.space import PcsError, load_space
 from w2w_fixtures import make_release, released_reference_deltas, released_reference_weights
 
 
@@ -58,8 +58,12 @@ def test_pcs_limits_what_is_held(release, converted):
         assert space.total_pcs == 24
         with pytest.raises(ValueError, match="load the space with pcs >= 6"):
             space.weights(torch.zeros(6))
-    with pytest.raises(ValueError, match="lower pcs"):
-        load_space(converted, pcs=25)
+    for path in (release.folder, converted):  # the caller's choice, not a damaged file
+        with pytest.raises(PcsError, match="has 24: lower pcs to at most 24") as caught:
+            load_space(path, pcs=25)
+        assert "malformed" not in str(caught.value) and "convert" not in str(caught.value)
+        with pytest.raises(PcsError, match="positive integer"):
+            load_space(path, pcs=0)
 
 
 def test_fingerprint_is_shared_by_all_forms(release, converted, tmp_path):

@@ -244,7 +244,7 @@ def load_space(path: str, pcs: int | None = None, *, training: bool = True,
     ``progress(done, total)`` follows the read of the basis, the long part (it may raise to stop the load).
     """
     if pcs is not None and (not isinstance(pcs, int) or pcs < 1):
-        raise ValueError(f"pcs must be a positive integer or None, got {pcs!r}")
+        raise PcsError(f"pcs must be a positive integer or None, got {pcs!r}")
     path = os.fspath(path)
     if os.path.isdir(path):
         return _load_release_dir(path, pcs, training, progress)
@@ -256,11 +256,16 @@ def load_space(path: str, pcs: int | None = None, *, training: bool = True,
     raise W2WFileError(f"{path}: a space is a .safetensors file or a folder of released files")
 
 
+class PcsError(ValueError):
+    """A request for more principal components than a space holds (or fewer than one): the caller's choice, not a
+    fault of the file."""
+
+
 def _pcs_to_keep(pcs: int | None, available: int, where: str) -> int:
     if pcs is None:
         return available
     if pcs > available:
-        raise ValueError(f"asked for {pcs:,} PCs but {where} has {available:,}: lower pcs")
+        raise PcsError(f"asked for {pcs:,} PCs but {where} has {available:,}: lower pcs to at most {available:,}")
     return pcs
 
 
@@ -428,7 +433,7 @@ def _load_ours(path: str, pcs: int | None, training: bool, progress=None) -> Spa
         raise W2WFileError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {exc}") from None
     except OSError as exc:
         raise W2WFileError(f"{path} could not be read: {exc}") from None
-    except W2WFileError:
+    except (W2WFileError, PcsError):
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # metadata or tensors of a wrong kind
         raise W2WFileError(f"{path}: malformed w2w space file ({type(exc).__name__}: {exc}); it was not written by "

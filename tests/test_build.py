@@ -274,6 +274,21 @@ def test_nan_rows_are_named(tmp_path):
         build_space(open_source(str(tmp_path / "w.npy"), layout=tiny_layout()), BuildConfig(pcs=3, block_rows=20))
 
 
+@pytest.mark.parametrize("memory_mb,block_rows", [(64, None), (1, 20)], ids=["cached", "streamed"])
+def test_weights_whose_squares_overflow_float32_build_the_same_space(memory_mb, block_rows):
+    """PCA of standardised weights does not depend on their units: rows scaled by 1e24 (finite in float32, squares
+    not) give the same components, and every block is counted, none dropped."""
+    x = planted_matrix(n=60, d=300)
+    config = BuildConfig(pcs=4, power_iters=2, memory_mb=memory_mb, block_rows=block_rows)
+    plain = build_space(ArraySource(x, layout=flat_layout(300)), config).space
+    huge = build_space(ArraySource(x * 1e24, layout=flat_layout(300)), config).space
+    assert bool(torch.isfinite(huge.std).all()) and bool(torch.isfinite(huge.components).all())
+    torch.testing.assert_close(huge.std.double(), plain.std.double() * 1e24, rtol=1e-5, atol=0)
+    torch.testing.assert_close(huge.mean.double(), plain.mean.double() * 1e24, rtol=1e-5, atol=1e15)
+    torch.testing.assert_close(huge.components, plain.components, rtol=0, atol=1e-4)  # unit rows
+    torch.testing.assert_close(huge.train_coefs, plain.train_coefs, rtol=0, atol=1e-3 * float(plain.train_coefs.abs().max()))
+
+
 def test_too_many_pcs(tmp_path):
     x = planted_matrix(n=10, d=tiny_layout().dim)
     with pytest.raises(BuildError, match="at most 9"):
@@ -445,3 +460,90 @@ def test_a_krylov_basis_wider_than_the_weights_is_refused_not_built_wrong():
     res = build_space(source, BuildConfig(pcs=20, power_iters=0))
     c = res.space.components
     torch.testing.assert_close(c @ c.T, torch.eye(20), atol=1e-4, rtol=0)
+
+
+# ---- the command line refuses what would go wrong, before any work -----------------------------------------
+def test_cli_never_writes_over_its_inputs(tmp_path, capsys):
+    layout = tiny_layout()
+    names, coefs = write_lora_folder(tmp_path / "loras", generating_space(layout), 12)
+    matrix = tmp_path / "m.npy"
+    np.save(matrix, planted_matrix(n=30, d=layout.dim).numpy())
+    labels_frame(names, coefs).to_csv(tmp_path / "labels.csv", index=False)
+    before = {p: p.read_bytes() for p in (matrix, tmp_path / "labels.csv")}
+    listing = sorted(os.listdir(tmp_path / "loras"))
+    for argv, message in [
+        (["build", matrix, "--from", matrix, "--layout", tmp_path / "loras"], "would replace the input"),
+        (["build", tmp_path / "loras" / "space.safetensors", "--from", tmp_path / "loras"], "whose every file is read"),
+        (["build", tmp_path / "loras" / "model_000.safetensors", "--from", tmp_path / "loras"], "would replace"),
+        (["build", tmp_path / "labels.csv", "--from", tmp_path / "loras", "--labels", tmp_path / "labels.csv"],
+         "would replace the input"),
+        (["build", tmp_path, "--from", tmp_path / "loras"], "is a folder"),
+    ]:
+        assert cli_main([str(a) for a in argv] + ["--pcs", "3", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
+    assert {p: p.read_bytes() for p in before} == before and sorted(os.listdir(tmp_path / "loras")) == listing
+
+    space = tmp_path / "space.safetensors"
+    assert cli_main(["build", str(space), "--from", str(tmp_path / "loras"), "--pcs", "3", "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli_main(["fit-directions", str(space), str(tmp_path / "labels.csv"), "--out",
+                     str(tmp_path / "labels.csv")]) == 2
+    assert "would replace the input" in capsys.readouterr().err and (tmp_path / "labels.csv").read_bytes() == \
+        before[tmp_path / "labels.csv"]
+
+
+def test_cli_build_checks_labels_before_reading_the_models(tmp_path, capsys, monkeypatch):
+    import w2w.build
+
+    def never(*args, **kwargs):
+        raise AssertionError("the build ran before its labels were checked")
+
+    monkeypatch.setattr(w2w.build, "build_space", never)
+    layout = tiny_layout()
+    names, coefs = write_lora_folder(tmp_path / "loras", generating_space(layout), 12)
+    labels_frame(names, coefs).to_csv(tmp_path / "labels.csv", index=False)
+    labels_frame(names[:-1], coefs[:-1]).to_csv(tmp_path / "short.csv", index=False)
+    for extra, message in [(["--labels", str(tmp_path / "missing.csv")], "could not be read as CSV"),
+                           (["--labels", str(tmp_path / "short.csv")], "have no label row"),
+                           (["--labels", str(tmp_path / "labels.csv"), "--debias", "Bald"], "Bald not among")]:
+        code = cli_main(["build", str(tmp_path / "s.safetensors"), "--from", str(tmp_path / "loras"), "--pcs", "3",
+                         "--quiet"] + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_two_models_of_one_name_are_refused(tmp_path):
+    layout = tiny_layout()
+    gen = generating_space(layout)
+    write_lora_folder(tmp_path / "loras", gen, 4, ("kohya",))
+    export_lora(gen, Identity(torch.ones(gen.pcs), gen.fingerprint, "x"), str(tmp_path / "loras" / "model_001"), "peft")
+    with pytest.raises(BuildError, match="share the model name 'model_001'"):
+        open_source(str(tmp_path / "loras"))
+    (tmp_path / "loras" / "model_001").rename(tmp_path / "loras" / ".model_001.unfinished")  # hidden: never a model
+    assert open_source(str(tmp_path / "loras")).names == tuple(f"model_{i:03d}" for i in range(4))
+
+    np.save(tmp_path / "m.npy", planted_matrix(n=3, d=layout.dim).numpy())
+    with pytest.raises(BuildError, match="appear more than once .'a'"):
+        open_source(str(tmp_path / "m.npy"), layout=layout, names=["a", "b", "a"])
+
+
+def test_a_label_column_with_one_value_fits_no_direction(tmp_path, capsys):
+    layout = tiny_layout()
+    names, coefs = write_lora_folder(tmp_path / "loras", generating_space(layout), 12)
+    frame = labels_frame(names, coefs)
+    frame["Bald"] = 0
+    frame.to_csv(tmp_path / "labels.csv", index=False)
+    space = tmp_path / "space.safetensors"
+    assert cli_main(["build", str(space), "--from", str(tmp_path / "loras"), "--pcs", "3", "--quiet"]) == 0
+    assert cli_main(["sample", str(space), "--seed", "1", "--out", str(tmp_path / "id.safetensors")]) == 0
+    capsys.readouterr()
+    assert cli_main(["edit", str(space), str(tmp_path / "id.safetensors"), "--edit", "Male=1", "--out",
+                     str(tmp_path / "edited.safetensors")]) == 2  # built without labels: the fix is fit-directions
+    assert "python -m w2w fit-directions SPACE labels.csv" in capsys.readouterr().err
+    for method in ("lstsq", "logistic"):
+        assert cli_main(["fit-directions", str(space), str(tmp_path / "labels.csv"), "--method", method]) == 2
+        assert "'Bald' has the same label (0) for every training model" in capsys.readouterr().err
+    assert cli_main(["fit-directions", str(space), str(tmp_path / "labels.csv"), "--only", "Male,Young"]) == 0
+    assert set(load_space(str(space)).directions) == {"Male", "Young"}

@@ -189,7 +189,9 @@ def _lora_entries(folder: str) -> list[_LoraFile]:
     entries = []
     for entry in sorted(os.listdir(folder)):
         full = os.path.join(folder, entry)
-        if os.path.isfile(full) and entry.endswith(".safetensors") and not entry.startswith("."):
+        if entry.startswith("."):  # hidden: files being written, an unfinished adapter folder, system files
+            continue
+        if os.path.isfile(full) and entry.endswith(".safetensors"):
             entries.append(_LoraFile(entry[: -len(".safetensors")], full, None))
         elif os.path.isdir(full):
             for inner in ("adapter_model.safetensors", "adapter_model.bin"):
@@ -197,6 +199,12 @@ def _lora_entries(folder: str) -> list[_LoraFile]:
                     config = os.path.join(full, "adapter_config.json")
                     entries.append(_LoraFile(entry, os.path.join(full, inner), config if os.path.isfile(config) else None))
                     break
+    names = [e.name for e in entries]
+    twice = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+    if twice:
+        raise BuildError(f"{folder}: two LoRAs share the model name {', '.join(map(repr, twice[:10]))} (a file "
+                         "NAME.safetensors and an adapter folder NAME/); labels and names would be ambiguous: rename "
+                         "or move one of each pair")
     return entries
 
 
@@ -397,6 +405,14 @@ def name_rows(source: RowSource, path: str, names: Sequence[str] | None, layout:
     if names is not None:
         if len(names) != n:
             raise BuildError(f"{len(names):,} row names for a matrix of {n:,} rows")
+        if len(set(names)) != n:
+            seen, twice = set(), []
+            for name in names:
+                if name in seen and name not in twice:
+                    twice.append(name)
+                seen.add(name)
+            raise BuildError(f"row names appear more than once ({', '.join(map(repr, twice[:10]))}); each model "
+                             "needs its own name, as labels are keyed by it")
         source.names = tuple(names)
     source.layout = layout if layout is not None else (sd15_layout() if d == sd15_layout().dim else None)
     if source.layout is None:
@@ -497,8 +513,13 @@ def _statistics(rows: _Rows, keep: bool, omega: torch.Tensor) -> tuple[torch.Ten
             square = torch.mul(centred, centred, out=square_chunk[: stop - c])
             block_m2 += (ones[:, : stop - c] @ square).squeeze(0)
         if not bool(torch.isfinite(block_m2).all()):  # NaN/Inf anywhere in a column makes its sum non-finite
-            bad.extend(start + int(i) for i in torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten())
-            continue
+            nonfinite = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten()
+            if len(nonfinite):
+                bad.extend(start + int(i) for i in nonfinite)
+                continue
+            block_mean, block_m2 = _float64_moments(x, chunk)  # finite weights whose squares overflow float32
+            if cache is not None:
+                torch.sub(x, block_mean, out=cache[start:start + b])
         sketch.addmm_(x.T, omega[start:start + b])
         if cache is not None:
             block_means.append((start, b, block_mean))
@@ -516,6 +537,16 @@ def _statistics(rows: _Rows, keep: bool, omega: torch.Tensor) -> tuple[torch.Ten
         cache[start:start + b].add_(block_mean - mean32)
     rows.cache = cache
     return mean, (m2 / max(1, count - 1)).sqrt(), sketch
+
+
+def _float64_moments(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column mean and sum of squared deviations of a block, in float64 a chunk of rows at a time: for weights above
+    about 1e19, whose squares (or sums) overflow float32."""
+    mean = x.sum(0, dtype=torch.float64) / x.shape[0]
+    m2 = torch.zeros(x.shape[1], dtype=torch.float64)
+    for c in range(0, x.shape[0], chunk):
+        m2 += (x[c:c + chunk].double() - mean).square_().sum(0)
+    return mean.float(), m2
 
 
 @contextmanager
@@ -775,10 +806,18 @@ def attach_labels(space: Space, labels: torch.Tensor, attributes: Sequence[str])
 
 def load_for_labels(path: str) -> Space:
     """A space with only the PCs its fingerprint needs (the rest is streamed back when saving)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, framework="pt") as f:
-        total = f.get_slice("components").get_shape()[0] if "components" in f.keys() else 1
+    if os.path.isdir(path):
+        raise W2WFileError(f"{path} is a folder (released files?); directions are fitted into a space .safetensors "
+                           "written by `python -m w2w build` (the released files carry their own labels)")
+    if not os.path.isfile(path):
+        raise W2WFileError(f"space not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            total = f.get_slice("components").get_shape()[0] if "components" in f.keys() else 1
+    except (SafetensorError, OSError) as exc:
+        raise W2WFileError(f"{path} is not a readable .safetensors space (truncated or corrupt?): {exc}") from None
     return load_space(path, pcs=min(8, total))
 
 

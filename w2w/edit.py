@@ -32,6 +32,10 @@ def _require_training(space: Space, what: str) -> None:
     """Fitting needs labels and training coefficients (or the released pseudo-inverse)."""
     if space.labels is None or (space.train_coefs is None and space.pinverse is None):
         cached = ", ".join(space.directions) or "none"
+        if space.labels is None and space.train_coefs is not None:  # a space we built, without labels
+            raise ValueError(f"{what} needs attribute labels of the training models, which this space lacks (cached "
+                             f"directions: {cached}). Fit directions from a labels CSV with `python -m w2w "
+                             "fit-directions SPACE labels.csv`, or build with --labels.")
         raise ValueError(f"{what} needs the training models' coefficients and labels, which this space lacks "
                          f"(cached directions: {cached}). Use the released files with proj_1000pc.pt and "
                          "identity_df.pt, or a space converted with training data.")
@@ -55,6 +59,9 @@ def _raw_direction(space: Space, name: str, method: str) -> torch.Tensor:
 def _fit_raw(space: Space, name: str, method: str) -> torch.Tensor:
     _require_training(space, f"the direction {name!r}")
     y = _label_column(space, name)
+    if bool((y == y[0]).all()):  # least squares would fit the noise of the coefficients, logistic nothing at all
+        raise ValueError(f"attribute {name!r} has the same label ({float(y[0]):g}) for every training model; a "
+                         "direction needs models on both sides: fix the labels or leave the column out (--only)")
     if method == "lstsq":
         return space.cached("lstsq_all", lambda: _lstsq_all(space))[:, space.attribute_names.index(name)]
     if method == "logistic":

@@ -429,3 +429,17 @@ def test_killed_worker_without_retries_fails_clearly_and_writes_nothing(tmp_path
     assert "allowed-failures" in err  # the message names the setting that allows retries
     assert out.read_bytes() == b"an older space, to be kept if the build fails"
     assert sorted(os.listdir(tmp_path)) == ["space.safetensors", "w.zarr"]  # no temporary file left behind
+
+
+def test_a_cluster_that_could_never_run_is_refused_at_once(tmp_path, dask_ready):
+    """A scheduler file that is not there (the client would wait for it to appear) and a local cluster of no workers
+    (tasks would wait forever) fail before anything starts."""
+    from w2w.build_dask import dask_client
+
+    with pytest.raises(ClusterError, match="scheduler file not found: .*nothing.json"):
+        with dask_client(str(tmp_path / "nothing.json")):
+            pass
+    for kw in ({"workers": 0}, {"threads_per_worker": 0}, {"workers": 1.5}):
+        with pytest.raises(ValueError, match="at least 1"):
+            with dask_client(**kw):
+                pass

@@ -2,7 +2,10 @@
 with exit status 2 and one line that names the problem and the fix."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,8 +108,16 @@ def test_sample_edit_blend_export_nearest_give_the_core_results(run, space_file,
     (["blend", "{space}", "{identity}", "{foreign}", "--out", "{tmp}/x.safetensors"], "belongs to space"),
     (["export-lora", "{space}", "{identity}", "--out", "{tmp}/x.pt"], "is written as a .safetensors file"),
     (["nearest", "{space}", "{missing}"], "identity file not found"),
+    (["sample", "{space}", "--seed", "1", "--out", "{space}"], "would replace the input"),
+    (["edit", "{space}", "{identity}", "--edit", "Male=1", "--out", "{space}"], "would replace the input"),
+    (["convert", "{release}", "{release}/V.pt"], "would replace a file of the input folder"),
+    (["sample", "{space}", "--seed", "1", "--out", "{tmp}"], "is a folder: give a file name"),
+    (["sample", "{space}", "--seed", "1", "--out", ""], "--out is empty"),
+    (["export-lora", "{space}", "{identity}", "--format", "peft", "--out", "{lora}"], "this output is a folder"),
+    (["edit", "{space}", "{identity}", "--edit", "Male=nan", "--out", "{tmp}/x.safetensors"], "not a finite number"),
+    (["fit-directions", "{release}", "{lora}"], "is a folder (released files?)"),
 ])
-def test_mistakes_exit_2_with_a_line_naming_the_fix(run, space_file, tmp_path, argv, message):
+def test_mistakes_exit_2_with_a_line_naming_the_fix(run, space_file, release, tmp_path, argv, message):
     from w2w.identity import Identity, save_identity
 
     identity, foreign = tmp_path / "id.safetensors", tmp_path / "foreign.safetensors"
@@ -116,8 +127,49 @@ def test_mistakes_exit_2_with_a_line_naming_the_fix(run, space_file, tmp_path, a
     assert run("export-lora", space_file, identity, "--out", lora)[0] == 0
     (tmp_path / "empty").mkdir()
     names = {"missing": tmp_path / "nothing.safetensors", "lora": lora, "empty": tmp_path / "empty", "tmp": tmp_path,
-             "space": space_file, "identity": identity, "foreign": foreign}
+             "space": space_file, "identity": identity, "foreign": foreign, "release": release.folder}
+    kept = {p: Path(p).read_bytes() for p in (space_file, lora, Path(release.folder) / "V.pt")}
     code, out, err = run(*[a.format(**names) for a in argv])
+    assert {p: Path(p).read_bytes() for p in kept} == kept  # no input is ever replaced
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "x.safetensors").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["nearest", "S", "I", "--top", "-3"], "--top: -3 is too small: use 1 or more"),
+    (["sample", "S", "--seed", "1", "--pcs", "0", "--out", "x"], "--pcs: 0 is too small"),
+    (["blend", "S", "A", "B", "--t", "nan", "--out", "x"], "--t: 'nan' is not a finite number"),
+    (["sample", "S", "--seed", "1", "--factor", "inf", "--out", "x"], "--factor: 'inf' is not a finite number"),
+    (["build", "x", "--from", "y", "--engine", "dask", "--workers", "0"], "--workers: 0 is too small"),
+    (["to-zarr", "x", "y", "--chunk-mb", "0"], "--chunk-mb: 0 is too small"),
+    (["train-encoder", "--micro", "--workdir", "w", "--out", "x", "--threads", "-1"], "--threads: -1 is too small"),
+    (["vae-train", "S", "--out", "x", "--latent", "two"], "--latent: 'two' is not a whole number"),
+    (["download", "--pcs", "0"], "--pcs: 0 is too small"),
+])
+def test_impossible_numbers_are_refused_when_the_command_line_is_read(capsys, argv, flag):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_naming_the_fix_and_leaves_no_file(run, space_file, tmp_path, monkeypatch):
+    import io
+
+    import w2w.stfile
+
+    class Full(io.BytesIO):  # a disk that fills up at the first byte
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(w2w.stfile, "open", lambda *a, **k: Full(), raising=False)  # the module's writes only
+    code, out, err = run("sample", space_file, "--seed", 1, "--out", tmp_path / "a.safetensors")
+    assert code == 2 and err.startswith("error: No space left on device") and "free space" in err
+    assert err.count("\n") == 1 and os.listdir(tmp_path) == []  # the temporary file is gone too
+
+
+def test_sample_takes_every_pc_of_a_space_smaller_than_its_default(run, space_file, tmp_path):
+    out = tmp_path / "a.safetensors"
+    code, printed, _ = run("sample", space_file, "--seed", 3, "--out", out)
+    assert code == 0 and f"({PCS} coefficients)" in printed  # the default of 1000, clamped to the space's 12
+    assert torch.equal(load_identity(str(out)).coefficients, sample_identity(load_space(space_file), 3, PCS).coefficients)

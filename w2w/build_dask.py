@@ -143,6 +143,8 @@ def write_zarr(source: RowSource, out: str, *, chunk_rows: int | None = None, ch
     ``chunk_rows`` × d; default: about ``chunk_mb`` MiB), with its row names, layout and description. Atomic: the
     group is written into a temporary folder beside ``out`` and renamed when complete."""
     zarr = require_dask("zarr")
+    if not str(out).strip():
+        raise ValueError("the Zarr folder to write has an empty name: give its path")
     if "://" in out:
         raise W2WFileError(f"{out}: write the Zarr array to a local or mounted folder, then copy it to object storage")
     n, d = source.shape
@@ -186,6 +188,9 @@ def dask_client(scheduler: str | None = None, *, workers: int | None = None, thr
         if workers is not None or threads_per_worker is not None or worker_memory is not None:
             raise ValueError("workers, threads per worker and worker memory configure the local cluster; with a "
                              "scheduler address they are the cluster's own settings: leave them out")
+        if scheduler.endswith(".json") and not os.path.isfile(scheduler):  # the client would wait for it to appear
+            raise ClusterError(f"scheduler file not found: {scheduler}. Start the scheduler with `dask scheduler "
+                               "--scheduler-file FILE` first, or give its address (tcp://host:8786)")
         kw = {"scheduler_file": scheduler} if scheduler.endswith(".json") else {"address": scheduler}
         try:
             client = distributed.Client(**kw, timeout="30s")
@@ -196,6 +201,10 @@ def dask_client(scheduler: str | None = None, *, workers: int | None = None, thr
         with client:
             yield client
         return
+    for name, value in (("workers", workers), ("threads per worker", threads_per_worker)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a whole number of at least 1 (a cluster without any would wait "
+                             f"forever), got {value!r}")
     with distributed.LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                                   memory_limit="auto" if worker_memory is None else worker_memory) as cluster, \
             distributed.Client(cluster) as client:

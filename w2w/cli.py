@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from . import cli_build, cli_encoder, cli_space, cli_vae, download
@@ -24,6 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, KeyError) as exc:  # OSError: a full disk, a folder at a file's path...
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:  # "[Errno 28] No space left on device: 'x'" -> plain words
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        if exc.errno == errno.ENOSPC:
+            text += " (free space there or choose another output folder; nothing was written)"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            text += " (choose a folder you can write to)"
+        return text
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return " ".join(str(exc).split("\n"))

@@ -3,12 +3,13 @@ cluster), to-zarr (a source as a row-chunked Zarr array, for the Dask engine) an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
-from .cli_common import print_json
+from .cli_common import NONNEGATIVE, POSITIVE, check_output, print_json
 
 
 def register(sub) -> None:
@@ -30,17 +31,17 @@ def register(sub) -> None:
                    help="a folder of LoRA .safetensors files / PEFT adapter folders (kohya, PEFT or diffusers keys, "
                         "one layout), an N x d matrix file: .npy, .safetensors (one 2-D tensor) or .pt (torch.save), "
                         "or a Zarr array written by `to-zarr` (the only source of --engine dask)")
-    p.add_argument("--pcs", type=int, default=1000, help="principal components to keep (default 1000)")
-    p.add_argument("--power-iters", type=int, default=1,
+    p.add_argument("--pcs", type=POSITIVE, default=1000, help="principal components to keep (default 1000)")
+    p.add_argument("--power-iters", type=NONNEGATIVE, default=1,
                    help="power iterations of the randomized SVD; each is one more pass (default 1)")
-    p.add_argument("--oversample", type=int, default=None,
+    p.add_argument("--oversample", type=NONNEGATIVE, default=None,
                    help="extra sketch columns beyond PCS (default max(10, PCS/4)); more = more accurate last PCs")
-    p.add_argument("--memory-mb", type=int, default=1024,
+    p.add_argument("--memory-mb", type=POSITIVE, default=1024,
                    help="memory for blocks of rows; a matrix smaller than this is cached in memory (default 1024)")
-    p.add_argument("--block-rows", type=int, default=None,
+    p.add_argument("--block-rows", type=POSITIVE, default=None,
                    help="rows per block (default: from --memory-mb); with --engine dask, rows per task, rounded to "
                         "whole Zarr chunks (default: one chunk)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random sketch (default 0)")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random sketch (default 0)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype of the basis")
     p.add_argument("--layout", default=None, metavar="LORA",
                    help="for a matrix whose rows are not the 99,648-value SD1.5 layout: a LoRA file or folder whose "
@@ -61,9 +62,9 @@ def register(sub) -> None:
     dask.add_argument("--scheduler", default=None, metavar="ADDRESS",
                       help="the Dask scheduler to use (tcp://host:8786, or a scheduler file .json); default: start a "
                            "local cluster of worker processes")
-    dask.add_argument("--workers", type=int, default=None, metavar="N",
+    dask.add_argument("--workers", type=POSITIVE, default=None, metavar="N",
                       help="local cluster: worker processes (default: Dask's)")
-    dask.add_argument("--threads-per-worker", type=int, default=None, metavar="N",
+    dask.add_argument("--threads-per-worker", type=POSITIVE, default=None, metavar="N",
                       help="local cluster: threads per worker (default: Dask's)")
     dask.add_argument("--worker-memory", default=None, metavar="SIZE",
                       help="local cluster: memory limit of each worker, e.g. 4GiB (default: Dask's, the machine's "
@@ -82,10 +83,10 @@ def register(sub) -> None:
     p.add_argument("source", help="a LoRA folder or an N x d matrix file (.npy, .safetensors, .pt), as for build")
     p.add_argument("out", help="the Zarr folder to create (it must not exist); put it where every worker can read it")
     chunks = p.add_mutually_exclusive_group()
-    chunks.add_argument("--chunk-rows", type=int, default=None,
+    chunks.add_argument("--chunk-rows", type=POSITIVE, default=None,
                         help="rows per chunk; at least pcs + oversample of the builds to come keeps each chunk's "
                              "partial products smaller than the chunk (default: from --chunk-mb)")
-    chunks.add_argument("--chunk-mb", type=int, default=256, help="target chunk size in MiB (default 256)")
+    chunks.add_argument("--chunk-mb", type=POSITIVE, default=256, help="target chunk size in MiB (default 256)")
     p.add_argument("--layout", default=None, metavar="LORA", help="as for build: the layout of a matrix's rows")
     p.add_argument("--names", default=None, metavar="TXT", help="as for build: one model name per matrix row")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -122,8 +123,12 @@ def _progress(quiet: bool, unit: str = "blocks"):
 def _names(path: str | None) -> list[str] | None:
     if not path:
         return None
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--names {path} could not be read as a text file of model names: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _build(args) -> int:
@@ -135,7 +140,10 @@ def _build(args) -> int:
                "worker_memory": args.worker_memory}
     if args.engine == "local" and (args.scheduler or any(v is not None for v in cluster.values())):
         raise ValueError("--scheduler, --workers, --threads-per-worker and --worker-memory are for --engine dask")
+    check_output(args.out, "out", args.source, args.labels, args.names, args.layout,
+                 read_whole=(args.source if os.path.isdir(args.source) else None,))
     source = open_rows(args.source, layout=_layout_from(args.layout), names=_names(args.names))
+    labels = _read_labels(args.labels, source.names, _split(args.debias), []) if args.labels else None
     config = BuildConfig(pcs=args.pcs, oversample=args.oversample, power_iters=args.power_iters,
                          memory_mb=args.memory_mb, block_rows=args.block_rows, seed=args.seed)
     if args.engine == "dask":
@@ -149,8 +157,8 @@ def _build(args) -> int:
     if not args.quiet:
         print(file=sys.stderr)
     space = result.space
-    if args.labels:
-        space = _with_directions(space, args.labels, args.method, _split(args.debias), [])
+    if labels is not None:  # read and checked before the build
+        space = _with_directions(space, labels, args.method, _split(args.debias), [])
     save_space(space, args.out, dtype=getattr(torch, args.dtype), extra_metadata=result.metadata())
     summary = space.describe()
     summary.update(explained_variance=round(float(result.explained_variance_ratio.sum()), 6),
@@ -170,6 +178,8 @@ def _to_zarr(args) -> int:
 
     if is_zarr(args.source):
         raise ValueError(f"{args.source} is already a Zarr array")
+    check_output(args.out, "out", args.source, args.names, args.layout,
+                 read_whole=(args.source if os.path.isdir(args.source) else None,), folder=True)
     source = open_source(args.source, layout=_layout_from(args.layout), names=_names(args.names))
     zs = write_zarr(source, args.out, chunk_rows=args.chunk_rows, chunk_mb=args.chunk_mb,
                     callback=_progress(args.quiet))
@@ -188,28 +198,37 @@ def _layout_from(path: str | None):
     return lora_layout(path)
 
 
-def _with_directions(space, labels_path: str, method: str, debias: list[str], only: list[str]):
-    from .build import attach_labels, read_labels_csv
-    from .edit import fit_directions
+def _read_labels(path: str, names, debias: list[str], only: list[str]):
+    """(labels, attributes) of a labels CSV for these model names, with --debias/--only checked against them."""
+    from .build import read_labels_csv
 
-    labels, attributes = read_labels_csv(labels_path, space.train_names)
-    space = attach_labels(space, labels, attributes)
+    labels, attributes = read_labels_csv(path, names)
     unknown = [a for a in only + debias if a not in attributes]
     if unknown:
-        raise ValueError(f"{', '.join(unknown)} not among the label columns of {labels_path} "
-                         f"({', '.join(attributes)})")
-    names = only or list(attributes)
+        raise ValueError(f"{', '.join(unknown)} not among the label columns of {path} ({', '.join(attributes)})")
+    return labels, attributes
+
+
+def _with_directions(space, labels, method: str, debias: list[str], only: list[str]):
+    from .build import attach_labels
+    from .edit import fit_directions
+
+    space = attach_labels(space, *labels)
+    names = only or list(labels[1])
     return fit_directions(space, names, method=method, debias={n: debias for n in names})
 
 
 def _fit_directions(args) -> int:
     from .build import load_for_labels, save_streaming
 
+    out = args.out or args.space
+    if args.out is not None:  # replacing SPACE itself is the default; any other input is refused
+        check_output(args.out, "--out", args.labels)
     space = load_for_labels(args.space)
     if not space.train_names or space.train_coefs is None:
         raise ValueError(f"{args.space} has no training coefficients; build it with `python -m w2w build`")
-    space = _with_directions(space, args.labels, args.method, _split(args.debias), _split(args.only))
-    out = args.out or args.space
+    labels = _read_labels(args.labels, space.train_names, _split(args.debias), _split(args.only))
+    space = _with_directions(space, labels, args.method, _split(args.debias), _split(args.only))
     save_streaming(space, args.space, out)
     print_json({"out": out, "directions": {n: {"spread": round(d.spread, 6), "method": d.method,
                                                "debias": list(d.debias)} for n, d in space.directions.items()}})

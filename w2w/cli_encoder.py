@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 
-from .cli_common import print_json
+from .cli_common import NONNEGATIVE, POSITIVE, check_output, finite, print_json
 
 SPACE_HELP = "a w2w space: our .safetensors file or a folder of the released files (V.pt, mean.pt, ...)"
 EPILOG = """examples:
@@ -38,56 +38,56 @@ def register(sub) -> None:
                    "into WORKDIR/rendered first")
     g.add_argument("--server-space", help="the space's name on the server (Load w2w Space's choice)")
     g.add_argument("--checkpoint", help="the server's SD1.5 checkpoint file (the space's base model)")
-    g.add_argument("--identities", type=int, default=20_000, help="identities sampled and rendered (default 20,000)")
-    g.add_argument("--renders-per-identity", type=int, default=2, help="noise seeds/prompts per identity (default 2)")
-    g.add_argument("--sample-pcs", type=int, default=1000, help="PCs sampled per identity (default 1000, the paper's)")
-    g.add_argument("--factor", type=float, default=1.0, help="sampling spread (default 1.0)")
+    g.add_argument("--identities", type=POSITIVE, default=20_000, help="identities sampled and rendered (default 20,000)")
+    g.add_argument("--renders-per-identity", type=POSITIVE, default=2, help="noise seeds/prompts per identity (default 2)")
+    g.add_argument("--sample-pcs", type=POSITIVE, default=1000, help="PCs sampled per identity (default 1000, the paper's)")
+    g.add_argument("--factor", type=finite, default=1.0, help="sampling spread (default 1.0)")
     g.add_argument("--prompts", metavar="FILE", help="prompts, one per line, each naming 'sks' (default: six "
                    "portrait prompts around 'sks person')")
-    g.add_argument("--size", type=int, default=512, help="rendered image side (default 512)")
-    g.add_argument("--steps", type=int, default=25, help="sampler steps per render (default 25)")
-    g.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default 3.0, the paper's sampling cfg)")
-    g.add_argument("--render-seed", type=int, default=0, help="identity i is sampled with seed render-seed + i")
+    g.add_argument("--size", type=POSITIVE, default=512, help="rendered image side (default 512)")
+    g.add_argument("--steps", type=POSITIVE, default=25, help="sampler steps per render (default 25)")
+    g.add_argument("--cfg", type=finite, default=3.0, help="guidance scale (default 3.0, the paper's sampling cfg)")
+    g.add_argument("--render-seed", type=NONNEGATIVE, default=0, help="identity i is sampled with seed render-seed + i")
     g.add_argument("--face", choices=("auto", "off"), default="auto",
                    help="auto: frame every photo around its largest face as the inversion node does (MTCNN from "
                         "facenet-pytorch; photos without a face are left out); off: centre crop")
     m = p.add_argument_group("encoder")
-    m.add_argument("--pcs", type=int, default=None, help="coefficients predicted (default: 1000, or every PC the "
+    m.add_argument("--pcs", type=POSITIVE, default=None, help="coefficients predicted (default: 1000, or every PC the "
                    "space's sampling statistics cover if fewer)")
     m.add_argument("--backbone", choices=("conv", "facenet"), default="conv",
                    help="conv: a CNN trained from scratch (default); facenet: FaceNet's frozen embedding + a head")
     m.add_argument("--facenet-weights", help="the FaceNet weights file for --backbone facenet "
                    "(20180402-114759-vggface2.pt)")
-    m.add_argument("--image-size", type=int, default=64, help="conv: input side, 4 times a power of two (default 64)")
-    m.add_argument("--width", type=int, default=32, help="conv: channels of the first stage (default 32)")
-    m.add_argument("--hidden", type=int, default=None, help="head width (default 512; 256 for --micro --head retrieve)")
+    m.add_argument("--image-size", type=POSITIVE, default=64, help="conv: input side, 4 times a power of two (default 64)")
+    m.add_argument("--width", type=POSITIVE, default=32, help="conv: channels of the first stage (default 32)")
+    m.add_argument("--hidden", type=POSITIVE, default=None, help="head width (default 512; 256 for --micro --head retrieve)")
     m.add_argument("--head", choices=("regress", "retrieve"), default="regress",
                    help="regress: predict the coefficients (default); retrieve: recognise the space's training models "
                         "(pairs must name them: \"row\" in pairs.jsonl; the miniature world's photo pairs do) and "
                         "blend the most similar ones' coefficients")
-    m.add_argument("--embed", type=int, default=128, help="retrieve: face-embedding size (default 128)")
-    m.add_argument("--top-k", type=int, default=1,
+    m.add_argument("--embed", type=POSITIVE, default=128, help="retrieve: face-embedding size (default 128)")
+    m.add_argument("--top-k", type=POSITIVE, default=1,
                    help="retrieve: training models blended (default 1: the most similar one)")
-    m.add_argument("--temperature", type=float, default=0.05,
+    m.add_argument("--temperature", type=finite, default=0.05,
                    help="retrieve: softmax temperature over the blended models' cosine similarities (default 0.05)")
     t = p.add_argument_group("training")
-    t.add_argument("--train-steps", type=int, default=None, help="default 3000 (6000 for --micro --head retrieve)")
-    t.add_argument("--batch", type=int, default=None, help="default 64 (128 for --micro --head retrieve)")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--augment", type=float, default=1.0, help="strength of the photo augmentation (0 = off)")
-    t.add_argument("--holdout", type=float, default=0.1, help="fraction of identities held out for the report "
+    t.add_argument("--train-steps", type=POSITIVE, default=None, help="default 3000 (6000 for --micro --head retrieve)")
+    t.add_argument("--batch", type=POSITIVE, default=None, help="default 64 (128 for --micro --head retrieve)")
+    t.add_argument("--lr", type=finite, default=1e-3)
+    t.add_argument("--augment", type=finite, default=1.0, help="strength of the photo augmentation (0 = off)")
+    t.add_argument("--holdout", type=finite, default=0.1, help="fraction of identities held out for the report "
                    "and for early stopping")
     t.add_argument("--keep-last", action="store_true", help="write the last step's weights (default: the "
                    "evaluation with the lowest held-out error)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    t.add_argument("--seed", type=NONNEGATIVE, default=0)
+    t.add_argument("--threads", type=NONNEGATIVE, default=0, help="CPU threads (default: torch's)")
     t.add_argument("--fp16", action="store_true", help="store the encoder's weights in float16 (half the size)")
     w = p.add_argument_group("miniature world")
     w.add_argument("--micro", action="store_true", help="train the miniature world's encoder (CPU; docs/micro-world.md)")
     w.add_argument("--world", default=None, help="micro-world folder (default: the pack's models/micro)")
-    w.add_argument("--rendered", type=int, default=None, help="micro: sampled identities rendered for pairs")
-    w.add_argument("--photo-views", type=int, default=None, help="micro: photos per training person")
-    w.add_argument("--diffusion-weight", type=float, default=None, help="micro: weight of the diffusion term")
+    w.add_argument("--rendered", type=POSITIVE, default=None, help="micro: sampled identities rendered for pairs")
+    w.add_argument("--photo-views", type=POSITIVE, default=None, help="micro: photos per training person")
+    w.add_argument("--diffusion-weight", type=finite, default=None, help="micro: weight of the diffusion term")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("encoder-info", help="summarise an encoder file (space, P, backbone, training)")
@@ -102,6 +102,7 @@ def _log(message: str) -> None:
 def _train(args) -> int:
     import torch
 
+    check_output(args.out, "--out", args.space, args.facenet_weights, args.prompts, args.world, *args.pairs)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.micro:

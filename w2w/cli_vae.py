@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import sys
 
-from .cli_common import print_json
+from .cli_common import NONNEGATIVE, POSITIVE, check_output, finite, print_json
 
 SPACE_HELP = "a w2w space: our .safetensors file or a folder of the released files (V.pt, mean.pt, ...)"
 
@@ -21,22 +21,22 @@ def register(sub) -> None:
     p.add_argument("--key", default=None, help="tensor name inside a .safetensors weights matrix")
     p.add_argument("--no-whiten", action="store_true",
                    help="coefs: scale all PCs by one common std instead of whitening each (leading PCs weigh more)")
-    p.add_argument("--pcs", type=int, default=None, help="coefficients per model (default: all training PCs)")
-    p.add_argument("--latent", type=int, default=64, help="latent units (default 64)")
+    p.add_argument("--pcs", type=POSITIVE, default=None, help="coefficients per model (default: all training PCs)")
+    p.add_argument("--latent", type=POSITIVE, default=64, help="latent units (default 64)")
     p.add_argument("--hidden", default="512,256", help="encoder widths, comma-separated (decoder mirrors)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--beta", type=float, default=1.0, help="final KL weight")
-    p.add_argument("--warmup", type=int, default=5, help="epochs with KL weight 0")
-    p.add_argument("--ramp", type=int, default=10, help="epochs over which the KL weight rises to --beta")
-    p.add_argument("--free-bits", type=float, default=0.1, help="nats per latent unit not penalised (0 = off)")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of models held out for the error report")
+    p.add_argument("--epochs", type=POSITIVE, default=40)
+    p.add_argument("--batch-size", type=POSITIVE, default=128)
+    p.add_argument("--lr", type=finite, default=1e-3)
+    p.add_argument("--beta", type=finite, default=1.0, help="final KL weight")
+    p.add_argument("--warmup", type=NONNEGATIVE, default=5, help="epochs with KL weight 0")
+    p.add_argument("--ramp", type=NONNEGATIVE, default=10, help="epochs over which the KL weight rises to --beta")
+    p.add_argument("--free-bits", type=finite, default=0.1, help="nats per latent unit not penalised (0 = off)")
+    p.add_argument("--holdout", type=finite, default=0.1, help="fraction of models held out for the error report")
     p.add_argument("--keep-best", action="store_true",
                    help="keep the weights of the epoch with the lowest held-out error among those at the full KL "
                         "weight (early stopping), not the last epoch's")
-    p.add_argument("--block-rows", type=int, default=4096, help="rows read at a time from --weights")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-rows", type=POSITIVE, default=4096, help="rows read at a time from --weights")
+    p.add_argument("--seed", type=NONNEGATIVE, default=0)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("vae-info", help="summarise a trained VAE and its training history")
@@ -54,7 +54,11 @@ def _train(args) -> int:
     from .space import load_space
     from .vae import TrainConfig, WeightsMatrix, save_vae, train_from_space
 
-    hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+    check_output(args.out, "--out", args.space, args.weights)
+    try:
+        hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+    except ValueError:
+        raise ValueError(f"--hidden {args.hidden!r}: write whole numbers separated by commas, e.g. 512,256") from None
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
                         warmup_epochs=args.warmup, ramp_epochs=args.ramp, free_bits=args.free_bits,
                         holdout=args.holdout, seed=args.seed, block_rows=args.block_rows, keep_best=args.keep_best)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from .cli_common import POSITIVE
 from .space import OPTIONAL_RELEASE_FILES, RELEASE_FILES
 
 REPO_ID = "snap-research/weights2weights"
@@ -80,7 +81,7 @@ def register(sub) -> None:
                    help="the w2w model folder (default: <ComfyUI>/models/w2w for the ComfyUI containing this pack, "
                         "else $COMFYUI_PATH/models/w2w)")
     p.add_argument("--no-convert", action="store_true", help="only download (the folder of released files loads too)")
-    p.add_argument("--pcs", type=int, default=None, help="PCs kept in the converted file (default: all 10,000)")
+    p.add_argument("--pcs", type=POSITIVE, default=None, help="PCs kept in the converted file (default: all 10,000)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="basis dtype of the converted file")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.set_defaults(func=_download)
@@ -93,6 +94,8 @@ def _download(args) -> int:
     if dest is None:
         raise FileNotFoundError("cannot tell where ComfyUI's models folder is: pass --dest <ComfyUI>/models/w2w "
                                 "or set COMFYUI_PATH")
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise ValueError(f"--dest {dest} is a file; give the w2w model folder (e.g. <ComfyUI>/models/w2w)")
     print(f"downloading {REPO_ID} {HUB_FOLDER}/ (~4.3 GB) into {Path(dest) / RELEASE_NAME}")
 
     def progress(i, n, what):

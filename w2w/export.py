@@ -80,6 +80,9 @@ def export_lora(space: Space, identity: Identity, out: str, fmt: str = "kohya", 
             json.dump(config, f, indent=2)
 
     out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out} is a file; a peft adapter is a folder (adapter_model.safetensors + "
+                         "adapter_config.json): give a folder name")
     if os.path.isdir(out):  # an adapter folder written before: each file is replaced whole
         write(out)
         return out

@@ -14,7 +14,7 @@ from comfy_api.latest import io
 from ..w2w.encoder import EncoderConfig, check_space, encode_photos, load_encoder, read_encoder_metadata
 from ..w2w.safeload import W2WFileError
 from .folders import ENCODER_FOLDER, file_fingerprint, list_files, resolve_encoder
-from .idscore import AUTO, resolve_weights, weights_choices
+from .idscore import AUTO, facenet_fingerprint, resolve_weights, weights_choices
 from .inversion import FACE_AUTO, FACE_CHOICES, frame_photos, framing_preview
 from .sockets import CATEGORY_INVERSION, IdentitySocket, SpaceSocket, advanced, schema
 
@@ -82,7 +82,8 @@ class W2WEncodeFace(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, image, space, encoder: str, face: str = FACE_AUTO, facenet_weights: str = AUTO):
-        return file_fingerprint(resolve_encoder(encoder))
+        # a facenet-backbone encoder also reads the FaceNet weights file
+        return file_fingerprint(resolve_encoder(encoder)), facenet_fingerprint(facenet_weights)
 
     @classmethod
     def execute(cls, image: io.Image.Type, space: SpaceSocket.Type, encoder: str, face: str = FACE_AUTO,

@@ -14,6 +14,7 @@ functions, so the file can be imported by tools that only inspect the pack.
 from __future__ import annotations
 
 import os
+import stat
 
 from ..w2w.safeload import W2WFileError
 from ..w2w.space import RELEASE_FILES
@@ -133,9 +134,13 @@ def resolve_encoder(name: str) -> str:
 
 
 def file_fingerprint(path: str) -> tuple:
-    """(path, size, mtime) of a file, or of every file directly inside a folder: changes when the content is replaced."""
+    """(path, size, mtime, inode, ctime) of a file, or of every file directly inside a folder: changes when the content
+    is replaced, also by a copy that keeps the old modification time (``cp -p``, ``rsync -t``: a new inode, or a new
+    change time where the inode is reused)."""
     paths = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
-    return tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths if os.path.isfile(p))
+    stats = [(p, os.stat(p)) for p in paths]
+    return tuple((p, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) for p, st in stats
+                 if stat.S_ISREG(st.st_mode))
 
 
 def save_target(folder_name: str, filename_prefix: str) -> tuple[str, str]:

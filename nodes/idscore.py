@@ -55,6 +55,18 @@ def resolve_weights(choice: str) -> str:
     return find_facenet_weights(search_dirs=tuple(roots(FACENET_FOLDER)))
 
 
+def facenet_fingerprint(choice: str):
+    """What tells ComfyUI's cache that the FaceNet weights a node reads have changed: the chosen file's fingerprint
+    (a missing file: the choice itself; validation reports it; a linked choice, unknown until run: NaN, which is
+    never equal to itself, so the node always runs)."""
+    if choice is None:
+        return float("nan")
+    try:
+        return file_fingerprint(resolve_weights(choice))
+    except (FileNotFoundError, OSError):
+        return choice
+
+
 class W2WIDScore(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -106,10 +118,7 @@ class W2WIDScore(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, reference, generated, facenet_weights: str = AUTO, unload_after: bool = False):
-        try:
-            return file_fingerprint(resolve_weights(facenet_weights))
-        except FileNotFoundError:
-            return facenet_weights
+        return facenet_fingerprint(facenet_weights)
 
     @classmethod
     def execute(cls, reference, generated, facenet_weights: str = AUTO, unload_after: bool = False) -> io.NodeOutput:

@@ -22,7 +22,7 @@ from comfy_api.latest import io
 from ..w2w.diffusion import alphas_cumprod_from_sigmas
 from ..w2w.invert import PRECISIONS, PRESETS, InversionResult, InvertSettings, invert
 from ..w2w.vae import LatentParam, VAELatent
-from .idscore import AUTO as FACENET_AUTO, weights_choices
+from .idscore import AUTO as FACENET_AUTO, facenet_fingerprint, weights_choices
 from .patching import ComfyDenoiser, check_targets, trainable_clone
 from .routes import send_event, send_progress_text
 from .sockets import (CATEGORY_INVERSION, SEED_MAX, IdentitySocket, LatentSocket, SpaceSocket, VAESocket, advanced,
@@ -518,6 +518,13 @@ class W2WInvertImage(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, identity_loss: float = 0.0, facenet_weights: str = FACENET_AUTO, **_):
+        """The identity loss reads a FaceNet file that its name does not fingerprint: a replaced file re-runs."""
+        if identity_loss is not None and identity_loss <= 0:  # None: a linked value, unknown here
+            return ""
+        return facenet_fingerprint(facenet_weights)
 
     @classmethod
     def execute(cls, model: io.Model.Type, vae: io.Vae.Type, image: io.Image.Type, space: SpaceSocket.Type,

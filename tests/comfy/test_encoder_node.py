@@ -7,6 +7,7 @@ test itself to a centre crop it makes with plain torch.
 from __future__ import annotations
 
 import gc
+import os
 
 import numpy as np
 import pytest
@@ -199,3 +200,34 @@ def test_fast_preset_refines_the_encoded_identity(comfy_host, spaces, encoder, p
     assert refined.history[0].startswith("encode photos=1")
     assert refined.history[-1].startswith("invert images=1 pcs=16 steps=100 lr=0.1")
     assert not torch.equal(refined.coefficients[:P], encoded.coefficients)
+
+
+def test_a_replaced_facenet_file_reruns_every_node_that_reads_it(comfy_host, encoder, tmp_path):
+    """ComfyUI runs a node again only when its fingerprint_inputs changes. A FaceNet file replaced by a copy that keeps
+    its size and modification time (cp -p, rsync -t) must change it for each node that reads the file: Encode Face,
+    Invert Image with an identity loss (also when the strength is a link, unknown at fingerprint time) and ID Score."""
+    name = "w2w-fingerprint-test-facenet.pt"
+    source = tmp_path / "facenet.pt"
+    source.write_bytes(b"a" * 64)
+    comfy_host.stage_model("facenet", source, name)
+    encode = comfy_host.pack_module("nodes.encoder").W2WEncodeFace
+    invert = comfy_host.pack_module("nodes.inversion").W2WInvertImage
+    score = comfy_host.pack_module("nodes.idscore").W2WIDScore
+
+    def prints():
+        return (encode.fingerprint_inputs(image=None, space=None, encoder=ENCODER_FILE, facenet_weights=name),
+                invert.fingerprint_inputs(identity_loss=0.5, facenet_weights=name),
+                invert.fingerprint_inputs(identity_loss=None, facenet_weights=name),
+                score.fingerprint_inputs(None, None, facenet_weights=name))
+
+    before = prints()
+    assert prints() == before  # stable while nothing changes: cached runs stay cached
+    assert invert.fingerprint_inputs(identity_loss=0.0, facenet_weights=name) == ""  # the file is not read
+    kept = source.stat()
+    replacement = tmp_path / "replacement.pt"
+    replacement.write_bytes(b"b" * 64)
+    os.utime(replacement, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    os.replace(replacement, source)  # same size, same modification time, new content
+    assert source.stat().st_size == kept.st_size and source.stat().st_mtime_ns == kept.st_mtime_ns
+    after = prints()
+    assert [a != b for a, b in zip(after, before)] == [True, True, True, True], (before, after)

@@ -16,6 +16,7 @@ directory can become part of it): keep the `test_*`, `conftest`, `comfyhost` nam
 from __future__ import annotations
 
 import asyncio
+import copy
 import ctypes
 import gc
 import inspect
@@ -306,6 +307,8 @@ class ComfyHost:
         """
         import execution
 
+        prompt = copy.deepcopy(prompt)  # as the server, which parses each queued prompt anew: ComfyUI writes into the
+        # graph (a node's "is_changed"), and a dict reused by the caller would carry it into the next run
         prompt_id = uuid.uuid4().hex
         valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid:

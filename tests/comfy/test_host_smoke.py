@@ -1,6 +1,8 @@
 """The real ComfyUI as an in-process host: the stand-in checkpoint, the ldm keys we patch, graph runs."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -140,6 +142,20 @@ def test_shared_executor_caches_unchanged_nodes_like_the_server(comfy_host, prob
     assert {"4", "5", "6", "7"} <= set(cached) and not {"3", "10", "8"} & set(cached)
     assert len(InferenceModeProbe.seen) == 1  # downstream of the changed seed: executed again
     assert not torch.equal(first.output("8"), second.output("8"))
+
+
+def test_run_graph_leaves_the_callers_graph_as_it_was(comfy_host, probed_run):
+    """ComfyUI writes into a graph it runs (each node's "is_changed"); the server parses every queued prompt anew. A
+    graph reused by a test must reach the next run as the user wrote it, or fingerprints are frozen at the first run."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(comfy_host.base_dir / "input" / "w2w_smoke_red.png")
+    graph = probed_stock_graph(seed=7)  # and a node with a fingerprint (LoadImage's IS_CHANGED hashes the file)
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "w2w_smoke_red.png"}}
+    graph["21"] = {"class_type": "PreviewImage", "inputs": {"images": ["20", 0]}}
+    before = json.dumps(graph, sort_keys=True)
+    comfy_host.run_graph(graph, executor=comfy_host.shared_executor)
+    assert json.dumps(graph, sort_keys=True) == before
 
 
 def test_pack_module_is_the_copy_comfyui_imported(comfy_host):

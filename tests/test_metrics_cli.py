@@ -112,3 +112,13 @@ def test_empty_or_missing_folders_are_errors(tmp_path, weights, run):
     assert code == 2 and "holds no images" in err
     code, _, err = run("idscore", tmp_path / "nope", tmp_path / "empty", "--weights", weights)
     assert code == 2 and "no such folder" in err
+
+
+def test_crops_are_never_written_among_the_images_scored(tmp_path, weights, run):
+    """Crops saved in REF_DIR or GEN_DIR would be read as images by the next score: refused before scoring."""
+    _save(tmp_path / "ref", "x.png", draw_face())
+    _save(tmp_path / "gen", "x.png", draw_face())
+    for crops in (tmp_path / "gen", tmp_path / "ref" / "crops", tmp_path / "gen" / "x.png"):
+        code, out, err = run("idscore", tmp_path / "ref", tmp_path / "gen", "--weights", weights, "--crops", crops)
+        assert code == 2 and out == "" and err.startswith("error: --crops"), err
+    assert sorted(os.listdir(tmp_path / "ref")) == ["x.png"] and sorted(os.listdir(tmp_path / "gen")) == ["x.png"]

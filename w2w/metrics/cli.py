@@ -67,6 +67,11 @@ def load_image(path: str):
 def _idscore(args: argparse.Namespace) -> int:
     from .idscore import get_scorer, id_score, preview_crops
 
+    if args.crops:  # crops saved among the images would be read as images by the next score
+        from ..cli_common import check_output
+
+        check_output(args.crops, "--crops", args.ref_dir, args.gen_dir, folder=True,
+                     read_whole=tuple(d for d in (args.ref_dir, args.gen_dir) if os.path.isdir(d)))
     ref_files, gen_files = list_images(args.ref_dir), list_images(args.gen_dir)
     pairs = pair_files(ref_files, gen_files)
     scorer = get_scorer(args.weights, args.device)
@@ -93,6 +98,6 @@ def _save_crops(tiles, result, folder: str) -> None:
     for tile, pair in zip(tiles, result.pairs):
         name = f"{os.path.splitext(pair.reference)[0]}__{os.path.splitext(pair.generated)[0]}.png"
         target = os.path.join(folder, name)
-        tmp = f"{target}.tmp{os.getpid()}.png"
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.partial.png")  # hidden until complete
         Image.fromarray((tile.numpy() * 255.0).round().astype("uint8")).save(tmp)
         os.replace(tmp, target)

@@ -63,7 +63,7 @@ def facenet_fingerprint(choice: str):
         return float("nan")
     try:
         return file_fingerprint(resolve_weights(choice))
-    except (FileNotFoundError, OSError):
+    except OSError:  # FileNotFoundError among them
         return choice
 
 

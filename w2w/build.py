@@ -22,6 +22,7 @@ on a Dask cluster is :func:`w2w.build_dask.build_space_dask`, which shares the h
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import json
@@ -31,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -185,6 +186,11 @@ class _LoraFile:
     config: str | None  # PEFT adapter_config.json beside it
 
 
+def _repeated(names: Iterable[str]) -> list[str]:
+    """The names that occur more than once, sorted (one pass: a folder may hold 65,000 models)."""
+    return sorted(name for name, count in collections.Counter(names).items() if count > 1)
+
+
 def _lora_entries(folder: str) -> list[_LoraFile]:
     entries = []
     for entry in sorted(os.listdir(folder)):
@@ -199,8 +205,7 @@ def _lora_entries(folder: str) -> list[_LoraFile]:
                     config = os.path.join(full, "adapter_config.json")
                     entries.append(_LoraFile(entry, os.path.join(full, inner), config if os.path.isfile(config) else None))
                     break
-    names = [e.name for e in entries]
-    twice = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+    twice = _repeated(e.name for e in entries)
     if twice:
         raise BuildError(f"{folder}: two LoRAs share the model name {', '.join(map(repr, twice[:10]))} (a file "
                          "NAME.safetensors and an adapter folder NAME/); labels and names would be ambiguous: rename "
@@ -405,12 +410,8 @@ def name_rows(source: RowSource, path: str, names: Sequence[str] | None, layout:
     if names is not None:
         if len(names) != n:
             raise BuildError(f"{len(names):,} row names for a matrix of {n:,} rows")
-        if len(set(names)) != n:
-            seen, twice = set(), []
-            for name in names:
-                if name in seen and name not in twice:
-                    twice.append(name)
-                seen.add(name)
+        twice = _repeated(names)
+        if twice:
             raise BuildError(f"row names appear more than once ({', '.join(map(repr, twice[:10]))}); each model "
                              "needs its own name, as labels are keyed by it")
         source.names = tuple(names)
@@ -759,7 +760,7 @@ def read_labels_csv(path: str, names: Sequence[str]) -> tuple[torch.Tensor, tupl
                              "row per model in build order, or add a 'file' column with the model file names")
     else:
         keys = [_strip_ext(str(v)) for v in df[key]]
-        dupes = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) != len(keys) else []
+        dupes = _repeated(keys)
         if dupes:
             raise BuildError(f"{path}: models listed twice in column {key!r}: {', '.join(dupes[:10])}")
         known = set(names)

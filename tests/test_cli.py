@@ -168,6 +168,27 @@ def test_a_full_disk_is_one_line_naming_the_fix_and_leaves_no_file(run, space_fi
     assert err.count("\n") == 1 and os.listdir(tmp_path) == []  # the temporary file is gone too
 
 
+def test_a_permission_error_names_reading_or_writing(run, space_file, tmp_path, monkeypatch):
+    """An input the user cannot read is named as such; an output where they cannot write names another folder."""
+    import w2w.cli
+
+    unreadable = os.path.realpath(space_file)
+    real_access = os.access
+    monkeypatch.setattr(w2w.cli.os, "access", lambda p, mode, **k: (
+        False if os.path.realpath(p) == unreadable and mode == os.R_OK else real_access(p, mode, **k)))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", space_file)
+
+    monkeypatch.setattr("w2w.space.load_space", denied)
+    code, _, err = run("sample", space_file, "--seed", 1, "--out", tmp_path / "a.safetensors")
+    assert code == 2 and err.startswith("error: Permission denied") and "cannot read this file" in err
+    assert "write to" not in err and os.listdir(tmp_path) == []
+    monkeypatch.setattr(w2w.cli.os, "access", real_access)  # the same error on a readable file: a place to write
+    code, _, err = run("sample", space_file, "--seed", 1, "--out", tmp_path / "a.safetensors")
+    assert code == 2 and "choose a folder you can write to" in err and "cannot read" not in err
+
+
 def test_sample_takes_every_pc_of_a_space_smaller_than_its_default(run, space_file, tmp_path):
     out = tmp_path / "a.safetensors"
     code, printed, _ = run("sample", space_file, "--seed", 3, "--out", out)

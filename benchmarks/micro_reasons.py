@@ -18,6 +18,7 @@
     python benchmarks/micro_reasons.py degraded --degradation half-hidden  # ... from a photo half hidden by an object
     python benchmarks/micro_reasons.py degraded --degradation cap  # ... from a photo with a cap over the hair
     python benchmarks/micro_reasons.py masked                # inversion vs DreamBooth with the loss on the head only
+    python benchmarks/micro_reasons.py inversion-pcs         # inversion on 24 ... 960 PCs (≈ 25 min)
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of
@@ -78,6 +79,11 @@ face-parsing segmenter gives, the reference inversion's optional mask), per loss
 DreamBooth-LoRAs of the world's recipe at each ``--steps``; beside DreamBooth-LoRAs of the 8 training photos (whole
 photo, the paper's multi-image baseline). The mask keeps the backdrop, clothes and object in front out of the
 loss (the model still sees them).
+``inversion-pcs`` (target 1 and the paper's appendix F: its first 1,000 PCs under-fit an identity, 20,000 over-fit the
+source image): each held-out person's first photo inverted on the first 24, 60, 120 and 240 PCs of the world's space
+(1 %–10 % of the LoRA's values) and on the first 240, 480 and 960 of the exact space of the 2,000 training LoRAs the
+world ships as weights (10 %–40 %); per count the inversion and the 8-photo LoRA projected on those PCs (the space's
+reach), each with its ID score and the inversion's objective on the photo, beside single-photo DreamBooth.
 ``sampling`` (target 3): the tables' sampling table and target 3's verdict, with the training models projected on the
 space's PCs beside them (the consistency the space keeps of real identities). ``fig10`` takes ``--image-seeds`` too;
 ``--guidance`` (fig10, edits, inversion, sampling, dreambooth) renders every image with classifier-free guidance, as
@@ -96,13 +102,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from w2w.micro.tables import (DEGRADATIONS, EvalConfig, Generator, check_targets, curve_table,  # noqa: E402
-                              degraded_table, editing_table, inversion_table, masked_table, recipe_table,
+                              degraded_table, editing_table, inversion_table, masked_table, pcs_table, recipe_table,
                               sampling_table, structure_table, table_markdown, vae_recipe_table, write_text)
 from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader  # noqa: E402
 from w2w.micro.batch_invert import invert_batch  # noqa: E402
-from w2w.diffusion import ddpm_noise  # noqa: E402
-from w2w.micro.model import MicroDenoiser, alphas_cumprod  # noqa: E402
-from w2w.micro.tables import _pairwise, dreambooth_sets  # noqa: E402
+from w2w.micro.tables import _pairwise, dreambooth_sets, photo_loss  # noqa: E402
 from w2w.micro.faces import STYLES  # noqa: E402
 from w2w.micro.train import (MODEL_SEEDS, class_images, identity_images, photo_version, stage_stamp,  # noqa: E402
                             train_base, train_loras)
@@ -128,27 +132,6 @@ def scene_world(world, workdir: str, models: int = 0, workers: int = 1):
     scene = World(unet, text, world.judge, space, world.weights, world.model_seeds, world.heldout_weights,
                   world.heldout_seeds, {}, replace(world.config, base=base))
     return scene, {**accuracy, "reader": reader}
-
-
-def photo_loss(world, weights: torch.Tensor, photos: torch.Tensor, draws: int = 128, seed: int = 0) -> float:
-    """The inversion's objective at given models, × 1,000: person i's diffusion loss on photo i under weights i
-    (noise prediction MSE, as :func:`invert_batch` computes it), averaged over ``draws`` fixed (timestep, noise)
-    pairs — the same pairs for every call — and over the people."""
-    denoiser = MicroDenoiser(world.unet, world.layout.scale)
-    abar = alphas_cumprod().double()
-    ctx = world.context(world.config.lora.prompt)
-    gen = torch.Generator().manual_seed(seed)
-    n = photos.shape[0]
-    t = torch.randint(0, abar.shape[0], (draws,), generator=gen)
-    noise = torch.randn((draws, *photos.shape[1:]), generator=gen)
-    total = 0.0
-    with torch.no_grad():
-        for i in range(n):
-            x_t = ddpm_noise(photos[i:i + 1].float().expand(draws, -1, -1, -1), t, noise, abar)
-            factors = world.layout.factors(weights[i:i + 1].float().expand(draws, -1))
-            pred, _ = denoiser.predict(x_t, t, ctx, factors)
-            total += float((pred.float() - noise).square().mean())
-    return 1000 * total / n
 
 
 def variant_space_table(world, workdir: str, models: int, workers: int, lora, label: str, cfg: EvalConfig,
@@ -274,7 +257,7 @@ def _verdict(target: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling", "degraded",
+    p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling", "degraded", "inversion-pcs",
                                     "prior-space", "longer-space", "consistent-space", "masked"),
                    help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
@@ -432,6 +415,12 @@ def main() -> int:
         title = (f"Single-photo inversion vs DreamBooth-LoRA from {lost[args.degradation]}, "
                  f"{_people(world, args.people)} held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} "
                  "images per model (ID score against clean unseen photos)")
+    elif args.what == "inversion-pcs":
+        config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
+        rows = pcs_table(world, Generator(world, config), config)
+        title = (f"Single-photo inversion vs the PCs it optimises (paper appendix F), {_people(world, args.people)} "
+                 f"held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} images per model (ID score "
+                 "against unseen photos; loss: the inversion's objective on the one photo, 128 fixed draws)")
     elif args.what == "masked":
         config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
         rows = masked_table(world, Generator(world, config), config, tuple(args.steps))

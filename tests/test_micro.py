@@ -782,6 +782,92 @@ def test_degraded_table_inverts_and_trains_on_clean_and_coarse_photos(toy_world)
         degraded_table(world, gen, cfg, degradation="blurred")
 
 
+def test_exact_space_and_first_pcs(toy_world):
+    """exact_space: every PC of the LoRAs shipped as weights, equal (up to sign) to the right singular vectors of
+    the standardised weights; first_pcs: the first k of them, nothing else, and k out of range is refused."""
+    from w2w.micro.tables import exact_space, first_pcs
+
+    from types import SimpleNamespace
+
+    _, world, _ = toy_world
+    d = world.layout.dim
+    n = min(d // 2, 80)  # fewer models than weights
+    gen = torch.Generator().manual_seed(3)
+    raw = (torch.randn(n, d, generator=gen) * torch.linspace(2.0, 1.0, d)) @ torch.linalg.qr(
+        torch.randn(d, d, generator=gen))[0]
+    stand_in = SimpleNamespace(weights=raw.float(), model_seeds=tuple(range(n)), layout=world.layout)
+    space = exact_space(stand_in)
+    assert space.pcs == n - 1
+    z = (stand_in.weights - space.mean) / torch.where(space.std == 0, torch.ones_like(space.std), space.std)
+    _, _, vh = torch.linalg.svd(z.double(), full_matrices=False)
+    overlap = (space.components.double() @ vh[: space.pcs].T).abs()
+    torch.testing.assert_close(overlap, torch.eye(space.pcs, dtype=torch.float64), atol=1e-3, rtol=0)
+    space = exact_space(world)
+    assert space.pcs == min(world.weights.shape[0] - 1, d)
+    cut = first_pcs(space, 2)
+    assert cut.pcs == 2 and torch.equal(cut.components, space.components[:2])
+    assert torch.equal(cut.mean, space.mean) and torch.equal(cut.std, space.std)
+    assert cut.train_coefs is None and cut.fingerprint != space.fingerprint
+    beta = torch.tensor([[0.5, -1.0]])
+    torch.testing.assert_close(cut.weights(beta), space.weights(beta))  # the same model as the full space's first two
+    for bad in (0, space.pcs + 1):
+        with pytest.raises(ValueError, match="k must be"):
+            first_pcs(space, bad)
+
+
+def test_pcs_table_inverts_on_each_count_of_pcs(toy_world):
+    """pcs_table: per space and PC count the inversion on those PCs and the 8-photo LoRA projected on them, then
+    single-photo DreamBooth, the 8-photo LoRA and the mean model; rows recomputed here, counts out of range refused."""
+    from w2w.micro.batch_invert import invert_batch
+    from w2w.micro.tables import (REFERENCE_VIEW, EvalConfig, Generator, _pairwise, exact_space, first_pcs, pcs_table,
+                                  photo_loss)
+
+    _, world, _ = toy_world
+    cfg = EvalConfig(seeds=2, ddim_steps=2, references=2, invert_steps=2)
+    gen = Generator(world, cfg)
+    rows = pcs_table(world, gen, cfg, shipped_pcs=(2, world.space.pcs), raw_pcs=(3,), log=lambda s: None)
+    inv, reach = "w2w inversion, 1 photo", f"{world.config.lora.images}-photo LoRA projected (the space's reach)"
+    assert [(r["method"], r["PCs"]) for r in rows] == [
+        (inv, 2), (reach, 2), (inv, world.space.pcs), (reach, world.space.pcs), (inv, 3), (reach, 3),
+        ("DreamBooth LoRA, 1 photo", 0), (f"DreamBooth LoRA, {world.config.lora.images} photos", 0),
+        ("mean model (no inversion)", 0)]
+    people = list(world.heldout_seeds)
+    refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
+    photos = torch.cat([world.photos_of(s, 1, 0) for s in people])
+    cut = first_pcs(exact_space(world), 3)
+    runs = invert_batch(world, photos, [cfg.seed + i for i in range(len(people))], steps=2, lr=cfg.invert_lr,
+                        space=cut)
+    weights = cut.weights(runs[2])
+    emb, _ = gen.read_models(weights)
+    assert rows[4]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    assert rows[4]["loss on the photo × 1,000"] == pytest.approx(photo_loss(world, weights, photos), rel=1e-6)
+    projected = first_pcs(world.space, 2).weights(world.space.project(world.heldout_weights, 2))
+    emb, _ = gen.read_models(projected)
+    assert rows[1]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+    assert rows[0]["ID score"] != pytest.approx(rows[2]["ID score"], abs=1e-9)  # other PCs, another inversion
+    assert rows[2]["share of the LoRA's values"] == pytest.approx(world.space.pcs / world.layout.dim)
+    with pytest.raises(ValueError, match="shipped_pcs"):
+        pcs_table(world, gen, cfg, shipped_pcs=(world.space.pcs + 1,), raw_pcs=())
+    with pytest.raises(ValueError, match="raw_pcs"):
+        pcs_table(world, gen, cfg, shipped_pcs=(1,), raw_pcs=(world.weights.shape[0],))
+
+
+def test_photo_loss_is_the_inversion_objective_at_fixed_draws(toy_world):
+    """photo_loss: the mean over people of the noise-prediction MSE at fixed draws, × 1,000 — the same for the same
+    models, higher for a model far from the photo's, and each person scored on their own photo."""
+    from w2w.micro.tables import photo_loss
+
+    _, world, _ = toy_world
+    people = list(world.heldout_seeds)[:2]
+    photos = torch.cat([world.photos_of(s, 1, 0) for s in people])
+    weights = world.heldout_weights[:2]
+    a = photo_loss(world, weights, photos, draws=8)
+    assert a == photo_loss(world, weights, photos, draws=8) and a > 0
+    assert a != pytest.approx(photo_loss(world, weights, photos, draws=8, seed=1), rel=1e-9)  # other draws
+    each = [photo_loss(world, weights[i:i + 1], photos[i:i + 1], draws=8) for i in range(2)]
+    assert a == pytest.approx(sum(each) / 2, rel=1e-6)
+
+
 def test_first_view_picks_photos_by_their_cap_and_the_cap_input_uses_them(toy_world):
     """first_view: the first view from ``start`` whose photo has (or has not) a cap, by the photo's own scene words;
     degraded_table(degradation="cap"): the first photo, then the first later photo without and with a cap."""

@@ -14,9 +14,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ..diffusion import ddpm_noise
 from ..identity import Identity
 from ..invert import InvertSettings, invert
 from ..sampling import sample_identity
+from ..build import ArraySource, BuildConfig, build_space
 from ..space import Space
 from ..stfile import atomic_path
 from ..vae import (decode_weights, encode_identity, heldout_rows, pca_reconstruction_error, reconstruction_error,
@@ -30,7 +32,7 @@ from .world import World, make_space, vae_recipe
 
 __all__ = ["EvalConfig", "Generator", "run_tables", "to_markdown", "invert_person", "REFERENCE_VIEW",
            "edit_norms", "edit_weights", "check_targets", "recipe_table", "vae_recipe_table",
-           "table_markdown", "write_text", "compare_tables"]
+           "table_markdown", "write_text", "compare_tables", "photo_loss", "first_pcs", "exact_space", "pcs_table"]
 
 REFERENCE_VIEW = 100  # reference photos of a person start at this view index (never trained on, never inverted)
 SAMPLE_SEED, EDIT_SEED = 10_000, 20_000  # identity seeds of sampled models
@@ -493,6 +495,92 @@ def masked_table(world: World, gen: Generator, cfg: EvalConfig, steps: tuple[int
         rows.append({"method": f"DreamBooth LoRA, {images} photos", "loss over": "whole photo", "steps": n,
                      "ID score": _pairwise(emb, refs), "attributes right": _attr_agreement(prob, people)})
         log(f"  DreamBooth LoRA, {images} photos, {n} steps: {rows[-1]['ID score']:.3f}")
+    return rows
+
+
+def photo_loss(world, weights: torch.Tensor, photos: torch.Tensor, draws: int = 128, seed: int = 0) -> float:
+    """The inversion's objective at given models, × 1,000: person i's diffusion loss on photo i under weights i
+    (noise prediction MSE, as :func:`invert_batch` computes it), averaged over ``draws`` fixed (timestep, noise)
+    pairs — the same pairs for every call — and over the people."""
+    denoiser = MicroDenoiser(world.unet, world.layout.scale)
+    abar = alphas_cumprod().double()
+    ctx = world.context(world.config.lora.prompt)
+    gen = torch.Generator().manual_seed(seed)
+    n = photos.shape[0]
+    t = torch.randint(0, abar.shape[0], (draws,), generator=gen)
+    noise = torch.randn((draws, *photos.shape[1:]), generator=gen)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n):
+            x_t = ddpm_noise(photos[i:i + 1].float().expand(draws, -1, -1, -1), t, noise, abar)
+            factors = world.layout.factors(weights[i:i + 1].float().expand(draws, -1))
+            pred, _ = denoiser.predict(x_t, t, ctx, factors)
+            total += float((pred.float() - noise).square().mean())
+    return 1000 * total / n
+
+
+def first_pcs(space: Space, k: int) -> Space:
+    """``space`` cut to its first ``k`` PCs (basis, mean and std only): what an inversion over k PCs optimises."""
+    if not 1 <= k <= space.pcs:
+        raise ValueError(f"k must be 1..{space.pcs} (the space's PCs), got {k}")
+    return Space(space.components[:k].clone(), space.mean, space.std, space.layout, base_model=space.base_model,
+                 source=f"{space.source} (first {k} PCs)")
+
+
+def exact_space(world: World) -> Space:
+    """The space of the training LoRAs the world ships as weights with every PC they give (models − 1, at most the
+    weights): our build; a sketch as wide as the rank of the centred weights spans all of it, so its PCs are exact
+    without power iterations."""
+    n, d = world.weights.shape
+    names = [f"id{s}" for s in world.model_seeds[:n]]
+    return build_space(ArraySource(world.weights.numpy(), names, world.layout),
+                       BuildConfig(pcs=min(n - 1, d), power_iters=0), base_model="w2w-micro").space
+
+
+def pcs_table(world: World, gen: Generator, cfg: EvalConfig, shipped_pcs: tuple[int, ...] = (24, 60, 120, 240),
+              raw_pcs: tuple[int, ...] = (240, 480, 960), log=print) -> list[dict]:
+    """Single-photo inversion vs the number of PCs it optimises (the paper's appendix F, Fig. 23: its first 1,000
+    PCs under-fit the identity, 20,000 over-fit the source image, 10,000 balance the two). Each held-out person's
+    first photo is inverted (``cfg.invert_steps``, the tables' seeds) on the first k PCs of the world's space for
+    each k of ``shipped_pcs``, and of the exact space of the training LoRAs shipped as weights (:func:`exact_space`)
+    for each k of ``raw_pcs``; per k, beside the inversion, the person's 8-photo LoRA projected on those k PCs (what
+    they can hold of the person) — each with its ID score and the inversion's objective on the photo
+    (:func:`photo_loss`). Then single-photo DreamBooth-LoRA (the world's recipe), the 8-photo LoRA and the mean
+    model, with the same two figures."""
+    for name, ks, most in (("shipped_pcs", shipped_pcs, world.space.pcs),
+                           ("raw_pcs", raw_pcs, min(world.weights.shape[0] - 1, world.layout.dim))):
+        if any(not 1 <= k <= most for k in ks):
+            raise ValueError(f"{name} must lie in 1..{most}, got {ks}")
+    people = _people(world, cfg)
+    refs, _ = gen.read(gen.photos(people, cfg.references, REFERENCE_VIEW))
+    photos = torch.cat([world.photos_of(s, 1, 0) for s in people])
+    held = world.heldout_weights[: len(people)]
+    d = world.layout.dim
+
+    def row(method: str, models: str, k: int, weights: torch.Tensor) -> dict:
+        emb, _ = gen.read_models(weights)
+        out = {"method": method, "space": models, "PCs": k, "share of the LoRA's values": k / d if k else 0.0,
+               "ID score": _pairwise(emb, refs), "loss on the photo × 1,000": photo_loss(world, weights, photos)}
+        log(f"  {method}, {models}, {k} PCs: ID {out['ID score']:.3f}, loss {out['loss on the photo × 1,000']:.3f}")
+        return out
+
+    rows = []
+    spaces = [(f"{world.space.train_coefs.shape[0]:,} models (the world's)", world.space, shipped_pcs)]
+    if raw_pcs:
+        spaces.append((f"{world.weights.shape[0]:,} models (shipped as weights), exact", exact_space(world), raw_pcs))
+    for models, space, ks in spaces:
+        for k in ks:
+            cut = first_pcs(space, k)
+            runs = invert_batch(world, photos, [cfg.seed + i for i in range(len(people))], steps=cfg.invert_steps,
+                                lr=cfg.invert_lr, space=cut)
+            rows.append(row("w2w inversion, 1 photo", models, k, cut.weights(runs[cfg.invert_steps])))
+            rows.append(row(f"{world.config.lora.images}-photo LoRA projected (the space's reach)", models, k,
+                            cut.weights(cut.project(held))))
+    single = train_loras(world.unet, world.text, [photos[i:i + 1] for i in range(len(people))],
+                         replace(world.config.lora, images=1), seed=17)
+    rows.append(row("DreamBooth LoRA, 1 photo", "–", 0, single))
+    rows.append(row(f"DreamBooth LoRA, {world.config.lora.images} photos", "–", 0, held))
+    rows.append(row("mean model (no inversion)", "–", 0, world.space.mean[None].expand(len(people), -1).clone()))
     return rows
 
 

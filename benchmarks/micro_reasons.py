@@ -18,7 +18,7 @@
     python benchmarks/micro_reasons.py degraded --degradation half-hidden  # ... from a photo half hidden by an object
     python benchmarks/micro_reasons.py degraded --degradation cap  # ... from a photo with a cap over the hair
     python benchmarks/micro_reasons.py masked                # inversion vs DreamBooth with the loss on the head only
-    python benchmarks/micro_reasons.py inversion-pcs         # inversion on 24 ... 960 PCs (≈ 25 min)
+    python benchmarks/micro_reasons.py inversion-pcs         # inversion on 24 ... 960 PCs (≈ 50 min)
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of

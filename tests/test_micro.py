@@ -829,8 +829,9 @@ def test_pcs_table_inverts_on_each_count_of_pcs(toy_world):
     inv, reach = "w2w inversion, 1 photo", f"{world.config.lora.images}-photo LoRA projected (the space's reach)"
     assert [(r["method"], r["PCs"]) for r in rows] == [
         (inv, 2), (reach, 2), (inv, world.space.pcs), (reach, world.space.pcs), (inv, 3), (reach, 3),
-        ("DreamBooth LoRA, 1 photo", 0), (f"DreamBooth LoRA, {world.config.lora.images} photos", 0),
-        ("mean model (no inversion)", 0)]
+        ("DreamBooth LoRA, 1 photo", "–"), (f"DreamBooth LoRA, {world.config.lora.images} photos", "–"),
+        ("mean model (no inversion)", "–")]
+    assert [r["share of the LoRA's values"] for r in rows[-3:]] == ["1 (every value)", "1 (every value)", 0.0]
     people = list(world.heldout_seeds)
     refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
     photos = torch.cat([world.photos_of(s, 1, 0) for s in people])

@@ -557,11 +557,12 @@ def pcs_table(world: World, gen: Generator, cfg: EvalConfig, shipped_pcs: tuple[
     held = world.heldout_weights[: len(people)]
     d = world.layout.dim
 
-    def row(method: str, models: str, k: int, weights: torch.Tensor) -> dict:
+    def row(method: str, models: str, k: int | str, weights: torch.Tensor, share: float | str = 0.0) -> dict:
         emb, _ = gen.read_models(weights)
-        out = {"method": method, "space": models, "PCs": k, "share of the LoRA's values": k / d if k else 0.0,
+        out = {"method": method, "space": models, "PCs": k,
+               "share of the LoRA's values": k / d if isinstance(k, int) else share,
                "ID score": _pairwise(emb, refs), "loss on the photo × 1,000": photo_loss(world, weights, photos)}
-        log(f"  {method}, {models}, {k} PCs: ID {out['ID score']:.3f}, loss {out['loss on the photo × 1,000']:.3f}")
+        log(f"  {method}, {models}, PCs {k}: ID {out['ID score']:.3f}, loss {out['loss on the photo × 1,000']:.3f}")
         return out
 
     rows = []
@@ -578,9 +579,9 @@ def pcs_table(world: World, gen: Generator, cfg: EvalConfig, shipped_pcs: tuple[
                             cut.weights(cut.project(held))))
     single = train_loras(world.unet, world.text, [photos[i:i + 1] for i in range(len(people))],
                          replace(world.config.lora, images=1), seed=17)
-    rows.append(row("DreamBooth LoRA, 1 photo", "–", 0, single))
-    rows.append(row(f"DreamBooth LoRA, {world.config.lora.images} photos", "–", 0, held))
-    rows.append(row("mean model (no inversion)", "–", 0, world.space.mean[None].expand(len(people), -1).clone()))
+    rows.append(row("DreamBooth LoRA, 1 photo", "–", "–", single, "1 (every value)"))
+    rows.append(row(f"DreamBooth LoRA, {world.config.lora.images} photos", "–", "–", held, "1 (every value)"))
+    rows.append(row("mean model (no inversion)", "–", "–", world.space.mean[None].expand(len(people), -1).clone()))
     return rows
 
 

@@ -785,9 +785,9 @@ def test_degraded_table_inverts_and_trains_on_clean_and_coarse_photos(toy_world)
 def test_exact_space_and_first_pcs(toy_world):
     """exact_space: every PC of the LoRAs shipped as weights, equal (up to sign) to the right singular vectors of
     the standardised weights; first_pcs: the first k of them, nothing else, and k out of range is refused."""
-    from w2w.micro.tables import exact_space, first_pcs
-
     from types import SimpleNamespace
+
+    from w2w.micro.tables import exact_space, first_pcs
 
     _, world, _ = toy_world
     d = world.layout.dim
@@ -854,8 +854,8 @@ def test_pcs_table_inverts_on_each_count_of_pcs(toy_world):
 
 
 def test_photo_loss_is_the_inversion_objective_at_fixed_draws(toy_world):
-    """photo_loss: the mean over people of the noise-prediction MSE at fixed draws, × 1,000 — the same for the same
-    models, higher for a model far from the photo's, and each person scored on their own photo."""
+    """photo_loss: the mean over people of each person's noise-prediction MSE on their own photo at fixed draws,
+    × 1,000 — the same for the same models and draws, another value for other draws."""
     from w2w.micro.tables import photo_loss
 
     _, world, _ = toy_world

@@ -14,11 +14,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ..build import ArraySource, BuildConfig, build_space
 from ..diffusion import ddpm_noise
 from ..identity import Identity
 from ..invert import InvertSettings, invert
 from ..sampling import sample_identity
-from ..build import ArraySource, BuildConfig, build_space
 from ..space import Space
 from ..stfile import atomic_path
 from ..vae import (decode_weights, encode_identity, heldout_rows, pca_reconstruction_error, reconstruction_error,

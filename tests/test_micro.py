@@ -855,7 +855,9 @@ def test_pcs_table_inverts_on_each_count_of_pcs(toy_world):
 
 def test_photo_loss_is_the_inversion_objective_at_fixed_draws(toy_world):
     """photo_loss: the mean over people of each person's noise-prediction MSE on their own photo at fixed draws,
-    × 1,000 — the same for the same models and draws, another value for other draws."""
+    × 1,000 — the same for the same models and draws, another value for other draws; recomputed by hand."""
+    from w2w.diffusion import ddpm_noise
+    from w2w.micro.model import MicroDenoiser, alphas_cumprod
     from w2w.micro.tables import photo_loss
 
     _, world, _ = toy_world
@@ -867,6 +869,16 @@ def test_photo_loss_is_the_inversion_objective_at_fixed_draws(toy_world):
     assert a != pytest.approx(photo_loss(world, weights, photos, draws=8, seed=1), rel=1e-9)  # other draws
     each = [photo_loss(world, weights[i:i + 1], photos[i:i + 1], draws=8) for i in range(2)]
     assert a == pytest.approx(sum(each) / 2, rel=1e-6)
+    # by hand, for the first person: seeded draws (timesteps, then noise), the noised photo, the squared error
+    abar = alphas_cumprod().double()
+    draw = torch.Generator().manual_seed(0)
+    t = torch.randint(0, abar.shape[0], (8,), generator=draw)
+    noise = torch.randn((8, *photos.shape[1:]), generator=draw)
+    with torch.no_grad():
+        pred, _ = MicroDenoiser(world.unet, world.layout.scale).predict(
+            ddpm_noise(photos[:1].expand(8, -1, -1, -1), t, noise, abar), t, world.context(world.config.lora.prompt),
+            world.layout.factors(weights[:1].expand(8, -1)))
+    assert each[0] == pytest.approx(1000 * float((pred - noise).square().mean()), rel=1e-5)
 
 
 def test_first_view_picks_photos_by_their_cap_and_the_cap_input_uses_them(toy_world):

@@ -19,6 +19,8 @@
     python benchmarks/micro_reasons.py degraded --degradation cap  # ... from a photo with a cap over the hair
     python benchmarks/micro_reasons.py masked                # inversion vs DreamBooth with the loss on the head only
     python benchmarks/micro_reasons.py inversion-pcs         # inversion on 24 ... 960 PCs (≈ 50 min)
+    python benchmarks/micro_reasons.py sided --workdir W      # a third world's probe: sided photos (≈ 1 h, resumable)
+    python benchmarks/micro_reasons.py sided --workdir W --space-models 1000 --workers 2  # ... with a space
 
 ``dreambooth`` (target 1: does single-photo DreamBooth-LoRA over-fit when trained longer?): LoRAs from each held-out
 person's first photo and from their 8 training photos, trained with the world's LoRA recipe run for each number of
@@ -84,6 +86,14 @@ source image): each held-out person's first photo inverted on the first 24, 60, 
 (1 %–10 % of the LoRA's values) and on the first 240, 480 and 960 of the exact space of the 2,000 training LoRAs the
 world ships as weights (10 %–40 %); per count the inversion and the 8-photo LoRA projected on those PCs (the space's
 reach), each with its ID score and the inversion's objective on the photo, beside single-photo DreamBooth.
+``sided`` (a probe for a third world, where one photo cannot show a person whole): a base model and a judge of the
+world's recipes trained on *sided* photos (trained into ``--workdir``, resumable): the head always turned, its near
+cheek's mark showing, the other cheek's mark its complement (w2w/micro/sided.py). Then what the judge reads from the
+marks, and DreamBooth-LoRAs of the held-out people from their first photo (one cheek) and from their 8 training
+photos at each ``--steps``, each model's images against unseen photos — all, those showing the first photo's cheek,
+and the other cheek: does single-photo DreamBooth fall below 8-photo DreamBooth here (the over-fitting check)? With
+``--space-models``, that many training identities get sided LoRAs of the world's recipe (resumable, ``--workers``)
+and a space of the world's PCs is built on them: the w2w inversion of the first photo and the space's reach join.
 ``sampling`` (target 3): the tables' sampling table and target 3's verdict, with the training models projected on the
 space's PCs beside them (the consistency the space keeps of real identities). ``fig10`` takes ``--image-seeds`` too;
 ``--guidance`` (fig10, edits, inversion, sampling, dreambooth) renders every image with classifier-free guidance, as
@@ -108,6 +118,8 @@ from w2w.micro.scene import prompt_table, scene_base_config, train_scene_reader 
 from w2w.micro.batch_invert import invert_batch  # noqa: E402
 from w2w.micro.tables import _pairwise, dreambooth_sets, photo_loss  # noqa: E402
 from w2w.micro.faces import STYLES  # noqa: E402
+from w2w.micro.judge import judge_quality  # noqa: E402
+from w2w.micro.sided import STYLE, judge_sides_table, sided_dreambooth_table, sided_world  # noqa: E402
 from w2w.micro.train import (MODEL_SEEDS, class_images, identity_images, photo_version, stage_stamp,  # noqa: E402
                             train_base, train_loras)
 from w2w.micro.world import (DEFAULT_DIR, World, _lora_stage, load_world, lora_stage_stamp, make_space,  # noqa: E402
@@ -258,15 +270,17 @@ def _verdict(target: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("dreambooth", "vae", "prompts", "fig10", "edits", "inversion", "sampling", "degraded",
-                                    "prior-space", "longer-space", "consistent-space", "masked", "inversion-pcs"),
+                                    "prior-space", "longer-space", "consistent-space", "masked", "inversion-pcs",
+                                    "sided"),
                    help="which measurement")
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
                    help="prompts: also train this many identity LoRAs on the new base, build a space of them and "
-                        "add the w2w inversion (0 = DreamBooth only); prior-space, longer-space, consistent-space: the "
+                        "add the w2w inversion (0 = DreamBooth only; sided likewise); prior-space, longer-space, consistent-space: the "
                         "training identities retrained (default 1,000)")
     p.add_argument("--workers", type=int, default=1,
-                   help="prompts, prior-space, longer-space, consistent-space: processes training the space's LoRAs")
+                   help="prompts, prior-space, longer-space, consistent-space, sided: processes training the space's "
+                        "LoRAs")
     p.add_argument("--space-photos", choices=STYLES, default="plain",
                    help="consistent-space: the photo style the space's LoRAs (and the multi-photo DreamBooth "
                         "baseline) train on (default plain, the first world's; must differ from the world's)")
@@ -311,7 +325,7 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.what in ("prompts", "prior-space", "longer-space", "consistent-space") and not args.workdir:
+    if args.what in ("prompts", "prior-space", "longer-space", "consistent-space", "sided") and not args.workdir:
         p.error(f"{args.what} needs --workdir (what it trains is kept there and resumes)")
     if min(args.steps) < 1:
         p.error("--steps must be positive")
@@ -427,6 +441,24 @@ def main() -> int:
         title = (f"Single-photo inversion vs DreamBooth-LoRA with the loss over the whole photo and over the head only, "
                  f"{_people(world, args.people)} held-out people, evaluation seed {args.eval_seed}, {args.image_seeds} "
                  "images per model (ID score against unseen photos)")
+    elif args.what == "sided":
+        if args.space_models and not 3 <= args.space_models <= world.config.models:
+            p.error(f"--space-models must be 3..{world.config.models} (or 0)")
+        world = sided_world(world, args.workdir, args.space_models, args.workers)
+        config = EvalConfig(people=args.people, seed=args.eval_seed, seeds=args.image_seeds, cfg=args.guidance)
+        sides = judge_sides_table(world, config)
+        rows, both = sided_dreambooth_table(world, Generator(world, config), config, tuple(args.steps),
+                                            inversion=bool(args.space_models))
+        people = _people(world, args.people)
+        quality = judge_quality(world.judge, style=STYLE)
+        extra = table_markdown(f"What the sided judge reads, {people} held-out people's unseen photos (on photos of "
+                               f"other unseen people: same person {quality['same_person']:.3f}, different people "
+                               f"{quality['different_person']:.3f}, verification AUC {quality['verification_auc']:.3f})",
+                               sides)
+        title = (f"Sided photos: DreamBooth-LoRA from 1 photo (one cheek) and from {world.config.lora.images} "
+                 f"(both cheeks for {both:.0%} of the people), {people} held-out people, evaluation seed "
+                 f"{args.eval_seed}, {args.image_seeds} images per model (ID score against unseen photos: all, those "
+                 "showing the first photo's cheek, the other cheek)")
     elif args.what == "dreambooth":
         config = EvalConfig(people=args.people, cfg=args.guidance)
         rows = recipe_table(world, Generator(world, config), config, tuple(args.steps),

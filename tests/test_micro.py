@@ -1268,3 +1268,99 @@ def test_shipped_vaes_reproduce_the_docs_weight_errors_and_beat_pca():
         assert abs(vae_err - float(_doc_row(title, f"w2w++ VAE, latent {latent}")[2])) <= 0.0015, (latent, vae_err)
         assert abs(pca_err - float(_doc_row(title, f"w2w PCA, {latent} PCs")[2])) <= 0.0015, (latent, pca_err)
         assert vae_err < pca_err, (latent, vae_err, pca_err)
+
+
+def test_sided_photos_show_one_cheek_mark_and_its_complement_on_the_other():
+    """Sided photos: the hard photo's numbers with the head always turned (0.35-0.7 rad), the near cheek's mark
+    showing — the person's mark on one side, its complement on the other; the person's mark changes only sided
+    photos, and the side a photo shows is the turn faces.scene_words names."""
+    from dataclasses import replace
+
+    from w2w.micro.sided import photo_side
+    from w2w.micro.train import view_seeds
+
+    p = faces.identity_params(3)
+    a, b = faces.mark_colours(p)
+    assert all(x + y == 255 for x, y in zip(a, b))
+    marks = {faces.identity_params(s).mark for s in range(50)}
+    assert len(marks) == 50  # every person their own mark
+    other = replace(p, mark=(20, 240, 20))
+    for view in range(6):
+        assert np.array_equal(faces.render(p, view, style="hard"), faces.render(other, view, style="hard"))
+        assert not np.array_equal(faces.render(p, view, style="sided"), faces.render(other, view, style="sided"))
+    sides = [photo_side(7, k) for k in range(40)]
+    assert 10 < sides.count("left") < 30  # either turn, by a coin per photo
+    for k in range(40):
+        seed = view_seeds(7, 1, k)[0]
+        pose = faces._photo_pose(faces._hard_rng(seed), seed, True)
+        assert 0.35 <= abs(pose.yaw) <= 0.7 and (pose.yaw < 0) == (sides[k] == "left")
+    # the mark's colour shows on the near cheek: drawn on a flat canvas, the turn decides which colour appears
+    from PIL import Image, ImageDraw
+
+    def drawn(yaw):
+        img = Image.new("RGB", (64, 64), (0, 0, 0))
+        faces._draw_head(ImageDraw.Draw(img), lambda x0, y0, x1, y1: [32 + x0 * 64, 34 + y0 * 64, 32 + x1 * 64,
+                                                                      34 + y1 * 64],
+                         other, 1.0, faces.Pose(yaw=yaw), marks=True)
+        return {tuple(c) for c in np.asarray(img).reshape(-1, 3)}
+
+    assert (20, 240, 20) in drawn(0.5) and (235, 15, 235) not in drawn(0.5)
+    assert (235, 15, 235) in drawn(-0.5) and (20, 240, 20) not in drawn(-0.5)
+
+
+def test_sided_probe_tables_score_each_cheek(toy_world, tmp_path):
+    """The sided probe on the toy world: a base model and judge trained on sided photos (the world's recipes), the
+    judge-sides table's rows, and DreamBooth rows whose scores split by the cheek the references show — a row is
+    recomputed here."""
+    from dataclasses import replace
+
+    from w2w.micro.judge import id_score
+    from w2w.micro.sided import judge_sides_table, photo_side, sided_dreambooth_table, sided_world
+    from w2w.micro.tables import REFERENCE_VIEW, EvalConfig, Generator
+    from w2w.micro.train import train_loras
+
+    _, shipped, _ = toy_world
+    world = sided_world(shipped, str(tmp_path), log=lambda s: None)
+    assert world.photos == "sided" and world.config.judge.photos == "sided"
+    key = next(iter(shipped.unet.state_dict()))
+    assert not torch.equal(world.unet.state_dict()[key], shipped.unet.state_dict()[key])  # its own base model
+    cfg = EvalConfig(seeds=2, ddim_steps=2, references=6)
+    rows = judge_sides_table(world, cfg)
+    assert [r["pair"] for r in rows] == ["same person, same cheek shown", "same person, other cheek shown",
+                                         "the person's face with another person's marks", "different people"]
+    assert all(-1 <= r["mean cosine"] <= 1 for r in rows)
+    gen = Generator(world, cfg)
+    table, both = sided_dreambooth_table(world, gen, cfg, steps=(2,), log=lambda s: None)
+    images = world.config.lora.images
+    assert [(r["method"], r["steps"]) for r in table] == [("base model, no LoRA", 0), ("DreamBooth LoRA, 1 photo", 2),
+                                                          (f"DreamBooth LoRA, {images} photos", 2)]
+    assert 0 <= both <= 1
+    people = list(world.heldout_seeds)
+    refs, _ = gen.read(gen.photos(people, 6, REFERENCE_VIEW))
+    weights = train_loras(world.unet, world.text, [world.photos_of(s, 1, 0) for s in people],
+                          replace(world.config.lora, images=1, steps=2), seed=17)
+    emb, _ = gen.read_models(weights)
+    same = [[photo_side(s, REFERENCE_VIEW + k) == photo_side(s, 0) for k in range(6)] for s in people]
+    every = np.mean([id_score(e, r) for e, r in zip(emb, refs)])
+    assert table[1]["ID score"] == pytest.approx(every, abs=1e-6)
+    mine = [id_score(e, r[torch.tensor(m)]) for e, r, m in zip(emb, refs, same) if any(m)]
+    theirs = [id_score(e, r[~torch.tensor(m)]) for e, r, m in zip(emb, refs, same) if not all(m)]
+    assert table[1]["ID, input's cheek"] == pytest.approx(np.mean(mine), abs=1e-6)
+    assert table[1]["ID, other cheek"] == pytest.approx(np.mean(theirs), abs=1e-6)
+    with pytest.raises(ValueError, match="steps"):
+        sided_dreambooth_table(world, gen, cfg, steps=())
+    # with a space of sided LoRAs: the first training identities' LoRAs on the sided base, the inversion and the
+    # space's reach (the 8-photo LoRAs of the world's recipe projected on it) join the table
+    spaced = sided_world(shipped, str(tmp_path), models=6, log=lambda s: None)
+    assert spaced.space.train_coefs.shape[0] == 6 and spaced.unet is not None
+    assert spaced.model_seeds == tuple(range(spaced.model_seeds[0], spaced.model_seeds[0] + 6))
+    cfg = replace(cfg, invert_steps=2)
+    gen = Generator(spaced, cfg)
+    table, _ = sided_dreambooth_table(spaced, gen, cfg, steps=(2,), log=lambda s: None, inversion=True)
+    assert [r["method"].split(" (")[0] for r in table] == [
+        "base model, no LoRA", "w2w inversion, 1 photo", "DreamBooth LoRA, 1 photo",
+        f"DreamBooth LoRA, {images} photos", f"{images}-photo LoRA projected on the space"]
+    held = train_loras(spaced.unet, spaced.text, [spaced.photos_of(s, images) for s in people], spaced.config.lora,
+                       seed=17)
+    emb, _ = gen.read_models(spaced.space.weights(spaced.space.project(held)))
+    assert table[-1]["ID score"] == pytest.approx(np.mean([id_score(e, r) for e, r in zip(emb, refs)]), abs=1e-6)

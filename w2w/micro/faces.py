@@ -7,13 +7,14 @@ from it. Each image of an identity varies what photos vary: position, scale, lig
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["ATTRIBUTES", "WORDS", "FaceParams", "identity_params", "attributes", "render", "render_batch",
-           "caption_words", "scene_words", "STYLES", "STYLE_VERSIONS", "Pose", "hard_pose", "head_mask", "mask_batch"]
+           "caption_words", "scene_words", "STYLES", "STYLE_VERSIONS", "Pose", "hard_pose", "head_mask", "mask_batch",
+           "mark_colours"]
 
 ATTRIBUTES = ("Male", "Beard", "Eyeglasses", "Blond_Hair", "Chubby", "Young")
 # the prompt word of each attribute (prompting baseline: "photo sks person <word>")
@@ -26,9 +27,11 @@ _SKIN_LIGHT, _SKIN_DARK = np.array([245, 210, 185]), np.array([110, 72, 48])
 _EYES = ((60, 40, 25), (50, 100, 170), (60, 120, 70), (20, 20, 20))
 _CANVAS = 64  # drawn at 64 x 64, then reduced to the output size with a box filter
 # "plain": position, scale, brightness and a grey backdrop vary a little (the first miniature world);
-# "hard": what one photo cannot separate from identity varies widely (see _render_hard)
-STYLES = ("plain", "hard")
-STYLE_VERSIONS = {"plain": 1, "hard": 2}  # raised when a style's pixels change (training checkpoints record it)
+# "hard": what one photo cannot separate from identity varies widely (see _render_hard);
+# "sided": hard photos whose head is always turned, showing one cheek and its mark (see _render_hard)
+STYLES = ("plain", "hard", "sided")
+# raised when a style's pixels change (training checkpoints record it)
+STYLE_VERSIONS = {"plain": 1, "hard": 2, "sided": 1}
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class FaceParams:
     lips: float  # 0 pale .. 1 red
     brow: float  # eyebrow thickness
     frame: int  # glasses frame colour index
+    # the mark on the cheek a head turned to the image's right shows (sided photos only); the other cheek's is its
+    # complement (255 - each channel), so no one photo shows both and only people seen from both sides link them
+    mark: tuple[int, int, int] = (128, 128, 128)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,13 +81,19 @@ def identity_params(seed: int) -> FaceParams:
     else:
         style = str(r.choice(["short", "long"], p=[0.25, 0.75]))
     face_w = r.uniform(0.20, 0.25) + (0.06 if chubby else 0.0)
+    mark = tuple(int(v) for v in np.random.default_rng([int(seed) & 0xFFFF_FFFF, 0x3A7C]).integers(25, 231, 3))
     return FaceParams(
         male=male, young=young, chubby=chubby, beard=beard, glasses=glasses, hair=hair, style=style,
         skin=float(r.uniform(0, 1)), face_w=float(face_w), face_h=float(r.uniform(0.27, 0.32)),
         eye_size=float(r.uniform(0.025, 0.045)), eye_gap=float(r.uniform(0.075, 0.11)), eye_y=float(r.uniform(-0.07, -0.02)),
         eye_colour=int(r.integers(len(_EYES))), nose=float(r.uniform(0.04, 0.10)), mouth_w=float(r.uniform(0.05, 0.11)),
         mouth_y=float(r.uniform(0.13, 0.18)), lips=float(r.uniform(0, 1)), brow=float(r.uniform(0.01, 0.025)),
-        frame=int(r.integers(3)))
+        frame=int(r.integers(3)), mark=mark)
+
+
+def mark_colours(p: FaceParams) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The colours of ``p``'s cheek marks: (shown when the head turns to the image's right, when it turns left)."""
+    return p.mark, tuple(255 - v for v in p.mark)
 
 
 def attributes(p: FaceParams) -> np.ndarray:
@@ -118,13 +130,15 @@ class Pose:
     brim: bool = False  # the cap has a peak
 
 
-def _draw_head(d: ImageDraw.ImageDraw, box, p: FaceParams, light: float, pose: Pose = Pose()) -> None:
+def _draw_head(d: ImageDraw.ImageDraw, box, p: FaceParams, light: float, pose: Pose = Pose(),
+               marks: bool = False) -> None:
     """Draw the head of ``p`` seen in ``pose``; ``box(x0, y0, x1, y1)`` maps face coordinates to the canvas.
 
     The face is an ellipsoid turned by ``pose.yaw``: a feature at horizontal position x (depth z on the surface) is
     drawn at x·cos φ + z·sin φ and its width is foreshortened by cos(θ + φ)/cos θ (θ its angle on the surface), so
     the near eye grows, the far one shrinks and everything slides towards the turn. With a neutral pose this is the
-    plain photo's drawing, pixel for pixel.
+    plain photo's drawing, pixel for pixel. ``marks``: a turned head also shows the mark on its near cheek
+    (:func:`mark_colours`).
     """
     fw, fh = p.face_w, p.face_h
     phi = pose.yaw
@@ -161,6 +175,11 @@ def _draw_head(d: ImageDraw.ImageDraw, box, p: FaceParams, light: float, pose: P
     if p.beard:
         w = fw * 0.95
         d.chord(box(at(-w, 0.3), -fh * 0.1, at(w, 0.3), fh + 0.03), 0, 180, fill=hair)
+    if marks and phi != 0:  # the near cheek: image left when the face turns to the image's right
+        x = -0.55 * fw if phi > 0 else 0.55 * fw
+        mw = 0.075 * fore(x)
+        colour = mark_colours(p)[0 if phi > 0 else 1]
+        d.ellipse(box(at(x) - mw, 0.0, at(x) + mw, 0.13), fill=_colour(colour, light))
     eye_c = _colour(_EYES[p.eye_colour], light)
     frame = _colour(((15, 15, 15), (150, 30, 30), (40, 40, 150))[p.frame], 1.0)
     rims = []
@@ -208,10 +227,10 @@ def head_mask(p: FaceParams, view_seed: int, size: int = 32, style: str = "plain
     return _render(p, view_seed, size, style, mask=True)[1]
 
 
-def _head_alpha(box, p: FaceParams, pose: Pose | None = None) -> Image.Image:
+def _head_alpha(box, p: FaceParams, pose: Pose | None = None, marks: bool = False) -> Image.Image:
     """The head drawn alone on a transparent canvas: its alpha channel is the head's silhouette (mode "L")."""
     layer = Image.new("RGBA", (_CANVAS, _CANVAS), (0, 0, 0, 0))
-    _draw_head(ImageDraw.Draw(layer), box, p, 1.0, Pose() if pose is None else pose)
+    _draw_head(ImageDraw.Draw(layer), box, p, 1.0, Pose() if pose is None else pose, marks)
     return layer.getchannel("A")
 
 
@@ -224,8 +243,8 @@ def _reduce_mask(alpha: Image.Image, size: int) -> np.ndarray:
 def _render(p: FaceParams, view_seed: int, size: int, style: str, mask: bool = False):
     """(photo, head mask or None). The mask is drawn without touching the photo's random draws, so a photo is the
     same pixels whether its mask is asked for or not."""
-    if style == "hard":
-        return _render_hard(p, view_seed, size, mask)
+    if style in ("hard", "sided"):
+        return _render_hard(p, view_seed, size, mask, sided=style == "sided")
     if style != "plain":
         raise ValueError(f"unknown photo style {style!r}; choose one of {STYLES}")
     r = np.random.default_rng([int(view_seed) & 0xFFFF_FFFF, 0xFACE])
@@ -294,14 +313,24 @@ def _hard_rng(view_seed: int) -> np.random.Generator:
     return np.random.default_rng([int(view_seed) & 0xFFFF_FFFF, 0x4A4D])
 
 
+def _photo_pose(r: np.random.Generator, view_seed: int, sided: bool) -> Pose:
+    """The pose of a hard photo; a sided photo's head is always turned (0.35-0.7 rad either way, drawn apart from
+    the hard photo's numbers, so everything else in the photo is the hard photo's)."""
+    pose = hard_pose(r)
+    if not sided:
+        return pose
+    s = np.random.default_rng([int(view_seed) & 0xFFFF_FFFF, 0x51DE])
+    return replace(pose, yaw=float(s.choice([-1.0, 1.0]) * s.uniform(0.35, 0.7)))
+
+
 def scene_words(view_seed: int, style: str = "hard") -> list[str]:
     """Words for what photo ``view_seed`` shows besides the person (model.SCENE_WORDS): "left"/"right" when the head
     is turned by more than 0.3 rad, "smiling" for a broad smile, "cap" when a cap is worn. Plain photos: none."""
     if style not in STYLES:
         raise ValueError(f"unknown photo style {style!r}; choose one of {STYLES}")
-    if style != "hard":
+    if style == "plain":
         return []
-    pose = hard_pose(_hard_rng(view_seed))  # the pose _render_hard draws first from the same generator
+    pose = _photo_pose(_hard_rng(view_seed), view_seed, style == "sided")  # the pose _render_hard draws first
     words = ["left"] if pose.yaw < -0.3 else ["right"] if pose.yaw > 0.3 else []
     if pose.smile > 0.5:
         words.append("smiling")
@@ -310,13 +339,13 @@ def scene_words(view_seed: int, style: str = "hard") -> list[str]:
     return words
 
 
-def _render_hard(p: FaceParams, view_seed: int, size: int, mask: bool = False):
+def _render_hard(p: FaceParams, view_seed: int, size: int, mask: bool = False, sided: bool = False):
     """A hard photo: the head turned, tilted, with an expression, sometimes a cap, at any scale and place, on a
     cluttered backdrop, in a coloured light from one direction, sometimes blurred; plus clothes and sensor noise.
-    -> (photo, head mask if ``mask`` else None)."""
+    ``sided``: the head always turned, its near cheek's mark showing. -> (photo, head mask if ``mask`` else None)."""
     r = _hard_rng(view_seed)
     s = _CANVAS
-    pose = hard_pose(r)
+    pose = _photo_pose(r, view_seed, sided)
     scale = float(np.exp(r.uniform(np.log(0.8), np.log(1.2)))) * s
     cx, cy = s / 2 + r.uniform(-5, 5), s / 2 + 2 + r.uniform(-4, 4)
     roll = r.uniform(-14, 14)
@@ -330,10 +359,10 @@ def _render_hard(p: FaceParams, view_seed: int, size: int, mask: bool = False):
     skin = _colour(_SKIN_LIGHT + p.skin * (_SKIN_DARK - _SKIN_LIGHT), 1.0)
     d.ellipse(box(-0.45, p.face_h + 0.08, 0.45, p.face_h + 0.75), fill=_random_rgb(r))  # shoulders and clothes
     d.rectangle(box(-0.07, p.face_h - 0.1, 0.07, p.face_h + 0.12), fill=skin)  # neck
-    _draw_head(d, box, p, 1.0, pose)
+    _draw_head(d, box, p, 1.0, pose, marks=sided)
     layer = layer.rotate(roll, resample=Image.BILINEAR, center=(cx, cy))
     img.paste(layer, (0, 0), layer)
-    head = _head_alpha(box, p, pose).rotate(roll, resample=Image.BILINEAR, center=(cx, cy)) if mask else None
+    head = _head_alpha(box, p, pose, sided).rotate(roll, resample=Image.BILINEAR, center=(cx, cy)) if mask else None
     if r.random() < 0.12:  # something in front of the lower face
         d = ImageDraw.Draw(img)
         x0 = cx + r.choice([-1, 1]) * r.uniform(0.1, 0.3) * scale

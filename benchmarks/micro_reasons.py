@@ -276,8 +276,8 @@ def main() -> int:
     p.add_argument("--workdir", help="prompts: where the scene base model and the reader are trained (kept, resumes)")
     p.add_argument("--space-models", type=int, default=0,
                    help="prompts: also train this many identity LoRAs on the new base, build a space of them and "
-                        "add the w2w inversion (0 = DreamBooth only; sided likewise); prior-space, longer-space, consistent-space: the "
-                        "training identities retrained (default 1,000)")
+                        "add the w2w inversion (0 = DreamBooth only; sided likewise); prior-space, longer-space, "
+                        "consistent-space: the training identities retrained (default 1,000)")
     p.add_argument("--workers", type=int, default=1,
                    help="prompts, prior-space, longer-space, consistent-space, sided: processes training the space's "
                         "LoRAs")

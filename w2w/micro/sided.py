@@ -7,9 +7,10 @@ its complement. No photo shows both marks, so a base model trained on single pho
 them, a LoRA from one photo learns one mark only, and only models trained on photos from both sides (the space's
 dataset, 8 photos each) carry it — the link a space of such models could hold and a free LoRA cannot.
 
-The probe answers the first question, before any space is trained: with a base model and a judge of sided photos
-(the world's recipes), does single-photo DreamBooth-LoRA fall below 8-photo DreamBooth-LoRA (the paper's
-over-fitting check)? And how much of the person the judge reads from the marks.
+The probe asks, before a whole world is built on it: with a base model and a judge of sided photos (the world's
+recipes), does single-photo DreamBooth-LoRA fall below 8-photo DreamBooth-LoRA (the paper's over-fitting check), how
+much of the person does the judge read from the marks, and (with a space of sided LoRAs) does the inversion fill in
+the cheek it never saw? Its answer is in docs/micro-world.md.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from .batch_invert import invert_batch
 from .faces import identity_params, render_batch, scene_words
 from .judge import id_score, train_judge
 from .tables import REFERENCE_VIEW, EvalConfig, Generator, _people
-from .batch_invert import invert_batch
 from .train import MODEL_SEEDS, train_base, train_loras, view_seeds
 from .world import World, _lora_stage, lora_stage_stamp, make_space
 
@@ -34,8 +35,9 @@ STYLE = "sided"
 def sided_world(world: World, workdir: str, models: int = 0, workers: int = 1, log=print) -> World:
     """``world`` with its base model and judge replaced by ones trained on sided photos with the same recipes
     (resumable in ``workdir``). With ``models``, the first that many training identities get LoRAs of the world's
-    recipe on their sided photos (resumable) and a space of the world's PCs is built on them; without, the space is
-    the shipped world's and must not be used."""
+    recipe on their sided photos (resumable) and a space of the world's PCs is built on them; without, the space and
+    the training weights are the shipped world's and must not be used. The held-out people's LoRAs are always the
+    shipped world's (hard photos) and must not be used either: the probe trains its own."""
     base = replace(world.config.base, photos=STYLE)
     judge_config = replace(world.config.judge, photos=STYLE)
     unet, text = train_base(workdir, base, log)

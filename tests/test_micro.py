@@ -835,17 +835,23 @@ def test_pcs_table_inverts_on_each_count_of_pcs(toy_world):
     people = list(world.heldout_seeds)
     refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
     photos = torch.cat([world.photos_of(s, 1, 0) for s in people])
-    cut = first_pcs(exact_space(world), 3)
-    runs = invert_batch(world, photos, [cfg.seed + i for i in range(len(people))], steps=2, lr=cfg.invert_lr,
-                        space=cut)
-    weights = cut.weights(runs[2])
-    emb, _ = gen.read_models(weights)
-    assert rows[4]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
-    assert rows[4]["loss on the photo × 1,000"] == pytest.approx(photo_loss(world, weights, photos), rel=1e-6)
+    losses = {}
+    for i, space, k in ((0, world.space, 2), (2, world.space, world.space.pcs), (4, exact_space(world), 3)):
+        cut = first_pcs(space, k)
+        runs = invert_batch(world, photos, [cfg.seed + j for j in range(len(people))], steps=2, lr=cfg.invert_lr,
+                            space=cut)
+        weights = cut.weights(runs[2])
+        emb, _ = gen.read_models(weights)
+        assert rows[i]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
+        losses[i] = photo_loss(world, weights, photos)
+        assert rows[i]["loss on the photo × 1,000"] == pytest.approx(losses[i], rel=1e-6)
+    # other PCs, another inversion: two optimiser steps move the loss by only ~1e-5 of itself, so the two by-hand
+    # losses must differ by more than the 1e-6 tolerance above (the toy judge reads every model as one person)
+    assert losses[0] != pytest.approx(losses[2], rel=1e-6)
     projected = first_pcs(world.space, 2).weights(world.space.project(world.heldout_weights, 2))
     emb, _ = gen.read_models(projected)
     assert rows[1]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-6)
-    assert rows[0]["ID score"] != pytest.approx(rows[2]["ID score"], abs=1e-9)  # other PCs, another inversion
+    assert rows[1]["loss on the photo × 1,000"] != pytest.approx(rows[3]["loss on the photo × 1,000"], rel=1e-3)
     assert rows[2]["share of the LoRA's values"] == pytest.approx(world.space.pcs / world.layout.dim)
     with pytest.raises(ValueError, match="shipped_pcs"):
         pcs_table(world, gen, cfg, shipped_pcs=(world.space.pcs + 1,), raw_pcs=())

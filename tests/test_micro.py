@@ -680,6 +680,23 @@ def test_demo_without_real_files_also_writes_the_micro_sheet(toy_world, tmp_path
     assert any("no miniature-world contact sheet" in line and "micro_world.py" in line for line in said), said
 
 
+def _single_photo_loras(world, photos, steps):
+    """Single-photo DreamBooth-LoRAs as the tables train them (the world's recipe, seed 17)."""
+    return train_loras(world.unet, world.text, photos, replace(world.config.lora, images=1, steps=steps), seed=17)
+
+
+def _rows_of_two_models(gen, refs, rows, first, second):
+    """first = (i, a), second = (j, b): rows[i] is the ID score of model a, rows[j] that of model b, and a ≠ b.
+    The models are compared, not the two scores: the toy judge scores every toy model about 0.9999, and models a
+    few steps apart within 1e-6, so two rows can tie."""
+    from w2w.micro.tables import _pairwise
+
+    assert not torch.allclose(first[1], second[1])
+    for k, weights in (first, second):
+        emb, _ = gen.read_models(weights)
+        assert rows[k]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
+
+
 def test_recipe_table_trains_dreambooth_for_each_step_count(toy_world):
     """recipe_table: the w2w inversion row, then one- and all-photo DreamBooth-LoRAs per step count; a row's score is
     that of LoRAs trained with the world's recipe for that many steps, recomputed here."""
@@ -698,17 +715,9 @@ def test_recipe_table_trains_dreambooth_for_each_step_count(toy_world):
         ("DreamBooth LoRA, 1 photo", 3), (f"DreamBooth LoRA, {images} photos", 3)]
     people = list(world.heldout_seeds)
     refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
-    three = train_loras(world.unet, world.text, [world.photos_of(s, 1, 0) for s in people],
-                        replace(world.config.lora, images=1, steps=3), seed=17)
-    emb, _ = gen.read_models(three)
-    assert rows[3]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
-    one = train_loras(world.unet, world.text, [world.photos_of(s, 1, 0) for s in people],
-                      replace(world.config.lora, images=1, steps=1), seed=17)
-    # the steps change the LoRAs (compared as models: the toy judge scores every toy model about 0.9999, and
-    # models a few steps apart within 1e-6, so two rows can tie)
-    assert not torch.allclose(one, three)
-    emb, _ = gen.read_models(one)
-    assert rows[1]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
+    three = _single_photo_loras(world, [world.photos_of(s, 1, 0) for s in people], 3)
+    one = _single_photo_loras(world, [world.photos_of(s, 1, 0) for s in people], 1)
+    _rows_of_two_models(gen, refs, rows, (3, three), (1, one))  # the steps change the LoRAs
     with pytest.raises(ValueError, match="steps"):
         recipe_table(world, gen, cfg, steps=(0,))
     # with prior preservation: its own rows, LoRAs trained with the base model's class images and that weight
@@ -777,16 +786,8 @@ def test_degraded_table_inverts_and_trains_on_clean_and_coarse_photos(toy_world)
     photos = [low_resolution(world.photos_of(s, 1, 0), 2) for s in people]
     emb, _ = gen.read(torch.stack(photos))
     assert rows[4]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
-    weights = train_loras(world.unet, world.text, photos, replace(world.config.lora, images=1, steps=3), seed=17)
-    emb, _ = gen.read_models(weights)
-    assert rows[7]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
-    # the coarse photo trains other LoRAs (compared as models: the toy judge scores every toy model about 0.9999,
-    # so two rows can tie)
-    clean = train_loras(world.unet, world.text, [world.photos_of(s, 1, 0) for s in people],
-                        replace(world.config.lora, images=1, steps=3), seed=17)
-    assert not torch.allclose(weights, clean)
-    emb, _ = gen.read_models(clean)
-    assert rows[3]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
+    clean = _single_photo_loras(world, [world.photos_of(s, 1, 0) for s in people], 3)
+    _rows_of_two_models(gen, refs, rows, (7, _single_photo_loras(world, photos, 3)), (3, clean))  # the coarse photo
     assert all(0 <= r["attributes right"] <= 1 for r in rows)
     # the multi-photo baseline: the person's training photos, the world's recipe at each step count
     many = [world.photos_of(s, world.config.lora.images, 0) for s in people]

@@ -557,14 +557,7 @@ def test_masked_table_inverts_and_trains_with_and_without_the_head_mask(toy_worl
     assert rows[4]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
     weights = train_loras(world.unet, world.text, photos, replace(world.config.lora, images=1, steps=3), seed=17,
                           masks=masks)
-    emb, _ = gen.read_models(weights)
-    assert rows[6]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
-    # the mask trains other LoRAs (the toy judge scores every toy model about 0.9999, so two rows can tie to the last
-    # bit: the models are compared, and each row is recomputed from its own)
-    whole_photo = train_loras(world.unet, world.text, photos, replace(world.config.lora, images=1, steps=3), seed=17)
-    assert not torch.allclose(weights, whole_photo)
-    emb, _ = gen.read_models(whole_photo)
-    assert rows[3]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
+    _rows_of_two_models(gen, refs, rows, (6, weights), (3, _single_photo_loras(world, photos, 3)))  # the mask
     assert all(0 <= r["attributes right"] <= 1 for r in rows)
     with pytest.raises(ValueError, match="steps"):
         masked_table(world, gen, cfg, steps=())
@@ -910,8 +903,8 @@ def test_first_view_picks_photos_by_their_cap_and_the_cap_input_uses_them(toy_wo
     degraded_table(degradation="cap"): the first photo, then the first later photo without and with a cap."""
     from dataclasses import replace
 
-    from w2w.micro.tables import REFERENCE_VIEW, EvalConfig, Generator, _pairwise, degraded_table, first_view
-    from w2w.micro.train import train_loras, view_seeds
+    from w2w.micro.tables import REFERENCE_VIEW, EvalConfig, Generator, degraded_table, first_view
+    from w2w.micro.train import view_seeds
 
     def cap(seed, k):
         return "cap" in faces.scene_words(view_seeds(seed, 1, k)[0], "hard")
@@ -936,15 +929,9 @@ def test_first_view_picks_photos_by_their_cap_and_the_cap_input_uses_them(toy_wo
     people = list(world.heldout_seeds)
     refs, _ = gen.read(gen.photos(people, 2, REFERENCE_VIEW))
     capped = [world.photos_of(s, 1, first_view(s, True, world.config.lora.images)) for s in people]
-    weights = train_loras(world.unet, world.text, capped, replace(world.config.lora, images=1, steps=1), seed=17)
-    emb, _ = gen.read_models(weights)
-    assert rows[8]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
-    # another photo, other LoRAs (compared as models: the toy judge scores every toy model about 0.9999)
     bare = [world.photos_of(s, 1, first_view(s, False, world.config.lora.images)) for s in people]
-    other = train_loras(world.unet, world.text, bare, replace(world.config.lora, images=1, steps=1), seed=17)
-    assert not torch.allclose(weights, other)
-    emb, _ = gen.read_models(other)
-    assert rows[5]["ID score"] == pytest.approx(_pairwise(emb, refs), abs=1e-9)
+    _rows_of_two_models(gen, refs, rows, (8, _single_photo_loras(world, capped, 1)),
+                        (5, _single_photo_loras(world, bare, 1)))  # another photo, other LoRAs
     plain = copy.copy(world)  # the same world, its photos plain
     plain.config = replace(world.config, base=replace(world.config.base, photos="plain"),
                            judge=replace(world.config.judge, photos="plain"))
